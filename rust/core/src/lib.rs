@@ -1,0 +1,24 @@
+//! policytrace-core: the numeric heart of policytrace, free of Python.
+//!
+//! * [`stats`]: per-feature statistics of a sparse probe x feature activation matrix.
+//! * [`ridge`]: the symbolic policy (ridge with fixed scales, optional intercept, GCV).
+//! * [`decompose`]: each training pair's policy shift split into ΔX and ΔY pathways.
+//! * [`interference`]: dominant-feature and off-target analysis per pair.
+//!
+//! Every entry point validates its inputs and returns [`CoreError`] instead of panicking.
+
+pub mod decompose;
+pub mod error;
+pub mod interference;
+pub mod linalg;
+pub mod matrix;
+pub mod ridge;
+pub mod stats;
+
+pub use decompose::{decompose, Base, Method, Split};
+pub use error::{CoreError, Result};
+pub use interference::{interference, Interference, NO_GROUP};
+pub use linalg::{pool, with_pool, SolverKind};
+pub use matrix::{Csr, Dense, Matrix};
+pub use ridge::{fit, FitOptions, Lam, Policy};
+pub use stats::{feature_stats, FeatureStats};

@@ -1,0 +1,210 @@
+//! Borrowed views of the two input layouts: row-major dense and CSR.
+//! Both are validated once on construction so the kernels can index without checks.
+
+use crate::error::{check_finite, CoreError, Result};
+
+/// A validated CSR matrix (rows are probes, columns are features).
+#[derive(Clone, Copy, Debug)]
+pub struct Csr<'a> {
+    pub nrows: usize,
+    pub ncols: usize,
+    pub indptr: &'a [i64],
+    pub indices: &'a [i64],
+    pub data: &'a [f64],
+    /// Position of `indices[0]` in the full arrays (non-zero for a row slice).
+    pub offset: usize,
+}
+
+impl<'a> Csr<'a> {
+    /// Validate structure and values. Rows must be canonical (strictly increasing column
+    /// indices): the variance kernels count stored entries, so duplicates would bias them.
+    pub fn new(
+        field: &str,
+        nrows: usize,
+        ncols: usize,
+        indptr: &'a [i64],
+        indices: &'a [i64],
+        data: &'a [f64],
+    ) -> Result<Self> {
+        if indptr.len() != nrows + 1 {
+            return Err(CoreError::sparse(
+                field,
+                format!(
+                    "indptr has length {} but {} rows need {}",
+                    indptr.len(),
+                    nrows,
+                    nrows + 1
+                ),
+            ));
+        }
+        if indices.len() != data.len() {
+            return Err(CoreError::sparse(
+                field,
+                format!(
+                    "indices ({}) and data ({}) differ in length",
+                    indices.len(),
+                    data.len()
+                ),
+            ));
+        }
+        if indptr[0] != 0 {
+            return Err(CoreError::sparse(field, "indptr[0] must be 0"));
+        }
+        for r in 0..nrows {
+            if indptr[r + 1] < indptr[r] {
+                return Err(CoreError::sparse(
+                    field,
+                    format!("indptr decreases at row {r}"),
+                ));
+            }
+        }
+        if indptr[nrows] as usize != data.len() {
+            return Err(CoreError::sparse(
+                field,
+                format!(
+                    "indptr[-1] = {} but there are {} stored values",
+                    indptr[nrows],
+                    data.len()
+                ),
+            ));
+        }
+        for r in 0..nrows {
+            let mut prev = -1i64;
+            for p in indptr[r] as usize..indptr[r + 1] as usize {
+                let c = indices[p];
+                if c <= prev && c >= 0 {
+                    return Err(CoreError::sparse(
+                        field,
+                        format!(
+                            "row {r} has unsorted or duplicate column indices; \
+                             canonicalize it first (scipy: X.sum_duplicates(); X.sort_indices())"
+                        ),
+                    ));
+                }
+                prev = c;
+                if c < 0 || c as usize >= ncols {
+                    return Err(CoreError::sparse(
+                        field,
+                        format!("row {r} has column index {c}, outside 0..{ncols}"),
+                    ));
+                }
+                if !data[p].is_finite() {
+                    return Err(CoreError::NonFinite {
+                        field: field.into(),
+                        location: format!("row {r}, column {c}"),
+                    });
+                }
+            }
+        }
+        Ok(Self {
+            nrows,
+            ncols,
+            indptr,
+            indices,
+            data,
+            offset: 0,
+        })
+    }
+
+    #[inline]
+    pub fn row(&self, r: usize) -> (&'a [i64], &'a [f64]) {
+        let a = self.indptr[r] as usize - self.offset;
+        let b = self.indptr[r + 1] as usize - self.offset;
+        (&self.indices[a..b], &self.data[a..b])
+    }
+
+    /// Rows `start..end` as a view (no copy).
+    pub fn slice_rows(&self, start: usize, end: usize) -> Csr<'a> {
+        let a = self.indptr[start] as usize - self.offset;
+        let b = self.indptr[end] as usize - self.offset;
+        Csr {
+            nrows: end - start,
+            ncols: self.ncols,
+            indptr: &self.indptr[start..=end],
+            indices: &self.indices[a..b],
+            data: &self.data[a..b],
+            offset: self.indptr[start] as usize,
+        }
+    }
+
+    pub fn nnz(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// A validated row-major dense matrix.
+#[derive(Clone, Copy, Debug)]
+pub struct Dense<'a> {
+    pub nrows: usize,
+    pub ncols: usize,
+    pub data: &'a [f64],
+}
+
+impl<'a> Dense<'a> {
+    pub fn new(field: &str, nrows: usize, ncols: usize, data: &'a [f64]) -> Result<Self> {
+        if data.len() != nrows * ncols {
+            return Err(CoreError::shape(
+                field,
+                format!("{nrows}x{ncols} = {} values", nrows * ncols),
+                format!("{} values", data.len()),
+            ));
+        }
+        check_finite(field, data, ncols)?;
+        Ok(Self { nrows, ncols, data })
+    }
+    #[inline]
+    pub fn row(&self, r: usize) -> &'a [f64] {
+        &self.data[r * self.ncols..(r + 1) * self.ncols]
+    }
+}
+
+/// A probe-by-feature matrix in either layout.
+#[derive(Clone, Copy, Debug)]
+pub enum Matrix<'a> {
+    Dense(Dense<'a>),
+    Csr(Csr<'a>),
+}
+
+impl<'a> Matrix<'a> {
+    pub fn nrows(&self) -> usize {
+        match self {
+            Matrix::Dense(d) => d.nrows,
+            Matrix::Csr(c) => c.nrows,
+        }
+    }
+    pub fn ncols(&self) -> usize {
+        match self {
+            Matrix::Dense(d) => d.ncols,
+            Matrix::Csr(c) => c.ncols,
+        }
+    }
+    /// Copy into a row-major dense buffer.
+    pub fn to_dense(&self) -> Vec<f64> {
+        match self {
+            Matrix::Dense(d) => d.data.to_vec(),
+            Matrix::Csr(c) => {
+                let mut out = vec![0.0; c.nrows * c.ncols];
+                for r in 0..c.nrows {
+                    let (idx, val) = c.row(r);
+                    let row = &mut out[r * c.ncols..(r + 1) * c.ncols];
+                    for (&j, &v) in idx.iter().zip(val) {
+                        row[j as usize] += v;
+                    }
+                }
+                out
+            }
+        }
+    }
+}
+
+/// Check a vector's length and values.
+pub fn check_vec(field: &str, v: &[f64], len: usize) -> Result<()> {
+    if v.len() != len {
+        return Err(CoreError::shape(
+            field,
+            format!("length {len}"),
+            format!("length {}", v.len()),
+        ));
+    }
+    check_finite(field, v, 1)
+}

@@ -1,0 +1,440 @@
+//! The symbolic policy: closed-form ridge over the selected SAE features,
+//! `argmin_{b0,b} ||y - b0 - Z b||^2 + lam ||b||^2` with `Z = X / s`.
+//!
+//! The scales `s` are fixed at the base fit (population std per column, 1 for constant
+//! columns, or all 1 without standardization). With an intercept the problem is solved on the
+//! centred design `Z~`, `y~` and `b0 = mean(y) - mean(Z) b`. `lam` is given or chosen by
+//! generalized cross-validation from one eigendecomposition.
+
+use faer::{Mat, MatRef, Par, Side};
+
+use crate::error::{CoreError, Result};
+use crate::linalg::{at_b, SolverKind, SpdSolver};
+use crate::matrix::{check_vec, Matrix};
+
+/// How lambda is chosen.
+#[derive(Debug, Clone)]
+pub enum Lam {
+    Fixed(f64),
+    /// GCV over the given grid, or over the default grid when `None`.
+    Gcv(Option<Vec<f64>>),
+}
+
+#[derive(Debug, Clone)]
+pub struct FitOptions {
+    pub lam: Lam,
+    pub intercept: bool,
+    pub standardize: bool,
+}
+
+/// Number of points and span of the default GCV grid, relative to the mean eigenvalue of
+/// `Z~ᵀ Z~` (so the grid follows the data's scale).
+pub const GCV_GRID_POINTS: usize = 25;
+pub const GCV_GRID_LO: f64 = 1e-6;
+pub const GCV_GRID_HI: f64 = 1e3;
+
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// Coefficients on the scaled features `Z = X / s` (the policy's own units).
+    pub coef: Vec<f64>,
+    pub intercept: f64,
+    pub lam: f64,
+    pub scale: Vec<f64>,
+    pub fit_intercept: bool,
+    pub solver: SolverKind,
+    /// Whether the fit was solved in the dual (n < K).
+    pub dual: bool,
+    /// Effective degrees of freedom of the penalized part at `lam`.
+    pub df: f64,
+    pub gcv_grid: Vec<f64>,
+    pub gcv_score: Vec<f64>,
+}
+
+/// The scaled (and, with an intercept, centred) design, shared by fitting and decomposition.
+pub struct Design {
+    pub n: usize,
+    pub k: usize,
+    /// Row-major `n x k`: `Z~ = X / s - mean` (centred only with an intercept).
+    pub z: Vec<f64>,
+    pub z_mean: Vec<f64>,
+    pub y_c: Vec<f64>,
+    pub y_mean: f64,
+    pub scale: Vec<f64>,
+    pub intercept: bool,
+}
+
+impl Design {
+    /// `scale`: fixed scales (from an existing policy) or `None` to derive them.
+    pub fn new(
+        x: &Matrix<'_>,
+        y: &[f64],
+        scale: Option<&[f64]>,
+        standardize: bool,
+        intercept: bool,
+    ) -> Result<Self> {
+        let (n, k) = (x.nrows(), x.ncols());
+        if n == 0 {
+            return Err(CoreError::empty("X", "no probes (rows)"));
+        }
+        if k == 0 {
+            return Err(CoreError::empty("X", "no features (columns)"));
+        }
+        check_vec("y", y, n)?;
+        let mut z = x.to_dense();
+        let scale = match scale {
+            Some(s) => {
+                if s.len() != k {
+                    return Err(CoreError::shape("scale", format!("length {k}"), s.len()));
+                }
+                if let Some(j) = s.iter().position(|v| !(v.is_finite() && *v > 0.0)) {
+                    return Err(CoreError::value(
+                        "scale",
+                        format!("scale[{j}] = {} must be finite and positive", s[j]),
+                    ));
+                }
+                s.to_vec()
+            }
+            None if standardize => column_std(&z, n, k),
+            None => vec![1.0; k],
+        };
+        for row in z.chunks_exact_mut(k) {
+            row.iter_mut().zip(&scale).for_each(|(v, s)| *v /= s);
+        }
+        let mut z_mean = vec![0.0; k];
+        let mut y_mean = 0.0;
+        let mut y_c = y.to_vec();
+        if intercept {
+            z_mean = column_mean(&z, n, k);
+            for row in z.chunks_exact_mut(k) {
+                row.iter_mut().zip(&z_mean).for_each(|(v, m)| *v -= m);
+            }
+            y_mean = y.iter().sum::<f64>() / n as f64;
+            y_c.iter_mut().for_each(|v| *v -= y_mean);
+        }
+        Ok(Self {
+            n,
+            k,
+            z,
+            z_mean,
+            y_c,
+            y_mean,
+            scale,
+            intercept,
+        })
+    }
+
+    pub fn zref(&self) -> MatRef<'_, f64> {
+        MatRef::from_row_major_slice(&self.z, self.n, self.k)
+    }
+
+    /// `Z~ᵀ Z~` (column-major k x k).
+    pub fn gram(&self, par: Par) -> Mat<f64> {
+        let g = at_b(self.zref(), self.zref(), par);
+        symmetrize(g)
+    }
+
+    /// `Z~ᵀ v` for a length-n vector.
+    pub fn zt_vec(&self, v: &[f64]) -> Vec<f64> {
+        let mut out = vec![0.0; self.k];
+        for (row, &vi) in self.z.chunks_exact(self.k).zip(v) {
+            if vi != 0.0 {
+                out.iter_mut().zip(row).for_each(|(o, z)| *o += vi * z);
+            }
+        }
+        out
+    }
+}
+
+fn column_mean(z: &[f64], n: usize, k: usize) -> Vec<f64> {
+    let mut m = vec![0.0; k];
+    for row in z.chunks_exact(k) {
+        m.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+    }
+    m.iter_mut().for_each(|v| *v /= n as f64);
+    m
+}
+
+/// Population std per column (two-pass); 1 for a constant column so it stays as it is.
+pub fn column_std(z: &[f64], n: usize, k: usize) -> Vec<f64> {
+    let m = column_mean(z, n, k);
+    let mut ss = vec![0.0; k];
+    for row in z.chunks_exact(k) {
+        for j in 0..k {
+            let d = row[j] - m[j];
+            ss[j] += d * d;
+        }
+    }
+    ss.iter()
+        .zip(&m)
+        .map(|(s, mj)| {
+            let sd = (s / n as f64).sqrt();
+            // A column whose spread is at rounding level of its mean is constant.
+            if sd > 0.0 && sd > 1e-12 * mj.abs() && sd.is_finite() {
+                sd
+            } else {
+                1.0
+            }
+        })
+        .collect()
+}
+
+fn symmetrize(mut g: Mat<f64>) -> Mat<f64> {
+    let k = g.nrows();
+    for j in 0..k {
+        for i in j + 1..k {
+            let v = 0.5 * (g[(i, j)] + g[(j, i)]);
+            g[(i, j)] = v;
+            g[(j, i)] = v;
+        }
+    }
+    g
+}
+
+pub fn add_ridge(g: &Mat<f64>, lam: f64) -> Mat<f64> {
+    let mut a = g.clone();
+    for i in 0..a.nrows() {
+        a[(i, i)] += lam;
+    }
+    a
+}
+
+fn check_lam(lam: f64) -> Result<()> {
+    if !lam.is_finite() || lam < 0.0 {
+        return Err(CoreError::value(
+            "lam",
+            format!("{lam} is not a finite non-negative number"),
+        ));
+    }
+    Ok(())
+}
+
+/// Default GCV grid: log-spaced, relative to the mean eigenvalue of the Gram matrix.
+pub fn default_grid(trace_over_k: f64) -> Vec<f64> {
+    let t = if trace_over_k > 0.0 && trace_over_k.is_finite() {
+        trace_over_k
+    } else {
+        1.0
+    };
+    let (lo, hi) = (GCV_GRID_LO.ln(), GCV_GRID_HI.ln());
+    (0..GCV_GRID_POINTS)
+        .map(|i| t * (lo + (hi - lo) * i as f64 / (GCV_GRID_POINTS - 1) as f64).exp())
+        .collect()
+}
+
+/// GCV(lam) = n * RSS(lam) / (n - df(lam) - [intercept])^2 for every lam of the grid, from one
+/// eigendecomposition: of `Z~ᵀZ~` when n >= k, of `Z~Z~ᵀ` otherwise.
+/// Returns (scores, df per lam). Scores are +inf where the denominator vanishes.
+pub fn gcv_curve(d: &Design, grid: &[f64], par: Par) -> Result<(Vec<f64>, Vec<f64>)> {
+    let n = d.n as f64;
+    let lost = if d.intercept { 1.0 } else { 0.0 };
+    // Eigenvalues w and the squared projections of y~ on the eigenvectors, c2.
+    let (w, c2, rest, primal) = if d.n >= d.k {
+        let g = d.gram(par);
+        let evd = g
+            .self_adjoint_eigen(Side::Lower)
+            .map_err(|e| CoreError::Solver {
+                why: format!("eigendecomposition for GCV failed: {e:?}"),
+            })?;
+        let s = evd.S().column_vector();
+        let u = evd.U();
+        let zy = d.zt_vec(&d.y_c);
+        let w: Vec<f64> = (0..d.k).map(|i| s[i].max(0.0)).collect();
+        // c_i = u_iᵀ Z~ᵀ y~ = sqrt(w_i) (projection of y~ on the left singular vector).
+        let c2: Vec<f64> = (0..d.k)
+            .map(|i| {
+                let c: f64 = (0..d.k).map(|r| u[(r, i)] * zy[r]).sum();
+                c * c
+            })
+            .collect();
+        (w, c2, 0.0, true)
+    } else {
+        let kn = at_b(d.zref().transpose(), d.zref().transpose(), par);
+        let kn = symmetrize(kn);
+        let evd = kn
+            .self_adjoint_eigen(Side::Lower)
+            .map_err(|e| CoreError::Solver {
+                why: format!("eigendecomposition for GCV failed: {e:?}"),
+            })?;
+        let s = evd.S().column_vector();
+        let u = evd.U();
+        let w: Vec<f64> = (0..d.n).map(|i| s[i].max(0.0)).collect();
+        let a2: Vec<f64> = (0..d.n)
+            .map(|i| {
+                let a: f64 = (0..d.n).map(|r| u[(r, i)] * d.y_c[r]).sum();
+                a * a
+            })
+            .collect();
+        (w, a2, 0.0, false)
+    };
+    let wmax = w.iter().cloned().fold(0.0, f64::max);
+    let tol = wmax * (d.n.max(d.k) as f64) * f64::EPSILON;
+    let yy: f64 = d.y_c.iter().map(|v| v * v).sum();
+    let mut scores = Vec::with_capacity(grid.len());
+    let mut dfs = Vec::with_capacity(grid.len());
+    for &lam in grid {
+        check_lam(lam)?;
+        let mut df = 0.0;
+        let mut rss;
+        if primal {
+            // RSS = |y~|^2 - sum c_i^2 (w_i + 2 lam) / (w_i + lam)^2, with c_i = (V ᵀZ~ᵀy~)_i.
+            rss = yy;
+            for (&wi, &ci2) in w.iter().zip(&c2) {
+                if wi > tol {
+                    df += wi / (wi + lam);
+                    rss -= ci2 * (wi + 2.0 * lam) / ((wi + lam) * (wi + lam));
+                }
+            }
+            rss = rss.max(0.0);
+        } else {
+            // RSS = sum (lam / (w_i + lam))^2 a_i^2 with a = Uᵀ y~ over all n eigenpairs.
+            rss = rest;
+            for (&wi, &ai2) in w.iter().zip(&c2) {
+                if wi > tol {
+                    df += wi / (wi + lam);
+                    let f = lam / (wi + lam);
+                    rss += f * f * ai2;
+                } else {
+                    rss += ai2;
+                }
+            }
+        }
+        let denom = n - df - lost;
+        scores.push(if denom > 1e-12 * n {
+            n * rss / (denom * denom)
+        } else {
+            f64::INFINITY
+        });
+        dfs.push(df);
+    }
+    Ok((scores, dfs))
+}
+
+/// Fit the policy on dense or CSR `x` (n x k) and `y`.
+pub fn fit(x: &Matrix<'_>, y: &[f64], opts: &FitOptions, par: Par) -> Result<Policy> {
+    let d = Design::new(x, y, None, opts.standardize, opts.intercept)?;
+    fit_design(&d, opts, par)
+}
+
+pub fn fit_design(d: &Design, opts: &FitOptions, par: Par) -> Result<Policy> {
+    let (lam, gcv_grid, gcv_score) = match &opts.lam {
+        Lam::Fixed(l) => {
+            check_lam(*l)?;
+            (*l, vec![], vec![])
+        }
+        Lam::Gcv(grid) => {
+            let grid = match grid {
+                Some(g) if g.is_empty() => {
+                    return Err(CoreError::empty(
+                        "lam_grid",
+                        "GCV needs at least one lambda",
+                    ))
+                }
+                Some(g) => g.clone(),
+                None => {
+                    let tr: f64 = d.z.iter().map(|v| v * v).sum::<f64>() / d.k as f64;
+                    default_grid(tr)
+                }
+            };
+            let (scores, _) = gcv_curve(d, &grid, par)?;
+            // Smallest score; ties go to the larger (more regularized) lambda.
+            let mut best: Option<usize> = None;
+            for i in 0..grid.len() {
+                if !scores[i].is_finite() {
+                    continue;
+                }
+                best = match best {
+                    None => Some(i),
+                    Some(b) if scores[i] < scores[b] => Some(i),
+                    Some(b) if scores[i] == scores[b] && grid[i] > grid[b] => Some(i),
+                    keep => keep,
+                };
+            }
+            let b = best.ok_or_else(|| {
+                CoreError::value(
+                    "lam",
+                    "GCV is undefined on every grid point (too few probes for the features); \
+                     give a fixed lam or more probes",
+                )
+            })?;
+            (grid[b], grid, scores)
+        }
+    };
+    let (coef, solver, dual) = solve_ridge(d, lam, par)?;
+    let intercept = if d.intercept {
+        d.y_mean - d.z_mean.iter().zip(&coef).map(|(m, b)| m * b).sum::<f64>()
+    } else {
+        0.0
+    };
+    let df = effective_df(d, lam, par)?;
+    Ok(Policy {
+        coef,
+        intercept,
+        lam,
+        scale: d.scale.clone(),
+        fit_intercept: d.intercept,
+        solver,
+        dual,
+        df,
+        gcv_grid,
+        gcv_score,
+    })
+}
+
+fn effective_df(d: &Design, lam: f64, par: Par) -> Result<f64> {
+    Ok(gcv_curve(d, &[lam], par)?.1[0])
+}
+
+/// Solve for the penalized coefficients: primal `(Z~ᵀZ~ + lam I) b = Z~ᵀ y~` when n >= k,
+/// dual `b = Z~ᵀ (Z~Z~ᵀ + lam I)^-1 y~` otherwise (the cheaper system of the two).
+pub fn solve_ridge(d: &Design, lam: f64, par: Par) -> Result<(Vec<f64>, SolverKind, bool)> {
+    if d.n >= d.k {
+        let a = add_ridge(&d.gram(par), lam);
+        let s = SpdSolver::new(a.as_ref())?;
+        Ok((s.solve_vec(&d.zt_vec(&d.y_c)), s.kind(), false))
+    } else {
+        let kn = symmetrize(at_b(d.zref().transpose(), d.zref().transpose(), par));
+        let a = add_ridge(&kn, lam);
+        let s = SpdSolver::new(a.as_ref())?;
+        let alpha = s.solve_vec(&d.y_c);
+        Ok((d.zt_vec(&alpha), s.kind(), true))
+    }
+}
+
+impl Policy {
+    /// `b0 + (X / s) b` for dense row-major or CSR `x`.
+    pub fn predict(&self, x: &Matrix<'_>) -> Result<Vec<f64>> {
+        let k = self.coef.len();
+        if x.ncols() != k {
+            return Err(CoreError::shape(
+                "X",
+                format!("{k} columns"),
+                format!("{} columns", x.ncols()),
+            ));
+        }
+        let w: Vec<f64> = self
+            .coef
+            .iter()
+            .zip(&self.scale)
+            .map(|(b, s)| b / s)
+            .collect();
+        let mut out = vec![self.intercept; x.nrows()];
+        match x {
+            Matrix::Dense(dm) => {
+                for (r, o) in out.iter_mut().enumerate() {
+                    *o += dm.row(r).iter().zip(&w).map(|(a, b)| a * b).sum::<f64>();
+                }
+            }
+            Matrix::Csr(c) => {
+                for (r, o) in out.iter_mut().enumerate() {
+                    let (idx, val) = c.row(r);
+                    *o += idx
+                        .iter()
+                        .zip(val)
+                        .map(|(&j, v)| v * w[j as usize])
+                        .sum::<f64>();
+                }
+            }
+        }
+        Ok(out)
+    }
+}
