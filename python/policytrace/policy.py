@@ -1,0 +1,284 @@
+"""The symbolic policy: a ridge regression of the behaviour score on SAE features.
+
+``fit_policy`` solves ``argmin ||y − b0 − Z b||² + lam ||b||²`` with ``Z = X / scale``
+(DESIGN §1 step 3). ``coef`` is in the policy's own (scaled) units; ``coef_raw = coef / scale``
+is per unit of raw activation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import polars as pl
+
+from . import _backend
+from ._inputs import as_matrix, as_vector, to_scipy
+from .errors import FeatureMismatchError, InvalidValueError, ShapeError
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True, eq=False)
+class Policy:
+    """A fitted symbolic policy. Fields are read-only; build one with :func:`fit_policy`."""
+
+    coef: np.ndarray
+    intercept: float
+    lam: float
+    scale: np.ndarray
+    feature_ids: np.ndarray
+    labels: list[str] | None = None
+    fit_intercept: bool = True
+    standardize: bool = True
+    solver: str = "cholesky"
+    dual: bool = False
+    df: float = float("nan")
+    gcv_grid: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    gcv_score: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    @property
+    def n_features(self) -> int:
+        return int(self.coef.shape[0])
+
+    @property
+    def coef_raw(self) -> np.ndarray:
+        """Coefficients per unit of raw feature activation."""
+        return self.coef / self.scale
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Predicted behaviour score for probes ``X`` (n, K), columns in ``feature_ids`` order."""
+        m = to_scipy(as_matrix("X", X, ncols=self.n_features))
+        return np.asarray(m @ self.coef_raw).ravel() + self.intercept
+
+    def to_frame(self) -> pl.DataFrame:
+        """One row per feature: id, label, coef (scaled units), coef_raw, scale, rank by |coef|."""
+        order = np.argsort(-np.abs(self.coef), kind="stable")
+        rank = np.empty(self.n_features, dtype=np.int64)
+        rank[order] = np.arange(1, self.n_features + 1)
+        return pl.DataFrame(
+            {
+                "feature_id": self.feature_ids,
+                "label": self.labels if self.labels is not None else [None] * self.n_features,
+                "coef": self.coef,
+                "coef_raw": self.coef_raw,
+                "scale": self.scale,
+                "rank": rank,
+            },
+            schema_overrides={"label": pl.Utf8},
+        )
+
+    def gcv_frame(self) -> pl.DataFrame:
+        """The GCV curve (empty when lambda was given)."""
+        return pl.DataFrame({"lam": self.gcv_grid, "gcv": self.gcv_score}).with_columns(
+            pl.col("gcv").replace(float("inf"), None)
+        )
+
+    def index_of(self, feature_ids: Sequence[int]) -> np.ndarray:
+        """Column positions of ``feature_ids`` in this policy; unknown ids raise."""
+        pos = {int(f): i for i, f in enumerate(self.feature_ids)}
+        missing = [int(f) for f in feature_ids if int(f) not in pos]
+        if missing:
+            raise FeatureMismatchError(f"feature ids not in the policy: {missing[:10]}")
+        return np.array([pos[int(f)] for f in feature_ids], dtype=np.int64)
+
+    # --- persistence -------------------------------------------------------------------
+
+    def _meta(self) -> dict:
+        return {
+            "format": "policytrace.policy",
+            "version": FORMAT_VERSION,
+            "intercept": self.intercept,
+            "lam": self.lam,
+            "fit_intercept": self.fit_intercept,
+            "standardize": self.standardize,
+            "solver": self.solver,
+            "dual": self.dual,
+            "df": self.df,
+            "gcv_grid": self.gcv_grid.tolist(),
+            "gcv_score": [s if math.isfinite(s) else None for s in self.gcv_score.tolist()],
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``.json`` or ``.parquet`` (by suffix) atomically; floats round-trip exactly."""
+        path = Path(path)
+        suffix = path.suffix.lower()
+        if suffix not in (".json", ".parquet"):
+            raise InvalidValueError(f"policy path must end in .json or .parquet, got '{path.name}'")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            if suffix == ".json":
+                doc = self._meta() | {
+                    "feature_ids": [int(f) for f in self.feature_ids],
+                    "labels": self.labels,
+                    "coef": self.coef.tolist(),
+                    "scale": self.scale.tolist(),
+                }
+                Path(tmp).write_text(json.dumps(doc, indent=1))
+            else:
+                import pyarrow as pa
+                import pyarrow.parquet as pq
+
+                table = self.to_frame().drop("rank", "coef_raw").to_arrow()
+                table = table.replace_schema_metadata({b"policytrace": json.dumps(self._meta())})
+                pq.write_table(table, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, feature_ids: Sequence[int] | None = None) -> "Policy":
+        """Read a saved policy. With ``feature_ids``, check they are exactly the stored
+        features in the stored order (a reordered or different set raises
+        :class:`FeatureMismatchError`; reorder the columns of X instead)."""
+        path = Path(path)
+        if path.suffix.lower() == ".json":
+            doc = json.loads(path.read_text())
+            if doc.get("format") != "policytrace.policy":
+                raise InvalidValueError(f"{path} is not a policytrace policy file")
+            ids, labels = doc["feature_ids"], doc["labels"]
+            coef, scale = doc["coef"], doc["scale"]
+            meta = doc
+        elif path.suffix.lower() == ".parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+            raw = (table.schema.metadata or {}).get(b"policytrace")
+            if raw is None:
+                raise InvalidValueError(f"{path} has no policytrace metadata")
+            meta = json.loads(raw)
+            frame = pl.from_arrow(table)
+            ids, coef, scale = frame["feature_id"].to_list(), frame["coef"], frame["scale"]
+            labels = frame["label"].to_list()
+            labels = None if all(v is None for v in labels) else labels
+        else:
+            raise InvalidValueError(f"policy path must end in .json or .parquet, got '{path.name}'")
+        if meta.get("version") != FORMAT_VERSION:
+            raise InvalidValueError(
+                f"{path} has policy format version {meta.get('version')}; this policytrace "
+                f"reads version {FORMAT_VERSION}. Refit the policy with this version."
+            )
+        pol = cls(
+            coef=np.asarray(coef, dtype=np.float64),
+            intercept=float(meta["intercept"]),
+            lam=float(meta["lam"]),
+            scale=np.asarray(scale, dtype=np.float64),
+            feature_ids=np.asarray(ids, dtype=np.int64),
+            labels=labels,
+            fit_intercept=bool(meta["fit_intercept"]),
+            standardize=bool(meta["standardize"]),
+            solver=meta["solver"],
+            dual=bool(meta["dual"]),
+            df=float(meta["df"]),
+            gcv_grid=np.asarray(meta["gcv_grid"], dtype=np.float64),
+            gcv_score=np.asarray(
+                [np.inf if v is None else v for v in meta["gcv_score"]], dtype=np.float64
+            ),
+        )
+        if feature_ids is not None:
+            _check_order(pol.feature_ids, np.asarray(feature_ids, dtype=np.int64), str(path))
+        return pol
+
+
+def _check_order(stored: np.ndarray, given: np.ndarray, where: str) -> None:
+    if given.shape == stored.shape and (given == stored).all():
+        return
+    if set(given.tolist()) == set(stored.tolist()) and len(given) == len(stored):
+        first = int(np.flatnonzero(given != stored)[0])
+        raise FeatureMismatchError(
+            f"{where}: features are in a different order (position {first}: stored "
+            f"{int(stored[first])}, given {int(given[first])}); reorder X's columns to "
+            "policy.feature_ids"
+        )
+    extra = sorted(set(given.tolist()) - set(stored.tolist()))[:10]
+    missing = sorted(set(stored.tolist()) - set(given.tolist()))[:10]
+    raise FeatureMismatchError(
+        f"{where}: feature ids differ from the policy's (not in policy: {extra}, "
+        f"missing: {missing})"
+    )
+
+
+def _feature_ids(feature_ids: Any, k: int) -> np.ndarray:
+    if feature_ids is None:
+        return np.arange(k, dtype=np.int64)
+    ids = np.asarray(feature_ids)
+    if ids.ndim != 1 or ids.shape[0] != k:
+        raise ShapeError(f"`feature_ids` must have one id per column ({k}), got shape {ids.shape}")
+    if ids.dtype.kind not in "iu":
+        raise InvalidValueError("`feature_ids` must be integers (SAE latent indices)")
+    if len(np.unique(ids)) != k:
+        raise FeatureMismatchError("`feature_ids` has duplicates")
+    return ids.astype(np.int64)
+
+
+def fit_policy(
+    X: Any,
+    y: Any,
+    lam: float | str = 5.0,
+    intercept: bool = True,
+    standardize: bool = True,
+    feature_ids: Sequence[int] | None = None,
+    labels: Sequence[str] | None = None,
+    lam_grid: Sequence[float] | None = None,
+    backend: str = "rust",
+    threads: int | None = None,
+) -> Policy:
+    """Fit the symbolic policy.
+
+    Args:
+        X: (n, K) dense array or scipy.sparse matrix of the selected features' activations.
+        y: (n,) behaviour scores.
+        lam: ridge penalty, or ``"gcv"`` to pick it by generalized cross-validation over
+            ``lam_grid`` (default: 25 log-spaced values from 1e-6 to 1e3 times the mean
+            eigenvalue of ZᵀZ).
+        intercept: fit an unpenalized intercept (centres Z and y).
+        standardize: divide each column by its population std (1 for constant columns);
+            the scales are then fixed for every decomposition.
+        feature_ids: SAE latent index of each column (default 0..K-1).
+        labels: a human-readable label per feature.
+        backend: ``"rust"`` (compiled core) or ``"numpy"`` (the float64 reference).
+        threads: worker threads (default: all cores or POLICYTRACE_NUM_THREADS).
+    """
+    xa = as_matrix("X", X)
+    n, k = xa[3] if isinstance(xa, tuple) else xa.shape
+    ya = as_vector("y", y, length=n)
+    ids = _feature_ids(feature_ids, k)
+    if labels is not None and len(labels) != k:
+        raise ShapeError(f"`labels` must have one label per feature ({k}), got {len(labels)}")
+    if isinstance(lam, str):
+        if lam != "gcv":
+            raise InvalidValueError(f"`lam` must be a number or 'gcv', got '{lam}'")
+        lam_value = None
+    else:
+        lam_value = float(lam)
+        if not math.isfinite(lam_value) or lam_value < 0:
+            raise InvalidValueError(f"`lam` = {lam} must be a finite number >= 0")
+    grid = None if lam_grid is None else [float(v) for v in lam_grid]
+    res = _backend.backend(backend).fit_policy(
+        xa, ya, lam_value, grid, intercept, standardize, _backend.threads(threads)
+    )
+    return Policy(
+        coef=np.asarray(res["coef"]),
+        intercept=float(res["intercept"]),
+        lam=float(res["lam"]),
+        scale=np.asarray(res["scale"]),
+        feature_ids=ids,
+        labels=list(labels) if labels is not None else None,
+        fit_intercept=intercept,
+        standardize=standardize,
+        solver=str(res["solver"]),
+        dual=bool(res["dual"]),
+        df=float(res["df"]),
+        gcv_grid=np.asarray(res["gcv_grid"]),
+        gcv_score=np.asarray(res["gcv_score"]),
+    )
