@@ -19,7 +19,7 @@ PIVOT_RATIO_MIN = 1e-13
 GCV_GRID_POINTS = 25
 GCV_GRID_LO = 1e-6
 GCV_GRID_HI = 1e3
-REFIT_TOLERANCE = 1e-4
+REFIT_TOLERANCE = 1e-6
 
 
 def _dense(x) -> np.ndarray:
@@ -76,8 +76,7 @@ def feature_stats(x, y=None, groups=None, n_groups=0, threads=0) -> dict:
 
 def column_scale(X: np.ndarray) -> np.ndarray:
     sd = X.std(axis=0)
-    mu = np.abs(X.mean(axis=0))
-    return np.where((sd > 0) & (sd > 1e-12 * mu) & np.isfinite(sd), sd, 1.0)
+    return np.where(_is_constant(sd, X.mean(axis=0)), 1.0, sd)
 
 
 def spd_solve(A: np.ndarray, B: np.ndarray) -> tuple[np.ndarray, str]:
@@ -98,13 +97,19 @@ def spd_solve(A: np.ndarray, B: np.ndarray) -> tuple[np.ndarray, str]:
     return U @ (inv[:, None] * (U.T @ B)) if B.ndim == 2 else U @ (inv * (U.T @ B)), "eigh-pinv"
 
 
+def _is_constant(sd, mean):
+    return ~((sd > 0) & (sd > 1e-12 * np.abs(mean)) & np.isfinite(sd))
+
+
 def _design(X, y, scale, intercept):
     Z = X / scale
     if intercept:
         zm, ym = Z.mean(axis=0), y.mean()
-    else:
-        zm, ym = np.zeros(Z.shape[1]), 0.0
-    return Z - zm, y - ym, zm, ym
+        Zc = Z - zm
+        # Columns constant up to rounding are exactly zero once centred (as in the core).
+        Zc[:, _is_constant(np.sqrt((Zc**2).mean(axis=0)), zm)] = 0.0
+        return Zc, y - ym, zm, ym
+    return Z, y, np.zeros(Z.shape[1]), 0.0
 
 
 def ridge(X: np.ndarray, y: np.ndarray, lam: float, scale: np.ndarray, intercept: bool):
@@ -195,11 +200,14 @@ class Decomposer:
         if not (np.isfinite(self.lam) and self.lam >= 0):
             raise InvalidValueError(f"`lam` = {lam} is not a finite non-negative number")
         b, _, _ = ridge(self.X, self.y, self.lam, self.scale, self.intercept)
-        worst = np.abs(b - self.coef).max(initial=0.0)
-        size = np.abs(self.coef).max(initial=0.0)
-        if worst > REFIT_TOLERANCE * max(size, np.finfo(float).tiny) and worst > 1e-12:
+        Zc, yc, _, _ = _design(self.X, self.y, self.scale, self.intercept)
+        worst = np.abs(Zc @ (b - self.coef)).max(initial=0.0)
+        size = np.abs(yc).max(initial=0.0)
+        trace = float((Zc**2).sum()) + self.lam * Zc.shape[1]
+        cond = trace / self.lam if self.lam > 0 else np.inf
+        if worst > (REFIT_TOLERANCE + 100 * np.finfo(float).eps * cond) * size and worst > 1e-300:
             raise InvalidValueError(
-                f"refitting the policy on these X, y moves its coefficients by up to {worst:.3e}; "
+                f"refitting the policy on these X, y moves its fitted values by up to {worst:.3e}; "
                 "pass the X and y the policy was fit on"
             )
         self.b = b

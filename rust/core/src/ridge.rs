@@ -6,7 +6,7 @@
 //! centred design `Z~`, `y~` and `b0 = mean(y) - mean(Z) b`. `lam` is given or chosen by
 //! generalized cross-validation from one eigendecomposition.
 
-use faer::{Mat, MatRef, Par, Side};
+use faer::{Mat, MatRef, Par};
 
 use crate::error::{CoreError, Result};
 use crate::linalg::{at_b, SolverKind, SpdSolver};
@@ -108,6 +108,14 @@ impl Design {
             for row in z.chunks_exact_mut(k) {
                 row.iter_mut().zip(&z_mean).for_each(|(v, m)| *v -= m);
             }
+            // A column constant up to rounding carries nothing once centred: make it exactly
+            // zero so its rounding residue cannot steer the default GCV grid or the solve.
+            let spread = column_rms(&z, n, k);
+            for j in 0..k {
+                if is_constant(spread[j], z_mean[j]) {
+                    z.iter_mut().skip(j).step_by(k).for_each(|v| *v = 0.0);
+                }
+            }
             y_mean = y.iter().sum::<f64>() / n as f64;
             y_c.iter_mut().for_each(|v| *v -= y_mean);
         }
@@ -154,6 +162,19 @@ fn column_mean(z: &[f64], n: usize, k: usize) -> Vec<f64> {
     m
 }
 
+fn column_rms(z: &[f64], n: usize, k: usize) -> Vec<f64> {
+    let mut ss = vec![0.0; k];
+    for row in z.chunks_exact(k) {
+        ss.iter_mut().zip(row).for_each(|(a, b)| *a += b * b);
+    }
+    ss.iter().map(|s| (s / n as f64).sqrt()).collect()
+}
+
+/// A spread at the rounding level of the column's mean (or exactly zero) means constant.
+fn is_constant(sd: f64, mean: f64) -> bool {
+    !(sd > 0.0 && sd > 1e-12 * mean.abs() && sd.is_finite())
+}
+
 /// Population std per column (two-pass); 1 for a constant column so it stays as it is.
 pub fn column_std(z: &[f64], n: usize, k: usize) -> Vec<f64> {
     let m = column_mean(z, n, k);
@@ -168,11 +189,10 @@ pub fn column_std(z: &[f64], n: usize, k: usize) -> Vec<f64> {
         .zip(&m)
         .map(|(s, mj)| {
             let sd = (s / n as f64).sqrt();
-            // A column whose spread is at rounding level of its mean is constant.
-            if sd > 0.0 && sd > 1e-12 * mj.abs() && sd.is_finite() {
-                sd
-            } else {
+            if is_constant(sd, *mj) {
                 1.0
+            } else {
+                sd
             }
         })
         .collect()
@@ -222,81 +242,54 @@ pub fn default_grid(trace_over_k: f64) -> Vec<f64> {
 }
 
 /// GCV(lam) = n * RSS(lam) / (n - df(lam) - [intercept])^2 for every lam of the grid, from one
-/// eigendecomposition: of `Z~ᵀZ~` when n >= k, of `Z~Z~ᵀ` otherwise.
+/// thin SVD of the centred design.
 /// Returns (scores, df per lam). Scores are +inf where the denominator vanishes.
-pub fn gcv_curve(d: &Design, grid: &[f64], par: Par) -> Result<(Vec<f64>, Vec<f64>)> {
+pub fn gcv_curve(d: &Design, grid: &[f64], _par: Par) -> Result<(Vec<f64>, Vec<f64>)> {
     let n = d.n as f64;
     let lost = if d.intercept { 1.0 } else { 0.0 };
-    // Eigenvalues w and the squared projections of y~ on the eigenvectors, c2.
-    let (w, c2, rest, primal) = if d.n >= d.k {
-        let g = d.gram(par);
-        let evd = g
-            .self_adjoint_eigen(Side::Lower)
-            .map_err(|e| CoreError::Solver {
-                why: format!("eigendecomposition for GCV failed: {e:?}"),
-            })?;
-        let s = evd.S().column_vector();
-        let u = evd.U();
-        let zy = d.zt_vec(&d.y_c);
-        let w: Vec<f64> = (0..d.k).map(|i| s[i].max(0.0)).collect();
-        // c_i = u_iᵀ Z~ᵀ y~ = sqrt(w_i) (projection of y~ on the left singular vector).
-        let c2: Vec<f64> = (0..d.k)
-            .map(|i| {
-                let c: f64 = (0..d.k).map(|r| u[(r, i)] * zy[r]).sum();
-                c * c
-            })
-            .collect();
-        (w, c2, 0.0, true)
-    } else {
-        let kn = at_b(d.zref().transpose(), d.zref().transpose(), par);
-        let kn = symmetrize(kn);
-        let evd = kn
-            .self_adjoint_eigen(Side::Lower)
-            .map_err(|e| CoreError::Solver {
-                why: format!("eigendecomposition for GCV failed: {e:?}"),
-            })?;
-        let s = evd.S().column_vector();
-        let u = evd.U();
-        let w: Vec<f64> = (0..d.n).map(|i| s[i].max(0.0)).collect();
-        let a2: Vec<f64> = (0..d.n)
-            .map(|i| {
-                let a: f64 = (0..d.n).map(|r| u[(r, i)] * d.y_c[r]).sum();
-                a * a
-            })
-            .collect();
-        (w, a2, 0.0, false)
-    };
-    let wmax = w.iter().cloned().fold(0.0, f64::max);
-    let tol = wmax * (d.n.max(d.k) as f64) * f64::EPSILON;
-    let yy: f64 = d.y_c.iter().map(|v| v * v).sum();
+    // Kept eigenvalues w_i of the Gram (or kernel) matrix, the squared coordinates a_i^2 of y~
+    // on the matching left singular vectors, and `rest`, the part of |y~|^2 outside them.
+    // RSS(lam) = rest + sum (lam / (w_i + lam))^2 a_i^2 then has no cancellation, even when
+    // the fit is nearly exact (n close to df), where |y~|^2 - |fitted|^2 would lose it all.
+    // From the thin SVD Z~ = U S Vᵀ (not the eigendecomposition of Z~ᵀZ~, which would square
+    // the condition number and lose the small singular values that matter at small lam).
+    let svd = d.zref().thin_svd().map_err(|e| CoreError::Solver {
+        why: format!("SVD for GCV did not converge: {e:?}"),
+    })?;
+    let (u, s) = (svd.U(), svd.S().column_vector());
+    let r = s.nrows();
+    let smax = (0..r).map(|i| s[i]).fold(0.0, f64::max);
+    let tol = smax * smax * (d.n.max(d.k) as f64) * f64::EPSILON;
+    let mut fitted = vec![0.0; d.n];
+    let (mut w, mut a2) = (vec![], vec![]);
+    for i in 0..r {
+        let wi = s[i] * s[i];
+        if wi > tol {
+            let a: f64 = (0..d.n).map(|row| u[(row, i)] * d.y_c[row]).sum();
+            w.push(wi);
+            a2.push(a * a);
+            fitted
+                .iter_mut()
+                .enumerate()
+                .for_each(|(row, f)| *f += a * u[(row, i)]);
+        }
+    }
+    let rest: f64 = d
+        .y_c
+        .iter()
+        .zip(&fitted)
+        .map(|(y, f)| (y - f) * (y - f))
+        .sum();
     let mut scores = Vec::with_capacity(grid.len());
     let mut dfs = Vec::with_capacity(grid.len());
     for &lam in grid {
         check_lam(lam)?;
         let mut df = 0.0;
-        let mut rss;
-        if primal {
-            // RSS = |y~|^2 - sum c_i^2 (w_i + 2 lam) / (w_i + lam)^2, with c_i = (V ᵀZ~ᵀy~)_i.
-            rss = yy;
-            for (&wi, &ci2) in w.iter().zip(&c2) {
-                if wi > tol {
-                    df += wi / (wi + lam);
-                    rss -= ci2 * (wi + 2.0 * lam) / ((wi + lam) * (wi + lam));
-                }
-            }
-            rss = rss.max(0.0);
-        } else {
-            // RSS = sum (lam / (w_i + lam))^2 a_i^2 with a = Uᵀ y~ over all n eigenpairs.
-            rss = rest;
-            for (&wi, &ai2) in w.iter().zip(&c2) {
-                if wi > tol {
-                    df += wi / (wi + lam);
-                    let f = lam / (wi + lam);
-                    rss += f * f * ai2;
-                } else {
-                    rss += ai2;
-                }
-            }
+        let mut rss = rest;
+        for (&wi, &ai2) in w.iter().zip(&a2) {
+            df += wi / (wi + lam);
+            let f = lam / (wi + lam);
+            rss += f * f * ai2;
         }
         let denom = n - df - lost;
         scores.push(if denom > 1e-12 * n {
