@@ -136,7 +136,7 @@ def stack_pairs(dX: Any, n: int, k: int) -> tuple[sp.csr_matrix, int]:
             raise ShapeError(
                 f"sparse `dX` must have shape (n, K) = ({n}, {k}) or (P*n, K), got {dX.shape}"
             )
-        m = dX.tocsr().astype(np.float64)
+        m = dX.tocsr().astype(np.float64, copy=False)
     elif isinstance(dX, np.ndarray) or (not isinstance(dX, Sequence)):
         a = np.asarray(dX)
         _check_dtype("dX", a.dtype)
@@ -162,7 +162,7 @@ def stack_pairs(dX: Any, n: int, k: int) -> tuple[sp.csr_matrix, int]:
             if part is None or part.shape != (n, k):
                 got = part.shape if part is not None else np.asarray(d).shape
                 raise ShapeError(f"`dX[{i}]` must have shape ({n}, {k}), got {got}")
-            parts.append(part.astype(np.float64))
+            parts.append(part.astype(np.float64, copy=False))
         m = sp.vstack(parts, format="csr")
     if not m.has_canonical_format:
         m = m.copy()

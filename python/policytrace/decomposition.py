@@ -188,7 +188,7 @@ class Attributor:
         coef = np.broadcast_to(pol.coef, (p, k))
         return pl.DataFrame(
             {
-                "pair_id": np.repeat(np.asarray(pair_ids, dtype=object), k).tolist(),
+                "pair_id": pl.Series(pair_ids, strict=False).gather(np.repeat(np.arange(p), k)),
                 "feature_id": np.tile(pol.feature_ids, p),
                 "coef": coef.ravel(),
                 "d_coef": d.ravel(),

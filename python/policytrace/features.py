@@ -29,8 +29,13 @@ def feature_stats(
     Returns ``(frame, levels)``: one row per feature with ``feature_id, column, n_active,
     frac_active, mean, std, corr`` (Pearson with ``y``; null where undefined), ``group``
     (the probe group where the feature's mean activation is highest) and ``group_means``
-    (a list aligned with ``levels``, the sorted distinct group labels).
+    (a fixed-size array aligned with ``levels``, the sorted distinct group labels).
     """
+    frame, levels, _ = _feature_stats(X, y, groups, feature_ids, backend, threads)
+    return frame, levels
+
+
+def _feature_stats(X, y, groups, feature_ids, backend, threads):
     xa = as_matrix("X", X)
     n, f = xa[3] if isinstance(xa, tuple) else xa.shape
     ya = None if y is None else as_vector("y", y, length=n)
@@ -59,10 +64,10 @@ def feature_stats(
     if codes is not None:
         top = np.argmax(gm, axis=1)
         frame = frame.with_columns(
-            pl.Series("group", [levels[i] for i in top]),
-            pl.Series("group_means", gm.tolist(), dtype=pl.List(pl.Float64)),
+            pl.Series("group", levels, strict=False).gather(top),
+            pl.Series("group_means", gm),
         )
-    return frame, levels
+    return frame, levels, gm
 
 
 def select_features(
@@ -97,7 +102,7 @@ def select_features(
         raise InvalidValueError(f"`min_active` = {min_active} must be >= 0")
     if k is not None and k < 1:
         raise InvalidValueError(f"`k` = {k} must be >= 1")
-    frame, levels = feature_stats(X, y, groups, feature_ids, backend, threads)
+    frame, levels, gm = _feature_stats(X, y, groups, feature_ids, backend, threads)
     if method == "mean_diff":
         if groups is None:
             raise InvalidValueError("method 'mean_diff' needs `groups` (e.g. the harmful flag)")
@@ -108,7 +113,6 @@ def select_features(
         if positive not in levels:
             raise InvalidValueError(f"`positive` = {positive!r} is not a group; groups: {levels}")
         pi = levels.index(positive)
-        gm = np.array(frame["group_means"].to_list())
         score = gm[:, pi] - gm[:, 1 - pi]
         frame = frame.with_columns(
             pl.Series("mean_pos", gm[:, pi]), pl.Series("mean_neg", gm[:, 1 - pi])
