@@ -55,6 +55,43 @@ def _is_csr_triple(x: Any) -> bool:
     return isinstance(x, tuple) and len(x) in (3, 4) and not isinstance(x[0], (int, float))
 
 
+def _check_structure(name: str, indptr: np.ndarray, indices: np.ndarray, shape) -> None:
+    """Name the first structural fault of a CSR (row and column where it applies)."""
+    nrows, ncols = int(shape[0]), int(shape[1])
+    if indices.dtype.kind not in "iu" or indptr.dtype.kind not in "iu":
+        raise SparseFormatError(f"`{name}` indices and indptr must be integers")
+    if indptr.ndim != 1 or len(indptr) != nrows + 1:
+        raise SparseFormatError(f"`{name}` indptr has length {len(indptr)}; {nrows} rows need {nrows + 1}")
+    if len(indptr) and (indptr[0] != 0 or indptr[-1] != len(indices)):
+        raise SparseFormatError(
+            f"`{name}` indptr must start at 0 and end at the number of stored values ({len(indices)})"
+        )
+    steps = np.diff(indptr)
+    if (steps < 0).any():
+        raise SparseFormatError(f"`{name}` indptr decreases at row {int(np.argmax(steps < 0))}")
+    bad = (indices < 0) | (indices >= ncols)
+    if bad.any():
+        pos = int(np.argmax(bad))
+        row = int(np.searchsorted(indptr, pos, side="right") - 1)
+        raise SparseFormatError(
+            f"`{name}` row {row} has column index {int(indices[pos])}, outside 0..{ncols}"
+        )
+
+
+def _checked_csr(name: str, m: sp.spmatrix) -> sp.csr_matrix:
+    """CSR with a validated structure (indptr monotone, indices in range), canonical rows."""
+    csr = m.tocsr() if m.format != "csr" else m
+    _check_structure(name, csr.indptr, csr.indices, csr.shape)
+    try:
+        csr.check_format(full_check=True)
+    except (ValueError, TypeError, IndexError) as e:
+        raise SparseFormatError(f"`{name}` is not a valid sparse matrix: {e}") from e
+    if not csr.has_canonical_format:
+        csr = csr.copy()
+        csr.sum_duplicates()
+    return csr
+
+
 def as_matrix(name: str, x: Any, ncols: int | None = None, nrows: int | None = None) -> MatrixArg:
     """Dense 2-D float64 array or canonical CSR tuple, shape-checked."""
     if _is_csr_triple(x):
@@ -67,18 +104,25 @@ def as_matrix(name: str, x: Any, ncols: int | None = None, nrows: int | None = N
                     f"`{name}` given as (indptr, indices, data) needs a 4th item, the shape"
                 )
             shape = (len(indptr) - 1, ncols)
+        indptr, indices = np.asarray(indptr), np.asarray(indices)
         try:
-            x = sp.csr_matrix((np.asarray(data), np.asarray(indices), np.asarray(indptr)), shape=shape)
-        except (ValueError, TypeError) as e:
+            shape = (int(shape[0]), int(shape[1]))
+        except (TypeError, ValueError, IndexError) as e:
+            raise SparseFormatError(f"`{name}` CSR shape must be two integers, got {shape!r}") from e
+        if shape[0] < 0 or shape[1] < 0:
+            raise SparseFormatError(f"`{name}` CSR shape {shape} is negative")
+        _check_structure(name, indptr, indices, shape)
+        _check_dtype(name, np.asarray(data).dtype)
+        try:
+            x = sp.csr_matrix((np.asarray(data), indices, indptr), shape=shape)
+            x.check_format(full_check=True)
+        except (ValueError, TypeError, IndexError, OverflowError) as e:
             raise SparseFormatError(f"`{name}` is not a valid CSR triple: {e}") from e
     if sp.issparse(x):
         _check_dtype(name, x.dtype)
-        csr = x.tocsr() if x.format != "csr" else x
-        if csr.shape[0] == 0 or csr.shape[1] == 0:
-            raise EmptyInputError(f"`{name}` has shape {csr.shape}; it needs probes and features")
-        if not csr.has_canonical_format:
-            csr = csr.copy()
-            csr.sum_duplicates()
+        if x.shape[0] == 0 or x.shape[1] == 0:
+            raise EmptyInputError(f"`{name}` has shape {x.shape}; it needs probes and features")
+        csr = _checked_csr(name, x)
         arr: MatrixArg = (
             np.ascontiguousarray(csr.indptr, dtype=np.int64),
             np.ascontiguousarray(csr.indices, dtype=np.int64),
@@ -87,7 +131,10 @@ def as_matrix(name: str, x: Any, ncols: int | None = None, nrows: int | None = N
         )
         shape = csr.shape
     else:
-        a = np.asarray(x)
+        try:
+            a = np.asarray(x)
+        except (ValueError, TypeError) as e:
+            raise ShapeError(f"`{name}` is not a rectangular array: {e}") from e
         _check_dtype(name, a.dtype)
         if a.ndim != 2:
             raise ShapeError(f"`{name}` must be 2-D (probes x features), got shape {a.shape}")
@@ -132,11 +179,13 @@ def stack_pairs(dX: Any, n: int, k: int) -> tuple[sp.csr_matrix, int]:
     """
     if sp.issparse(dX):
         _check_dtype("dX", dX.dtype)
-        if dX.shape[1] != k or dX.shape[0] % n != 0 or dX.shape[0] == 0:
+        if dX.shape[0] == 0:
+            raise EmptyInputError("`dX` holds no pairs")
+        if dX.shape[1] != k or dX.shape[0] % n != 0:
             raise ShapeError(
                 f"sparse `dX` must have shape (n, K) = ({n}, {k}) or (P*n, K), got {dX.shape}"
             )
-        m = dX.tocsr().astype(np.float64, copy=False)
+        m = _checked_csr("dX", dX).astype(np.float64, copy=False)
     elif isinstance(dX, np.ndarray) or (not isinstance(dX, Sequence)):
         a = np.asarray(dX)
         _check_dtype("dX", a.dtype)
@@ -154,7 +203,7 @@ def stack_pairs(dX: Any, n: int, k: int) -> tuple[sp.csr_matrix, int]:
         for i, d in enumerate(dX):
             if sp.issparse(d):
                 _check_dtype(f"dX[{i}]", d.dtype)
-                part = d.tocsr()
+                part = _checked_csr(f"dX[{i}]", d)
             else:
                 a = np.asarray(d)
                 _check_dtype(f"dX[{i}]", a.dtype)

@@ -110,6 +110,7 @@ class Attributor:
             else _group_codes(self.feature_group_labels, self._labels)
         )
         self._seen: set = set()
+        self._next_default = 0
         self._pair_features: list[pl.DataFrame] = []
         self._pairs: list[pl.DataFrame] = []
         self._behaviour: list[pl.DataFrame] = []
@@ -153,7 +154,8 @@ class Attributor:
         stacked, p = stack_pairs(dX, self.n, k)
         dya = as_dy(dy, p, self.n)
         if pair_ids is None:
-            start = len(self._seen)
+            # Continue after the largest integer id seen so defaults never collide.
+            start = self._next_default
             pair_ids = list(range(start, start + p))
         else:
             pair_ids = list(pair_ids)
@@ -170,6 +172,9 @@ class Attributor:
                 raise ShapeError(f"`pair_groups` has {len(pair_groups)} entries for {p} pairs")
         res = self._core.run(csr_tuple(stacked), dya, self.method, self._threads)
         self._seen.update(pair_ids)
+        ints = [i for i in pair_ids if isinstance(i, (int, np.integer)) and not isinstance(i, bool)]
+        if ints:
+            self._next_default = max(self._next_default, int(max(ints)) + 1)
         frame = self._pair_feature_frame(pair_ids, res)
         pairs = self._pair_frame(pair_ids, pair_groups, res, dya)
         if self.keep:

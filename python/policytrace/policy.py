@@ -20,7 +20,7 @@ import polars as pl
 
 from . import _backend
 from ._inputs import as_matrix, as_vector, to_scipy
-from .errors import FeatureMismatchError, InvalidValueError, ShapeError
+from .errors import FeatureMismatchError, InvalidValueError, PolicytraceError, ShapeError
 
 FORMAT_VERSION = 1
 
@@ -114,6 +114,10 @@ class Policy:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
+        # mkstemp creates 0600; give the file the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         try:
             if suffix == ".json":
                 doc = self._meta() | {
@@ -142,9 +146,23 @@ class Policy:
         features in the stored order (a reordered or different set raises
         :class:`FeatureMismatchError`; reorder the columns of X instead)."""
         path = Path(path)
+        try:
+            pol = cls._read(path)
+        except PolicytraceError:
+            raise
+        except FileNotFoundError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
+            raise InvalidValueError(f"{path} is not a readable policytrace policy: {e!r}") from e
+        if feature_ids is not None:
+            _check_order(pol.feature_ids, np.asarray(feature_ids, dtype=np.int64), str(path))
+        return pol
+
+    @classmethod
+    def _read(cls, path: Path) -> "Policy":
         if path.suffix.lower() == ".json":
             doc = json.loads(path.read_text())
-            if doc.get("format") != "policytrace.policy":
+            if not isinstance(doc, dict) or doc.get("format") != "policytrace.policy":
                 raise InvalidValueError(f"{path} is not a policytrace policy file")
             ids, labels = doc["feature_ids"], doc["labels"]
             coef, scale = doc["coef"], doc["scale"]
@@ -152,7 +170,10 @@ class Policy:
         elif path.suffix.lower() == ".parquet":
             import pyarrow.parquet as pq
 
-            table = pq.read_table(path)
+            try:
+                table = pq.read_table(path)
+            except Exception as e:  # pyarrow raises its own hierarchy
+                raise InvalidValueError(f"{path} is not a readable Parquet file: {e}") from e
             raw = (table.schema.metadata or {}).get(b"policytrace")
             if raw is None:
                 raise InvalidValueError(f"{path} has no policytrace metadata")
@@ -185,14 +206,15 @@ class Policy:
                 [np.inf if v is None else v for v in meta["gcv_score"]], dtype=np.float64
             ),
         )
-        if feature_ids is not None:
-            _check_order(pol.feature_ids, np.asarray(feature_ids, dtype=np.int64), str(path))
         return pol
 
 
 def _check_order(stored: np.ndarray, given: np.ndarray, where: str) -> None:
     if given.shape == stored.shape and (given == stored).all():
         return
+    if len(np.unique(given)) != len(given):
+        dup = sorted({int(v) for v in given if (given == v).sum() > 1})[:10]
+        raise FeatureMismatchError(f"{where}: the given feature ids repeat {dup}")
     if set(given.tolist()) == set(stored.tolist()) and len(given) == len(stored):
         first = int(np.flatnonzero(given != stored)[0])
         raise FeatureMismatchError(
@@ -260,10 +282,17 @@ def fit_policy(
             raise InvalidValueError(f"`lam` must be a number or 'gcv', got '{lam}'")
         lam_value = None
     else:
+        if isinstance(lam, (bool, complex)) or not isinstance(lam, (int, float, np.integer, np.floating)):
+            raise InvalidValueError(f"`lam` must be a number >= 0 or 'gcv', got {lam!r}")
         lam_value = float(lam)
         if not math.isfinite(lam_value) or lam_value < 0:
             raise InvalidValueError(f"`lam` = {lam} must be a finite number >= 0")
-    grid = None if lam_grid is None else [float(v) for v in lam_grid]
+    grid = None
+    if lam_grid is not None:
+        try:
+            grid = [float(v) for v in np.asarray(lam_grid, dtype=np.float64).ravel()]
+        except (TypeError, ValueError) as e:
+            raise InvalidValueError(f"`lam_grid` must be numbers: {e}") from e
     res = _backend.backend(backend).fit_policy(
         xa, ya, lam_value, grid, intercept, standardize, _backend.threads(threads)
     )

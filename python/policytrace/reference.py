@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from .errors import EmptyInputError, InvalidValueError, ShapeError, SolverError
+from .errors import EmptyInputError, InvalidValueError, NonFiniteError, ShapeError, SolverError
 
 # Same constants as the Rust core (rust/core/src/{linalg,ridge}.rs).
 PIVOT_RATIO_MIN = 1e-13
@@ -195,6 +195,8 @@ class Decomposer:
         self.y = np.asarray(y, dtype=np.float64)
         self.coef = np.asarray(coef, dtype=np.float64)
         self.lam, self.scale, self.intercept = float(lam), np.asarray(scale, float), bool(fit_intercept)
+        if not (np.isfinite(self.coef).all() and np.isfinite(intercept)):
+            raise NonFiniteError("`coef` holds a non-finite value")
         if self.X.shape[1] != self.coef.shape[0]:
             raise ShapeError(f"`X` must have {self.coef.shape[0]} columns, got {self.X.shape[1]}")
         if not (np.isfinite(self.lam) and self.lam >= 0):
@@ -255,6 +257,14 @@ def interference(d_coef, feature_group, pair_group):
     d = np.abs(np.asarray(d_coef, dtype=np.float64))
     fg = np.asarray(feature_group)
     pg = np.asarray(pair_group)
+    if d.ndim != 2 or fg.shape != (d.shape[1],):
+        raise ShapeError(f"`feature_group` must have length {d.shape[-1]}, got {fg.shape}")
+    if pg.shape != (d.shape[0],):
+        raise ShapeError(f"`pair_group` must have length {d.shape[0]}, got {pg.shape}")
+    if d.shape[1] == 0 and d.shape[0] > 0:
+        raise EmptyInputError("`d_coef` has no features (columns)")
+    if not np.isfinite(d).all():
+        raise NonFiniteError(f"`d_coef` holds a non-finite value at feature {int(np.argwhere(~np.isfinite(d))[0][1])}")
     intended = (fg[None, :] == pg[:, None]) & (pg[:, None] != -1)
     total = d.sum(axis=1)
     off = np.where(intended, 0.0, d).sum(axis=1)

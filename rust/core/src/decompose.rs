@@ -48,6 +48,8 @@ impl Base {
                 format!("{} columns", x.ncols()),
             ));
         }
+        check_finite("coef", &policy.coef, 1)?;
+        check_finite("intercept", &[policy.intercept], 1)?;
         let design = Design::new(x, y, Some(&policy.scale), true, policy.fit_intercept)?;
         let a = add_ridge(&design.gram(par), policy.lam);
         let solver = SpdSolver::new(a.as_ref())?;

@@ -74,3 +74,30 @@ pub fn check_finite(field: &str, data: &[f64], ncols: usize) -> Result<()> {
     }
     Ok(())
 }
+
+/// A zeroed buffer of `len` values, or a typed error when it cannot be allocated (absurd shapes
+/// must not abort the process).
+pub fn zeros<T: Clone + Default>(field: &str, len: usize) -> Result<Vec<T>> {
+    let mut v: Vec<T> = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| {
+        CoreError::value(
+            field,
+            format!("needs {len} values, more memory than can be allocated"),
+        )
+    })?;
+    v.resize(len, T::default());
+    Ok(v)
+}
+
+/// Fail with a typed error if `len` f64 values could not be allocated (reserves address space
+/// only; nothing is touched).
+pub fn check_alloc(field: &str, len: Option<usize>) -> Result<()> {
+    let len = len.ok_or_else(|| CoreError::value(field, "the shape's size overflows"))?;
+    let mut v: Vec<f64> = Vec::new();
+    v.try_reserve_exact(len).map_err(|_| {
+        CoreError::value(
+            field,
+            format!("needs {len} values, more memory than can be allocated"),
+        )
+    })
+}

@@ -32,6 +32,9 @@ pub fn interference(
         ));
     }
     let p = pair_group.len();
+    if k == 0 && p > 0 {
+        return Err(CoreError::empty("d_coef", "no features (columns)"));
+    }
     if d.len() != p * k {
         return Err(CoreError::shape(
             "d_coef",

@@ -135,6 +135,9 @@ pub fn at_b(a: MatRef<'_, f64>, b: MatRef<'_, f64>, par: Par) -> Mat<f64> {
     out
 }
 
+/// More worker threads than this is a mistake, not a configuration.
+pub const MAX_THREADS: usize = 1024;
+
 /// A private Rayon pool of `threads` workers (0 = all cores) and the matching faer `Par`.
 ///
 /// A fresh pool per call keeps the core usable after `fork()` (Rayon's global pool is not
@@ -145,6 +148,12 @@ pub fn pool(threads: usize) -> Result<(rayon::ThreadPool, Par)> {
     } else {
         threads
     };
+    if n > MAX_THREADS {
+        return Err(CoreError::value(
+            "threads",
+            format!("{n} threads is more than the {MAX_THREADS} the core will start; use 0 for all cores"),
+        ));
+    }
     // faer's own default would reach for the global pool; every call here passes `Par` explicitly.
     faer::set_global_parallelism(Par::Seq);
     let pool = rayon::ThreadPoolBuilder::new()

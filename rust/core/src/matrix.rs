@@ -1,7 +1,7 @@
 //! Borrowed views of the two input layouts: row-major dense and CSR.
 //! Both are validated once on construction so the kernels can index without checks.
 
-use crate::error::{check_finite, CoreError, Result};
+use crate::error::{check_finite, zeros, CoreError, Result};
 
 /// A validated CSR matrix (rows are probes, columns are features).
 #[derive(Clone, Copy, Debug)]
@@ -26,7 +26,13 @@ impl<'a> Csr<'a> {
         indices: &'a [i64],
         data: &'a [f64],
     ) -> Result<Self> {
-        if indptr.len() != nrows + 1 {
+        let Some(rows_plus_one) = nrows.checked_add(1) else {
+            return Err(CoreError::sparse(
+                field,
+                format!("{nrows} rows is not a valid shape"),
+            ));
+        };
+        if indptr.len() != rows_plus_one {
             return Err(CoreError::sparse(
                 field,
                 format!(
@@ -142,10 +148,10 @@ pub struct Dense<'a> {
 
 impl<'a> Dense<'a> {
     pub fn new(field: &str, nrows: usize, ncols: usize, data: &'a [f64]) -> Result<Self> {
-        if data.len() != nrows * ncols {
+        if nrows.checked_mul(ncols) != Some(data.len()) {
             return Err(CoreError::shape(
                 field,
-                format!("{nrows}x{ncols} = {} values", nrows * ncols),
+                format!("{nrows}x{ncols} values"),
                 format!("{} values", data.len()),
             ));
         }
@@ -179,11 +185,17 @@ impl<'a> Matrix<'a> {
         }
     }
     /// Copy into a row-major dense buffer.
-    pub fn to_dense(&self) -> Vec<f64> {
-        match self {
+    pub fn to_dense(&self, field: &str) -> Result<Vec<f64>> {
+        Ok(match self {
             Matrix::Dense(d) => d.data.to_vec(),
             Matrix::Csr(c) => {
-                let mut out = vec![0.0; c.nrows * c.ncols];
+                let len = c.nrows.checked_mul(c.ncols).ok_or_else(|| {
+                    CoreError::value(
+                        field,
+                        format!("{}x{} is too large to densify", c.nrows, c.ncols),
+                    )
+                })?;
+                let mut out = zeros(field, len)?;
                 for r in 0..c.nrows {
                     let (idx, val) = c.row(r);
                     let row = &mut out[r * c.ncols..(r + 1) * c.ncols];
@@ -193,7 +205,7 @@ impl<'a> Matrix<'a> {
                 }
                 out
             }
-        }
+        })
     }
 }
 

@@ -80,7 +80,7 @@ impl Design {
             return Err(CoreError::empty("X", "no features (columns)"));
         }
         check_vec("y", y, n)?;
-        let mut z = x.to_dense();
+        let mut z = x.to_dense("X")?;
         let scale = match scale {
             Some(s) => {
                 if s.len() != k {
@@ -219,9 +219,13 @@ pub fn add_ridge(g: &Mat<f64>, lam: f64) -> Mat<f64> {
 }
 
 fn check_lam(lam: f64) -> Result<()> {
+    check_lam_named("lam", lam)
+}
+
+fn check_lam_named(field: &str, lam: f64) -> Result<()> {
     if !lam.is_finite() || lam < 0.0 {
         return Err(CoreError::value(
-            "lam",
+            field,
             format!("{lam} is not a finite non-negative number"),
         ));
     }
@@ -283,7 +287,7 @@ pub fn gcv_curve(d: &Design, grid: &[f64], _par: Par) -> Result<(Vec<f64>, Vec<f
     let mut scores = Vec::with_capacity(grid.len());
     let mut dfs = Vec::with_capacity(grid.len());
     for &lam in grid {
-        check_lam(lam)?;
+        check_lam_named("lam_grid", lam)?;
         let mut df = 0.0;
         let mut rss = rest;
         for (&wi, &ai2) in w.iter().zip(&a2) {

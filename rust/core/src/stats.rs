@@ -5,7 +5,7 @@
 
 use rayon::prelude::*;
 
-use crate::error::{CoreError, Result};
+use crate::error::{check_alloc, CoreError, Result};
 use crate::matrix::{check_vec, Matrix};
 
 #[derive(Debug, Clone)]
@@ -98,6 +98,12 @@ pub fn feature_stats(
         }
         None => (None, 1),
     };
+    // Guard the per-chunk buffers (features x (groups + 3)) before the workers allocate them.
+    let per_chunk = g.checked_add(3).and_then(|w| w.checked_mul(f));
+    check_alloc(
+        "X",
+        per_chunk.and_then(|c| c.checked_mul(row_chunks(n).len())),
+    )?;
     let mut group_counts = vec![0u64; g];
     match codes {
         Some(c) => c.iter().for_each(|&k| group_counts[k as usize] += 1),
