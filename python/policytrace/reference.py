@@ -50,8 +50,9 @@ def feature_stats(x, y=None, groups=None, n_groups=0, threads=0) -> dict:
         sy = np.sqrt((yc**2).mean())
         cov = (Xs.T @ yc) / n
         denom = std * sy
+        flat = _is_constant(std, mean) | bool(_is_constant(np.array([sy]), np.array([y.mean()]))[0])
         with np.errstate(invalid="ignore", divide="ignore"):
-            corr = np.where((denom > 0) & np.isfinite(denom), cov / denom, np.nan)
+            corr = np.where((denom > 0) & np.isfinite(denom) & ~flat, cov / denom, np.nan)
         corr = np.clip(corr, -1.0, 1.0)
     else:
         corr = np.full(f, np.nan)
@@ -266,8 +267,10 @@ def interference(d_coef, feature_group, pair_group):
     if not np.isfinite(d).all():
         raise NonFiniteError(f"`d_coef` holds a non-finite value at feature {int(np.argwhere(~np.isfinite(d))[0][1])}")
     intended = (fg[None, :] == pg[:, None]) & (pg[:, None] != -1)
-    total = d.sum(axis=1)
-    off = np.where(intended, 0.0, d).sum(axis=1)
+    top = d.max(axis=1, keepdims=True, initial=0.0)
+    unit = np.where(top > 0, top, 1.0)  # sums in units of the largest shift cannot overflow
+    total = (d / unit).sum(axis=1)
+    off = np.where(intended, 0.0, d / unit).sum(axis=1)
     share = np.divide(off, total, out=np.zeros_like(total), where=total > 0)
     dom = np.where(total > 0, d.argmax(axis=1), -1)
     flag = np.array([dm >= 0 and not intended[i, dm] for i, dm in enumerate(dom)], dtype=bool)

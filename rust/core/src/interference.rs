@@ -68,6 +68,16 @@ pub fn interference(
                 best = j as i64;
             }
         }
+        if !total.is_finite() {
+            // The sum overflowed: redo it in units of the largest shift.
+            total = row.iter().map(|v| v.abs() / best_v).sum();
+            off = row
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| !intended(*j))
+                .map(|(_, v)| v.abs() / best_v)
+                .sum();
+        }
         out.dominant.push(best);
         out.off_target_share
             .push(if total > 0.0 { off / total } else { 0.0 });

@@ -171,7 +171,7 @@ fn column_rms(z: &[f64], n: usize, k: usize) -> Vec<f64> {
 }
 
 /// A spread at the rounding level of the column's mean (or exactly zero) means constant.
-fn is_constant(sd: f64, mean: f64) -> bool {
+pub(crate) fn is_constant(sd: f64, mean: f64) -> bool {
     !(sd > 0.0 && sd > 1e-12 * mean.abs() && sd.is_finite())
 }
 

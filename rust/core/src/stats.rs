@@ -196,10 +196,14 @@ pub fn feature_stats(
         (Some(y), Some(m)) => {
             let syy: f64 = y.iter().map(|v| (v - m) * (v - m)).sum::<f64>() / nf;
             let sy = syy.sqrt();
+            let y_constant = crate::ridge::is_constant(sy, m);
             (0..f)
                 .map(|j| {
                     let denom = std[j] * sy;
-                    if denom > 0.0 && denom.is_finite() {
+                    // A spread at rounding level is no spread: its correlation would be noise.
+                    if y_constant || crate::ridge::is_constant(std[j], mean[j]) {
+                        f64::NAN
+                    } else if denom > 0.0 && denom.is_finite() {
                         (sxy[j] / nf / denom).clamp(-1.0, 1.0)
                     } else {
                         f64::NAN
