@@ -171,11 +171,13 @@ def to_dense(x: MatrixArg) -> np.ndarray:
     return s.toarray() if sp.issparse(s) else np.asarray(s)
 
 
-def stack_pairs(dX: Any, n: int, k: int) -> tuple[sp.csr_matrix, int]:
+def stack_pairs(dX: Any, n: int, k: int, validate: bool = True) -> tuple[sp.csr_matrix, int]:
     """Every accepted form of per-pair ΔX as one pair-major CSR of shape (P*n, K).
 
     Accepted: dense (n, K) or (P, n, K); sparse (n, K) for one pair or (P*n, K) stacked;
-    a sequence of per-pair (n, K) dense or sparse matrices.
+    a sequence of per-pair (n, K) dense or sparse matrices. ``validate=False`` skips the
+    O(nnz) structure and finiteness checks of a stacked sparse ΔX, for callers whose next
+    step (the compiled core) checks them anyway.
     """
     if sp.issparse(dX):
         _check_dtype("dX", dX.dtype)
@@ -185,7 +187,10 @@ def stack_pairs(dX: Any, n: int, k: int) -> tuple[sp.csr_matrix, int]:
             raise ShapeError(
                 f"sparse `dX` must have shape (n, K) = ({n}, {k}) or (P*n, K), got {dX.shape}"
             )
-        m = _checked_csr("dX", dX).astype(np.float64, copy=False)
+        if validate:
+            m = _checked_csr("dX", dX).astype(np.float64, copy=False)
+        else:
+            m = (dX if dX.format == "csr" else dX.tocsr()).astype(np.float64, copy=False)
     elif isinstance(dX, np.ndarray) or (not isinstance(dX, Sequence)):
         a = np.asarray(dX)
         _check_dtype("dX", a.dtype)
@@ -216,7 +221,7 @@ def stack_pairs(dX: Any, n: int, k: int) -> tuple[sp.csr_matrix, int]:
     if not m.has_canonical_format:
         m = m.copy()
         m.sum_duplicates()
-    if m.nnz and not np.isfinite(m.data).all():
+    if validate and m.nnz and not np.isfinite(m.data).all():
         bad = int(np.flatnonzero(~np.isfinite(m.data))[0])
         row = int(np.searchsorted(m.indptr, bad, side="right") - 1)
         raise NonFiniteError(
@@ -241,9 +246,11 @@ def as_dy(dy: Any, n_pairs: int, n: int) -> np.ndarray:
 
 
 def csr_tuple(m: sp.csr_matrix) -> CsrTuple:
+    """The core takes int32 or int64 index arrays as they are (no widening copy)."""
+    itype = np.int32 if m.indptr.dtype == np.int32 and m.indices.dtype == np.int32 else np.int64
     return (
-        np.ascontiguousarray(m.indptr, dtype=np.int64),
-        np.ascontiguousarray(m.indices, dtype=np.int64),
+        np.ascontiguousarray(m.indptr, dtype=itype),
+        np.ascontiguousarray(m.indices, dtype=itype),
         np.ascontiguousarray(m.data, dtype=np.float64),
         (int(m.shape[0]), int(m.shape[1])),
     )

@@ -15,7 +15,7 @@ import polars as pl
 
 from . import _backend
 from ._inputs import as_dy, as_matrix, as_vector, csr_tuple, stack_pairs
-from .errors import InvalidValueError, ShapeError
+from .errors import InvalidValueError, NonFiniteError, ShapeError, SparseFormatError
 from .policy import Policy
 
 METHODS = ("exact", "first_order")
@@ -86,6 +86,7 @@ class Attributor:
         self.n = int(xa[3][0] if isinstance(xa, tuple) else xa.shape[0])
         ya = as_vector("y", y, length=self.n)
         self._threads = _backend.threads(threads)
+        self._is_rust = backend == "rust"
         self._core = _backend.backend(backend).Decomposer(
             np.ascontiguousarray(policy.coef, dtype=np.float64),
             float(policy.intercept),
@@ -151,7 +152,9 @@ class Attributor:
         count; ``pair_groups`` (category or label per pair) enable interference flags.
         """
         k = self.policy.n_features
-        stacked, p = stack_pairs(dX, self.n, k)
+        # The compiled core validates a stacked ΔX itself (in parallel); the Python checks
+        # run for the reference backend, or to word the core's complaint in pair/probe terms.
+        stacked, p = stack_pairs(dX, self.n, k, validate=not self._is_rust)
         dya = as_dy(dy, p, self.n)
         if pair_ids is None:
             # Continue after the largest integer id seen so defaults never collide.
@@ -170,7 +173,12 @@ class Attributor:
             pair_groups = list(pair_groups)
             if len(pair_groups) != p:
                 raise ShapeError(f"`pair_groups` has {len(pair_groups)} entries for {p} pairs")
-        res = self._core.run(csr_tuple(stacked), dya, self.method, self._threads)
+        try:
+            res = self._core.run(csr_tuple(stacked), dya, self.method, self._threads)
+        except (SparseFormatError, NonFiniteError):
+            if self._is_rust:
+                stack_pairs(stacked, self.n, k, validate=True)  # raises the worded error
+            raise
         self._seen.update(pair_ids)
         ints = [i for i in pair_ids if isinstance(i, (int, np.integer)) and not isinstance(i, bool)]
         if ints:

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use crate::error::{check_finite, CoreError, Result};
 use crate::linalg::{at_b, SolverKind, SpdSolver};
-use crate::matrix::{Csr, Matrix};
+use crate::matrix::{Csr, Index, Matrix};
 use crate::ridge::{add_ridge, Design, Policy};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,7 +122,13 @@ impl Split {
 
 /// Decompose a batch of pairs. `dx` stacks the pairs' ΔX row-wise (`P·n x K`, pair-major),
 /// `dy` likewise (`P·n`). Runs on the current Rayon pool; `par` drives the GEMMs.
-pub fn decompose(base: &Base, dx: &Csr<'_>, dy: &[f64], method: Method, par: Par) -> Result<Split> {
+pub fn decompose<I: Index>(
+    base: &Base,
+    dx: &Csr<'_, I>,
+    dy: &[f64],
+    method: Method,
+    par: Par,
+) -> Result<Split> {
     let d = &base.design;
     let (n, k) = (d.n, d.k);
     if dx.ncols != k {
@@ -185,9 +191,32 @@ fn to_rows(m: &Mat<f64>) -> Vec<f64> {
     out
 }
 
-fn first_order(
+/// `w = ΔZ β` and `q = ΔZᵀ r` for one pair, dispatched to the widest SIMD the CPU has.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512dq+avx2+fma", "x86_64+avx2+fma"))]
+fn first_order_pair<I: Index>(
     base: &Base,
-    dx: &Csr<'_>,
+    rows: &Csr<'_, I>,
+    inv_s: &[f64],
+) -> (Vec<f64>, Vec<f64>) {
+    let (n, k) = (base.design.n, base.design.k);
+    let mut w = vec![0.0; n];
+    let mut q = vec![0.0; k];
+    for (i, wi) in w.iter_mut().enumerate() {
+        let (idx, val) = rows.row(i);
+        let ri = base.r[i];
+        for (&c, &v) in idx.iter().zip(val) {
+            let c = c.to_i64() as usize;
+            let z = v * inv_s[c];
+            *wi += z * base.b[c];
+            q[c] += z * ri;
+        }
+    }
+    (w, q)
+}
+
+fn first_order<I: Index>(
+    base: &Base,
+    dx: &Csr<'_, I>,
     inv_s: &[f64],
     d_y: &Mat<f64>,
     p: usize,
@@ -198,22 +227,7 @@ fn first_order(
     // Per pair: w = ΔZ β (length n) and q = ΔZᵀ r (length K), both O(nnz).
     let per_pair: Vec<(Vec<f64>, Vec<f64>)> = (0..p)
         .into_par_iter()
-        .map(|j| {
-            let rows = dx.slice_rows(j * n, (j + 1) * n);
-            let mut w = vec![0.0; n];
-            let mut q = vec![0.0; k];
-            for (i, wi) in w.iter_mut().enumerate() {
-                let (idx, val) = rows.row(i);
-                let ri = base.r[i];
-                for (&c, &v) in idx.iter().zip(val) {
-                    let c = c as usize;
-                    let z = v * inv_s[c];
-                    *wi += z * base.b[c];
-                    q[c] += z * ri;
-                }
-            }
-            (w, q)
-        })
+        .map(|j| first_order_pair(base, &dx.slice_rows(j * n, (j + 1) * n), inv_s))
         .collect();
     let mut w_mat = Mat::<f64>::zeros(n, p);
     for (j, (w, _)) in per_pair.iter().enumerate() {
@@ -249,10 +263,101 @@ struct PairOut {
     kind: SolverKind,
 }
 
-#[allow(clippy::too_many_arguments)]
-fn exact(
+/// Reused per-worker buffers of the exact kernel.
+struct ExactScratch {
+    c1: Vec<f64>,
+    dd: Vec<f64>,
+}
+
+/// One pair of the exact split. Compiled for AVX-512 and AVX2 as well as the baseline and
+/// dispatched at run time: the O(nnz·K) accumulations are most of the work.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512dq+avx2+fma", "x86_64+avx2+fma"))]
+fn exact_pair<I: Index>(
     base: &Base,
-    dx: &Csr<'_>,
+    rows: &Csr<'_, I>,
+    dyj: &[f64],
+    inv_s: &[f64],
+    zt_dy: &Mat<f64>,
+    j: usize,
+    sc: &mut ExactScratch,
+) -> Result<PairOut> {
+    let d = &base.design;
+    let (n, k) = (d.n, d.k);
+    let nf = n as f64;
+    let dy_mean = if d.intercept {
+        dyj.iter().sum::<f64>() / nf
+    } else {
+        0.0
+    };
+    let mut m = vec![0.0; k];
+    let mut gx = vec![0.0; k];
+    let mut gyy = vec![0.0; k];
+    let mut pred = 0.0;
+    // One pass over the rows of ΔZ. Z~ is read row by row (a sequential stream); column c of
+    // Z~ᵀΔZ gains v·(row i of Z~) for every stored (i, c, v), and ΔZᵀΔZ gains each row's
+    // outer product.
+    sc.c1.iter_mut().for_each(|v| *v = 0.0);
+    sc.dd.iter_mut().for_each(|v| *v = 0.0);
+    for i in 0..n {
+        let (idx, val) = rows.row(i);
+        if idx.is_empty() {
+            continue;
+        }
+        let zrow = &d.z[i * k..(i + 1) * k];
+        let (yc, dyc) = (d.y_c[i], dyj[i] - dy_mean);
+        for (&c, &v) in idx.iter().zip(val) {
+            let c = c.to_i64() as usize;
+            let v = v * inv_s[c];
+            let col = &mut sc.c1[c * k..(c + 1) * k];
+            col.iter_mut().zip(zrow).for_each(|(o, z)| *o += v * z);
+            let drow = &mut sc.dd[c * k..(c + 1) * k];
+            for (&c2, &v2) in idx.iter().zip(val) {
+                let c2 = c2.to_i64() as usize;
+                drow[c2] += v * v2 * inv_s[c2];
+            }
+            m[c] += v;
+            gx[c] += v * yc;
+            gyy[c] += v * dyc;
+            pred += v * base.b[c];
+        }
+    }
+    if d.intercept {
+        m.iter_mut().for_each(|v| *v /= nf);
+    } else {
+        m.iter_mut().for_each(|v| *v = 0.0);
+    }
+    let (c1, dd) = (&sc.c1, &sc.dd);
+    // ΔG = Z~ᵀΔZ + ΔZᵀZ~ + ΔZᵀΔZ − n m mᵀ (the centred ΔZ's Gram).
+    let dg = Mat::<f64>::from_fn(k, k, |a, b| {
+        c1[b * k + a] + c1[a * k + b] + dd[a * k + b] - nf * m[a] * m[b]
+    });
+    let mut rhs = Mat::<f64>::zeros(k, 2);
+    for a in 0..k {
+        let dgb: f64 = (0..k).map(|b| dg[(a, b)] * base.b[b]).sum();
+        let rx = gx[a] - dgb;
+        rhs[(a, 0)] = rx;
+        rhs[(a, 1)] = rx + zt_dy[(a, j)] + gyy[a];
+    }
+    let ax = Mat::<f64>::from_fn(k, k, |a, b| base.a[(a, b)] + dg[(a, b)]);
+    let solver = SpdSolver::new(ax.as_ref()).map_err(|e| match e {
+        CoreError::Solver { why } => CoreError::Solver {
+            why: format!("pair {j}: {why}"),
+        },
+        other => other,
+    })?;
+    solver.solve_in_place(rhs.as_mut());
+    Ok(PairOut {
+        d_x: (0..k).map(|a| rhs[(a, 0)]).collect(),
+        d_t: (0..k).map(|a| rhs[(a, 1)]).collect(),
+        pred: pred / nf,
+        kind: solver.kind(),
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn exact<I: Index>(
+    base: &Base,
+    dx: &Csr<'_, I>,
     dy: &[f64],
     inv_s: &[f64],
     zt_dy: &Mat<f64>,
@@ -261,83 +366,17 @@ fn exact(
 ) -> Result<Split> {
     let d = &base.design;
     let (n, k) = (d.n, d.k);
-    let nf = n as f64;
     let outs: Vec<Result<PairOut>> = (0..p)
         .into_par_iter()
         .map_init(
-            || (vec![0.0f64; k * k], vec![0.0f64; k * k]),
-            |(c1, dd), j| {
-                c1.iter_mut().for_each(|v| *v = 0.0);
-                dd.iter_mut().for_each(|v| *v = 0.0);
+            || ExactScratch {
+                c1: vec![0.0; k * k],
+                dd: vec![0.0; k * k],
+            },
+            |sc, j| {
                 let rows = dx.slice_rows(j * n, (j + 1) * n);
                 let dyj = &dy[j * n..(j + 1) * n];
-                let dy_mean = if d.intercept {
-                    dyj.iter().sum::<f64>() / nf
-                } else {
-                    0.0
-                };
-                let mut m = vec![0.0; k];
-                let mut gx = vec![0.0; k];
-                let mut gyy = vec![0.0; k];
-                let mut pred = 0.0;
-                let mut zbuf: Vec<(usize, f64)> = Vec::with_capacity(k);
-                for i in 0..n {
-                    let (idx, val) = rows.row(i);
-                    if idx.is_empty() {
-                        continue;
-                    }
-                    zbuf.clear();
-                    zbuf.extend(
-                        idx.iter()
-                            .zip(val)
-                            .map(|(&c, &v)| (c as usize, v * inv_s[c as usize])),
-                    );
-                    let zrow = &d.z[i * k..(i + 1) * k];
-                    let (yc, dyc) = (d.y_c[i], dyj[i] - dy_mean);
-                    for &(c, v) in &zbuf {
-                        // Column c of Z~ᵀΔZ gains v · (row i of Z~).
-                        let col = &mut c1[c * k..(c + 1) * k];
-                        col.iter_mut().zip(zrow).for_each(|(o, z)| *o += v * z);
-                        let drow = &mut dd[c * k..(c + 1) * k];
-                        for &(c2, v2) in &zbuf {
-                            drow[c2] += v * v2;
-                        }
-                        m[c] += v;
-                        gx[c] += v * yc;
-                        gyy[c] += v * dyc;
-                        pred += v * base.b[c];
-                    }
-                }
-                if d.intercept {
-                    m.iter_mut().for_each(|v| *v /= nf);
-                } else {
-                    m.iter_mut().for_each(|v| *v = 0.0);
-                }
-                // ΔG = Z~ᵀΔZ + ΔZᵀZ~ + ΔZᵀΔZ − n m mᵀ (the centred ΔZ's Gram).
-                let dg = Mat::<f64>::from_fn(k, k, |a, b| {
-                    c1[b * k + a] + c1[a * k + b] + dd[a * k + b] - nf * m[a] * m[b]
-                });
-                let mut rhs = Mat::<f64>::zeros(k, 2);
-                for a in 0..k {
-                    let dgb: f64 = (0..k).map(|b| dg[(a, b)] * base.b[b]).sum();
-                    let rx = gx[a] - dgb;
-                    rhs[(a, 0)] = rx;
-                    rhs[(a, 1)] = rx + zt_dy[(a, j)] + gyy[a];
-                }
-                let ax = Mat::<f64>::from_fn(k, k, |a, b| base.a[(a, b)] + dg[(a, b)]);
-                let solver = SpdSolver::new(ax.as_ref()).map_err(|e| match e {
-                    CoreError::Solver { why } => CoreError::Solver {
-                        why: format!("pair {j}: {why}"),
-                    },
-                    other => other,
-                })?;
-                solver.solve_in_place(rhs.as_mut());
-                Ok(PairOut {
-                    d_x: (0..k).map(|a| rhs[(a, 0)]).collect(),
-                    d_t: (0..k).map(|a| rhs[(a, 1)]).collect(),
-                    pred: pred / nf,
-                    kind: solver.kind(),
-                })
+                exact_pair(base, &rows, dyj, inv_s, zt_dy, j, sc)
             },
         )
         .collect();

@@ -1,29 +1,52 @@
 //! Borrowed views of the two input layouts: row-major dense and CSR.
 //! Both are validated once on construction so the kernels can index without checks.
 
+use rayon::prelude::*;
+
 use crate::error::{check_finite, zeros, CoreError, Result};
+
+/// Integer type of CSR index arrays: scipy uses int32 until int64 is needed, and taking
+/// either avoids copying large ΔX index arrays.
+pub trait Index: Copy + Send + Sync + std::fmt::Display + 'static {
+    fn to_i64(self) -> i64;
+}
+impl Index for i64 {
+    #[inline(always)]
+    fn to_i64(self) -> i64 {
+        self
+    }
+}
+impl Index for i32 {
+    #[inline(always)]
+    fn to_i64(self) -> i64 {
+        self as i64
+    }
+}
+
+/// Rows per task when validating in parallel.
+const VALIDATE_ROWS: usize = 2048;
 
 /// A validated CSR matrix (rows are probes, columns are features).
 #[derive(Clone, Copy, Debug)]
-pub struct Csr<'a> {
+pub struct Csr<'a, I: Index = i64> {
     pub nrows: usize,
     pub ncols: usize,
-    pub indptr: &'a [i64],
-    pub indices: &'a [i64],
+    pub indptr: &'a [I],
+    pub indices: &'a [I],
     pub data: &'a [f64],
     /// Position of `indices[0]` in the full arrays (non-zero for a row slice).
     pub offset: usize,
 }
 
-impl<'a> Csr<'a> {
+impl<'a, I: Index> Csr<'a, I> {
     /// Validate structure and values. Rows must be canonical (strictly increasing column
     /// indices): the variance kernels count stored entries, so duplicates would bias them.
     pub fn new(
         field: &str,
         nrows: usize,
         ncols: usize,
-        indptr: &'a [i64],
-        indices: &'a [i64],
+        indptr: &'a [I],
+        indices: &'a [I],
         data: &'a [f64],
     ) -> Result<Self> {
         let Some(rows_plus_one) = nrows.checked_add(1) else {
@@ -53,18 +76,16 @@ impl<'a> Csr<'a> {
                 ),
             ));
         }
-        if indptr[0] != 0 {
+        if indptr[0].to_i64() != 0 {
             return Err(CoreError::sparse(field, "indptr[0] must be 0"));
         }
-        for r in 0..nrows {
-            if indptr[r + 1] < indptr[r] {
-                return Err(CoreError::sparse(
-                    field,
-                    format!("indptr decreases at row {r}"),
-                ));
-            }
+        if let Some(r) = (0..nrows).find(|&r| indptr[r + 1].to_i64() < indptr[r].to_i64()) {
+            return Err(CoreError::sparse(
+                field,
+                format!("indptr decreases at row {r}"),
+            ));
         }
-        if indptr[nrows] as usize != data.len() {
+        if indptr[nrows].to_i64() as u64 != data.len() as u64 {
             return Err(CoreError::sparse(
                 field,
                 format!(
@@ -74,12 +95,20 @@ impl<'a> Csr<'a> {
                 ),
             ));
         }
-        for r in 0..nrows {
+        // Rows are independent: check them in parallel (on the caller's pool), reporting the
+        // first bad row so the message does not depend on scheduling.
+        let check_row = |r: usize| -> Option<CoreError> {
             let mut prev = -1i64;
-            for p in indptr[r] as usize..indptr[r + 1] as usize {
-                let c = indices[p];
-                if c <= prev && c >= 0 {
-                    return Err(CoreError::sparse(
+            for p in indptr[r].to_i64() as usize..indptr[r + 1].to_i64() as usize {
+                let c = indices[p].to_i64();
+                if c < 0 || c as usize >= ncols {
+                    return Some(CoreError::sparse(
+                        field,
+                        format!("row {r} has column index {c}, outside 0..{ncols}"),
+                    ));
+                }
+                if c <= prev {
+                    return Some(CoreError::sparse(
                         field,
                         format!(
                             "row {r} has unsorted or duplicate column indices; \
@@ -88,19 +117,22 @@ impl<'a> Csr<'a> {
                     ));
                 }
                 prev = c;
-                if c < 0 || c as usize >= ncols {
-                    return Err(CoreError::sparse(
-                        field,
-                        format!("row {r} has column index {c}, outside 0..{ncols}"),
-                    ));
-                }
                 if !data[p].is_finite() {
-                    return Err(CoreError::NonFinite {
+                    return Some(CoreError::NonFinite {
                         field: field.into(),
                         location: format!("row {r}, column {c}"),
                     });
                 }
             }
+            None
+        };
+        let first_bad = (0..nrows.div_ceil(VALIDATE_ROWS))
+            .into_par_iter()
+            .find_map_first(|b| {
+                (b * VALIDATE_ROWS..((b + 1) * VALIDATE_ROWS).min(nrows)).find_map(check_row)
+            });
+        if let Some(e) = first_bad {
+            return Err(e);
         }
         Ok(Self {
             nrows,
@@ -113,23 +145,23 @@ impl<'a> Csr<'a> {
     }
 
     #[inline]
-    pub fn row(&self, r: usize) -> (&'a [i64], &'a [f64]) {
-        let a = self.indptr[r] as usize - self.offset;
-        let b = self.indptr[r + 1] as usize - self.offset;
+    pub fn row(&self, r: usize) -> (&'a [I], &'a [f64]) {
+        let a = self.indptr[r].to_i64() as usize - self.offset;
+        let b = self.indptr[r + 1].to_i64() as usize - self.offset;
         (&self.indices[a..b], &self.data[a..b])
     }
 
     /// Rows `start..end` as a view (no copy).
-    pub fn slice_rows(&self, start: usize, end: usize) -> Csr<'a> {
-        let a = self.indptr[start] as usize - self.offset;
-        let b = self.indptr[end] as usize - self.offset;
+    pub fn slice_rows(&self, start: usize, end: usize) -> Csr<'a, I> {
+        let a = self.indptr[start].to_i64() as usize - self.offset;
+        let b = self.indptr[end].to_i64() as usize - self.offset;
         Csr {
             nrows: end - start,
             ncols: self.ncols,
             indptr: &self.indptr[start..=end],
             indices: &self.indices[a..b],
             data: &self.data[a..b],
-            offset: self.indptr[start] as usize,
+            offset: self.indptr[start].to_i64() as usize,
         }
     }
 

@@ -245,18 +245,59 @@ pub fn default_grid(trace_over_k: f64) -> Vec<f64> {
         .collect()
 }
 
-/// GCV(lam) = n * RSS(lam) / (n - df(lam) - [intercept])^2 for every lam of the grid, from one
-/// thin SVD of the centred design.
-/// Returns (scores, df per lam). Scores are +inf where the denominator vanishes.
-pub fn gcv_curve(d: &Design, grid: &[f64], _par: Par) -> Result<(Vec<f64>, Vec<f64>)> {
-    let n = d.n as f64;
-    let lost = if d.intercept { 1.0 } else { 0.0 };
-    // Kept eigenvalues w_i of the Gram (or kernel) matrix, the squared coordinates a_i^2 of y~
-    // on the matching left singular vectors, and `rest`, the part of |y~|^2 outside them.
-    // RSS(lam) = rest + sum (lam / (w_i + lam))^2 a_i^2 then has no cancellation, even when
-    // the fit is nearly exact (n close to df), where |y~|^2 - |fitted|^2 would lose it all.
-    // From the thin SVD Z~ = U S Vᵀ (not the eigendecomposition of Z~ᵀZ~, which would square
-    // the condition number and lose the small singular values that matter at small lam).
+/// Squared singular values of Z~ kept as non-zero, the squared coordinates of y~ on their
+/// left singular vectors, and the part of |y~|² outside them.
+type Spectrum = (Vec<f64>, Vec<f64>, f64);
+
+/// Below this ratio of smallest to largest kept eigenvalue of Z~ᵀZ~ (κ(Z~) > 1e4), the Gram
+/// route would lose the small singular values: the SVD is used instead.
+const GRAM_EIG_RATIO_MIN: f64 = 1e-8;
+
+/// The spectrum from the K x K eigendecomposition of Z~ᵀZ~ (cheap when n >> K), or `None`
+/// when n < K or the design is too ill-conditioned for it to be accurate.
+fn spectrum_from_gram(d: &Design, par: Par) -> Result<Option<Spectrum>> {
+    if d.n < d.k {
+        return Ok(None);
+    }
+    let g = d.gram(par);
+    let evd = g
+        .self_adjoint_eigen(faer::Side::Lower)
+        .map_err(|e| CoreError::Solver {
+            why: format!("eigendecomposition for GCV did not converge: {e:?}"),
+        })?;
+    let (v, s) = (evd.U(), evd.S().column_vector());
+    let wmax = (0..d.k).map(|i| s[i]).fold(0.0, f64::max);
+    let tol = wmax * (d.n.max(d.k) as f64) * f64::EPSILON;
+    let kept: Vec<usize> = (0..d.k).filter(|&i| s[i] > tol).collect();
+    if kept.iter().any(|&i| s[i] < GRAM_EIG_RATIO_MIN * wmax) {
+        return Ok(None);
+    }
+    let zy = d.zt_vec(&d.y_c);
+    let (mut w, mut a2) = (vec![], vec![]);
+    let mut b_ols = vec![0.0; d.k];
+    for &i in &kept {
+        // c = v_iᵀ Z~ᵀ y~ = s_i (u_iᵀ y~): a_i² = c² / w_i.
+        let c: f64 = (0..d.k).map(|r| v[(r, i)] * zy[r]).sum();
+        w.push(s[i]);
+        a2.push(c * c / s[i]);
+        for r in 0..d.k {
+            b_ols[r] += v[(r, i)] * c / s[i];
+        }
+    }
+    // The residual outside the column space, computed explicitly (no |y|² − |fit|² cancellation).
+    let rest: f64 =
+        d.z.chunks_exact(d.k)
+            .zip(&d.y_c)
+            .map(|(row, yi)| {
+                let e = yi - row.iter().zip(&b_ols).map(|(z, b)| z * b).sum::<f64>();
+                e * e
+            })
+            .sum();
+    Ok(Some((w, a2, rest)))
+}
+
+/// The spectrum from the thin SVD Z~ = U S Vᵀ: accurate for any conditioning.
+fn spectrum_from_svd(d: &Design) -> Result<Spectrum> {
     let svd = d.zref().thin_svd().map_err(|e| CoreError::Solver {
         why: format!("SVD for GCV did not converge: {e:?}"),
     })?;
@@ -284,6 +325,23 @@ pub fn gcv_curve(d: &Design, grid: &[f64], _par: Par) -> Result<(Vec<f64>, Vec<f
         .zip(&fitted)
         .map(|(y, f)| (y - f) * (y - f))
         .sum();
+    Ok((w, a2, rest))
+}
+
+/// GCV(lam) = n * RSS(lam) / (n - df(lam) - [intercept])^2 for every lam of the grid, from one
+/// spectral factorization of the centred design (see [`spectrum_from_gram`]).
+/// Returns (scores, df per lam). Scores are +inf where the denominator vanishes.
+pub fn gcv_curve(d: &Design, grid: &[f64], par: Par) -> Result<(Vec<f64>, Vec<f64>)> {
+    let n = d.n as f64;
+    let lost = if d.intercept { 1.0 } else { 0.0 };
+    // Kept eigenvalues w_i of the Gram (or kernel) matrix, the squared coordinates a_i^2 of y~
+    // on the matching left singular vectors, and `rest`, the part of |y~|^2 outside them.
+    // RSS(lam) = rest + sum (lam / (w_i + lam))^2 a_i^2 then has no cancellation, even when
+    // the fit is nearly exact (n close to df), where |y~|^2 - |fitted|^2 would lose it all.
+    let (w, a2, rest) = match spectrum_from_gram(d, par)? {
+        Some(spec) => spec,
+        None => spectrum_from_svd(d)?,
+    };
     let mut scores = Vec::with_capacity(grid.len());
     let mut dfs = Vec::with_capacity(grid.len());
     for &lam in grid {
@@ -313,10 +371,10 @@ pub fn fit(x: &Matrix<'_>, y: &[f64], opts: &FitOptions, par: Par) -> Result<Pol
 }
 
 pub fn fit_design(d: &Design, opts: &FitOptions, par: Par) -> Result<Policy> {
-    let (lam, gcv_grid, gcv_score) = match &opts.lam {
+    let (lam, gcv_grid, gcv_score, df) = match &opts.lam {
         Lam::Fixed(l) => {
             check_lam(*l)?;
-            (*l, vec![], vec![])
+            (*l, vec![], vec![], None)
         }
         Lam::Gcv(grid) => {
             let grid = match grid {
@@ -332,7 +390,7 @@ pub fn fit_design(d: &Design, opts: &FitOptions, par: Par) -> Result<Policy> {
                     default_grid(tr)
                 }
             };
-            let (scores, _) = gcv_curve(d, &grid, par)?;
+            let (scores, dfs) = gcv_curve(d, &grid, par)?;
             // Smallest score; ties go to the larger (more regularized) lambda.
             let mut best: Option<usize> = None;
             for i in 0..grid.len() {
@@ -353,7 +411,7 @@ pub fn fit_design(d: &Design, opts: &FitOptions, par: Par) -> Result<Policy> {
                      give a fixed lam or more probes",
                 )
             })?;
-            (grid[b], grid, scores)
+            (grid[b], grid, scores, Some(dfs[b]))
         }
     };
     let (coef, solver, dual) = solve_ridge(d, lam, par)?;
@@ -362,7 +420,10 @@ pub fn fit_design(d: &Design, opts: &FitOptions, par: Par) -> Result<Policy> {
     } else {
         0.0
     };
-    let df = effective_df(d, lam, par)?;
+    let df = match df {
+        Some(df) => df,
+        None => effective_df(d, lam, par)?,
+    };
     Ok(Policy {
         coef,
         intercept,

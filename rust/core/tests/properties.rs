@@ -137,7 +137,7 @@ impl OwnedCsr {
         }
     }
     fn view(&self, field: &str) -> Csr<'_> {
-        Csr::new(
+        Csr::<i64>::new(
             field,
             self.nrows,
             self.ncols,
@@ -148,7 +148,7 @@ impl OwnedCsr {
         .expect("test built a valid CSR")
     }
     fn try_view(&self, field: &str) -> policytrace_core::Result<Csr<'_>> {
-        Csr::new(
+        Csr::<i64>::new(
             field,
             self.nrows,
             self.ncols,
@@ -985,7 +985,7 @@ proptest! {
         let dy = &dyv[..dylen];
         let base = no_panic("Base::new", || Base::new(&pol, &xm, y, Par::Seq))?;
         if let Ok(base) = base {
-            if let Ok(dxc) = no_panic("Csr::new(dX)", || dxs.try_view("dX"))? {
+            if let Ok(dxc) = no_panic("Csr::<i64>::new(dX)", || dxs.try_view("dX"))? {
                 for method in [Method::Exact, Method::FirstOrder] {
                     let s = no_panic("decompose", || decompose(&base, &dxc, dy, method, Par::Seq))?;
                     if let Ok(s) = s {
@@ -1383,7 +1383,7 @@ fn targeted_error_variants() {
 /// `indptr[0]` panicked with an index out of bounds.
 #[test]
 fn csr_new_huge_nrows_is_an_error() {
-    let r = catch_unwind(|| Csr::new("X", usize::MAX, 1, &[], &[], &[]).map(|_| ()));
+    let r = catch_unwind(|| Csr::<i64>::new("X", usize::MAX, 1, &[], &[], &[]).map(|_| ()));
     assert!(matches!(r, Ok(Err(CoreError::Sparse { .. }))), "{r:?}");
 }
 

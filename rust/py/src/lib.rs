@@ -367,16 +367,8 @@ impl Decomposer {
                 ))
             }
         };
-        let dxa = MatArg::extract(py, "dX", dx)?;
-        if matches!(dxa, MatArg::Dense(_)) {
-            return Err(raise(
-                py,
-                "SparseFormatError",
-                "`dX` must be given to the core as a CSR tuple".into(),
-            ));
-        }
         let dya = mat_arg(py, "dy", dy)?;
-        let (n, k) = (self.base.design.n, self.base.design.k);
+        let n = self.base.design.n;
         let p = dya.shape()[0];
         if dya.shape()[1] != n {
             return Err(map_err(
@@ -385,22 +377,110 @@ impl Decomposer {
             ));
         }
         let dys = dya.as_slice().expect("contiguous");
-        let dxv = dxa.view("dX").map_err(|e| map_err(py, e))?;
-        let core::Matrix::Csr(dxc) = dxv else {
-            unreachable!("checked above")
+        let t = dx.cast::<PyTuple>().map_err(|_| {
+            raise(
+                py,
+                "SparseFormatError",
+                "`dX` must be given to the core as a CSR tuple".into(),
+            )
+        })?;
+        if t.len() != 4 {
+            return Err(raise(
+                py,
+                "SparseFormatError",
+                "`dX` as CSR must be (indptr, indices, data, (nrows, ncols))".into(),
+            ));
+        }
+        let (nrows, ncols): (usize, usize) = t.get_item(3)?.extract().map_err(|_| {
+            raise(
+                py,
+                "ShapeError",
+                "`dX` CSR shape must be two non-negative ints".into(),
+            )
+        })?;
+        let data = vec_arg(py, "dX.data", &t.get_item(2)?)?;
+        let ds = data.as_slice().expect("contiguous");
+        let (ip, ix) = (t.get_item(0)?, t.get_item(1)?);
+        let threads = threads.unwrap_or(self.threads);
+        let acc = if let Ok(ip32) = ip.cast::<PyArray1<i32>>() {
+            // scipy's int32 indices are used as they are: no widening copy of a large ΔX.
+            let indptr = ip32.readonly();
+            let indices = ix
+                .cast::<PyArray1<i32>>()
+                .map_err(|_| {
+                    raise(
+                        py,
+                        "DTypeError",
+                        "`dX.indices` must have indptr's dtype (int32)".into(),
+                    )
+                })?
+                .readonly();
+            let a = indptr
+                .as_slice()
+                .map_err(|_| raise(py, "LayoutError", "`dX.indptr` must be C-contiguous".into()))?;
+            let b = indices.as_slice().map_err(|_| {
+                raise(
+                    py,
+                    "LayoutError",
+                    "`dX.indices` must be C-contiguous".into(),
+                )
+            })?;
+            self.run_chunks(py, nrows, ncols, a, b, ds, dys, p, method, threads)?
+        } else {
+            let indptr = idx_arg(py, "dX.indptr", &ip)?;
+            let indices = idx_arg(py, "dX.indices", &ix)?;
+            let (a, b) = (
+                indptr.as_slice().expect("contiguous"),
+                indices.as_slice().expect("contiguous"),
+            );
+            self.run_chunks(py, nrows, ncols, a, b, ds, dys, p, method, threads)?
         };
-        if dxc.nrows != p * n {
+        let k = self.base.design.k;
+        let out = PyDict::new(py);
+        out.set_item(
+            "d_total",
+            PyArray1::from_vec(py, acc.d_total).reshape([p, k])?,
+        )?;
+        out.set_item("d_x", PyArray1::from_vec(py, acc.d_x).reshape([p, k])?)?;
+        out.set_item("d_y", PyArray1::from_vec(py, acc.d_y).reshape([p, k])?)?;
+        out.set_item("pred_dy", PyArray1::from_vec(py, acc.pred_dy))?;
+        out.set_item("n_fallback", acc.n_fallback)?;
+        Ok(out)
+    }
+}
+
+impl Decomposer {
+    /// Validate the stacked ΔX (in parallel) and decompose it chunk by chunk, checking for
+    /// Ctrl-C between chunks.
+    #[allow(clippy::too_many_arguments)]
+    fn run_chunks<I: core::matrix::Index>(
+        &self,
+        py: Python<'_>,
+        nrows: usize,
+        ncols: usize,
+        indptr: &[I],
+        indices: &[I],
+        data: &[f64],
+        dys: &[f64],
+        p: usize,
+        method: core::Method,
+        threads: usize,
+    ) -> PyResult<core::Split> {
+        let (n, k) = (self.base.design.n, self.base.design.k);
+        if nrows != p * n {
             return Err(map_err(
                 py,
                 core::CoreError::shape(
                     "dX",
                     format!("{} rows ({p} pairs x {n} probes)", p * n),
-                    format!("{} rows", dxc.nrows),
+                    format!("{nrows} rows"),
                 ),
             ));
         }
-        let (pool, par) =
-            core::pool(threads.unwrap_or(self.threads)).map_err(|e| map_err(py, e))?;
+        let (pool, par) = core::pool(threads).map_err(|e| map_err(py, e))?;
+        let dxc = py
+            .detach(|| pool.install(|| core::Csr::new("dX", nrows, ncols, indptr, indices, data)))
+            .map_err(|e| map_err(py, e))?;
         let mut acc = core::Split {
             n_pairs: 0,
             k,
@@ -427,16 +507,7 @@ impl Decomposer {
             start = end;
             py.check_signals()?;
         }
-        let out = PyDict::new(py);
-        out.set_item(
-            "d_total",
-            PyArray1::from_vec(py, acc.d_total).reshape([p, k])?,
-        )?;
-        out.set_item("d_x", PyArray1::from_vec(py, acc.d_x).reshape([p, k])?)?;
-        out.set_item("d_y", PyArray1::from_vec(py, acc.d_y).reshape([p, k])?)?;
-        out.set_item("pred_dy", PyArray1::from_vec(py, acc.pred_dy))?;
-        out.set_item("n_fallback", acc.n_fallback)?;
-        Ok(out)
+        Ok(acc)
     }
 }
 
