@@ -185,6 +185,7 @@ class Attributor:
             self._next_default = max(self._next_default, int(max(ints)) + 1)
         frame = self._pair_feature_frame(pair_ids, res)
         pairs = self._pair_frame(pair_ids, pair_groups, res, dya)
+        self.last_pairs = pairs  # this batch's one-row-per-pair summary (kept or not)
         if self.keep:
             self._pair_features.append(frame)
             self._pairs.append(pairs)

@@ -1,0 +1,56 @@
+"""Command line: ``policytrace run CONFIG.toml``, ``policytrace demo``, ``policytrace report RUN_DIR``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import PolicytraceError
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="policytrace", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="a full attribution job into a run folder (resumable)")
+    r.add_argument("config", help="TOML config (see README: Configuration)")
+    r.add_argument("--out", help="run folder (default: runs/<config name>)")
+    r.add_argument("--no-report", action="store_true", help="skip report.html")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    d = sub.add_parser("demo", help="the embedded default end to end (SmolLM2 + a trained SAE), offline")
+    d.add_argument("--out", default="policytrace-demo", help="run folder (default: ./policytrace-demo)")
+    d.add_argument("--pairs", type=int, default=None, help="number of SFT pairs (default 24; 0 = all 240)")
+    d.add_argument("--quiet", action="store_true")
+    rep = sub.add_parser("report", help="write RUN_DIR/report.html")
+    rep.add_argument("run_dir")
+    args = ap.parse_args(argv)
+    try:
+        from . import config as cfgmod
+        from .report import write_report
+        from .run import Run
+
+        if args.cmd == "report":
+            path = write_report(args.run_dir)
+            print(f"report: {path}")
+            return 0
+        if args.cmd == "run":
+            cfg = cfgmod.load(args.config)
+            out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+        else:
+            user = {"preset": "demo"}
+            if args.pairs is not None:
+                user["data"] = {"max_pairs": args.pairs}
+            cfg = cfgmod.resolve(user)
+            out = Path(args.out)
+        Run(cfg, out, progress=not args.quiet).execute()
+        if args.cmd == "demo" or not args.no_report:
+            path = write_report(out)
+            print(f"report: {path}")
+        return 0
+    except PolicytraceError as e:
+        print(f"policytrace: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
