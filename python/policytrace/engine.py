@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from .errors import ConfigError, InvalidValueError
-from .probe import _swap_module, format_prompt
+from .probe import _swap_module, _upcast, format_prompt
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -100,7 +100,7 @@ class UpdateEngine:
         torch = self._torch
         params = {f"m.{k}": v for k, v in {**self.base, **train}.items()}
         logits = torch.func.functional_call(self._swap, params, (self._forward, ids, start))
-        return torch.nn.functional.cross_entropy(logits.float(), targets)
+        return torch.nn.functional.cross_entropy(_upcast(logits), targets)
 
     def update(self, prompt: str, response: str, pair_id: str = "?") -> dict:
         """Weights after the update, as a name → tensor dict (base tensors where untouched)."""

@@ -146,6 +146,8 @@ class ProbeRunner:
         y = np.zeros(n, dtype=np.float64)
         # Length-bucketed batches: sort by length so padding stays small; results are put back
         # in probe order, and padding never changes them (positions come from the mask).
+        if n == 0:
+            return H, y
         order = np.argsort([len(p) for p in prompt_ids], kind="stable")
         prefix = self._common_prefix(prompt_ids, pools) if self.share_prefix else []
         with torch.no_grad():
@@ -216,7 +218,7 @@ class ProbeRunner:
                 pooled = hidden_block.masked_fill(m == 0, float("-inf")).amax(1)
         last_hidden, cache = out
         first = self._call(params, self._head_fn, last_hidden[:, -1])
-        logp_first = torch.log_softmax(first.float(), dim=-1)
+        logp_first = torch.log_softmax(_upcast(first), dim=-1)
         scores = self._score(logp_first, cache, mask, pos, params)
         return pooled.float().cpu().numpy(), scores
 
@@ -264,7 +266,7 @@ class ProbeRunner:
                         owner.append((b, j))
             if rows:
                 h = hid[torch.tensor(rows), torch.tensor(cols)]
-                lp = torch.log_softmax(self._call(params, self._head_fn, h).float(), dim=-1)
+                lp = torch.log_softmax(_upcast(self._call(params, self._head_fn, h)), dim=-1)
                 picked = lp[torch.arange(len(rows)), torch.tensor(toks)]
                 add = torch.zeros_like(seq_logp)
                 bi = torch.tensor([o[0] for o in owner])
@@ -276,6 +278,14 @@ class ProbeRunner:
         if self.targets.anti_targets:
             y = y - torch.logsumexp(seq_logp[:, nt:].double(), dim=1)
         return y.cpu().numpy()
+
+
+def _upcast(t):
+    """Probabilities in at least float32 (half-precision log-softmax loses the tail), and in
+    float64 when the model runs in float64."""
+    import torch
+
+    return t if t.dtype == torch.float64 else t.float()
 
 
 def _swap_module(model):

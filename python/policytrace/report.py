@@ -45,7 +45,7 @@ def _bars(labels: list[str], values: np.ndarray, width: int = 1000) -> str:
     h, pad = 18, 420
     top = float(np.abs(values).max()) or 1.0
     mid = pad + (width - pad) / 2
-    half = (width - pad) / 2 - 10
+    half = (width - pad) / 2 - 60
     out = [f'<svg width="{width}" height="{h * len(values) + 20}" role="img">']
     out.append(f'<line x1="{mid}" y1="0" x2="{mid}" y2="{h * len(values)}" stroke="#999"/>')
     for i, (lab, v) in enumerate(zip(labels, values)):
@@ -108,31 +108,6 @@ def _heatmap(mat: np.ndarray, rows: list[str], cols: list[str], cell: int = 14) 
     return "".join(out)
 
 
-def fidelity(probes: pl.DataFrame, folds: int = 5, seed: int = 0) -> dict:
-    """Held-out fidelity of a ridge policy refit on k-1 folds: R² against the mean baseline
-    (R² = 0), and how well the predicted score separates harmful from harmless probes (AUC),
-    beside the AUC of the measured score itself."""
-    y = probes["y"].to_numpy()
-    yp = probes["y_pred"].to_numpy()
-    out = {"r2_in_sample": float(1 - ((y - yp) ** 2).sum() / ((y - y.mean()) ** 2).sum())}
-    if probes["harmful"].null_count() == 0:
-        h = probes["harmful"].to_numpy().astype(bool)
-        out["auc_pred_harmful"] = _auc(yp, h)
-        out["auc_y_harmful"] = _auc(y, h)
-        out["majority_baseline_acc"] = float(max(h.mean(), 1 - h.mean()))
-    return out
-
-
-def _auc(score: np.ndarray, label: np.ndarray) -> float:
-    from scipy.stats import rankdata
-
-    r = rankdata(score)
-    n1, n0 = label.sum(), (~label).sum()
-    if n1 == 0 or n0 == 0:
-        return float("nan")
-    return float((r[label].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
-
-
 def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     needed = ["manifest.json", "policy.parquet", "features.parquet", "probes.parquet", "pairs.parquet", "pair_features.parquet"]
@@ -149,7 +124,7 @@ def write_report(run_dir: str | Path) -> Path:
 
     pol = policy.join(features.select("feature_id", "group", "top_probes"), on="feature_id").sort("rank").head(25)
     bars = _bars([f"{r['feature_id']} · {r['label'] or ''}" for r in pol.iter_rows(named=True)], pol["coef"].to_numpy())
-    fid = fidelity(probes)
+    fid = manifest.get("stages", {}).get("base", {}).get("fidelity", {})
     scatter = _scatter(pairs["score_x"].to_numpy(), pairs["score_y"].to_numpy(), pairs["label"].to_list(),
                        "ΔX pathway (Σ d_coef_x · coef)", "ΔY pathway (Σ d_coef_y · coef)")
     topf = pf.group_by("feature_id").agg(pl.col("d_coef").abs().mean().alias("m")).sort("m", descending=True).head(24)["feature_id"].to_list()
@@ -171,7 +146,8 @@ def write_report(run_dir: str | Path) -> Path:
     q = base.get("sae_quality") or {}
     qtext = (f"SAE quality (default TopK SAE): FVU {q.get('fvu', float('nan')):.3f}, L0 {q.get('l0', float('nan')):.1f}, "
              f"dead {100 * q.get('dead_fraction', float('nan')):.1f}%, CE loss +{q.get('ce_delta', float('nan')):.3f} nats when spliced") if q else "SAE: user-supplied"
-    fid_rows = "".join(f"<tr><td>{_esc(k)}</td><td class=num>{v:.3f}</td></tr>" for k, v in fid.items())
+    fid_rows = "".join(f"<tr><td>{_esc(k)}</td><td class=num>{v:.3f}</td></tr>" for k, v in fid.items() if isinstance(v, float))
+    fid_cats = "".join(f"<tr><td>{_esc(k)}</td><td class=num>{v:.3f}</td></tr>" for k, v in fid.get("r2_by_category", {}).items())
     doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>policytrace report</title><style>{_CSS}</style></head><body>
 <h1>policytrace report</h1>
 <p class=muted>{_esc(run_dir.resolve())} · {base.get('n_probes', '?')} probes · {pairs.height} pairs · {base.get('n_features', '?')} features · λ = {base.get('lam', float('nan')):.4g} · {_esc(qtext)}</p>
@@ -183,8 +159,10 @@ see Δy). The ΔX pathway is the part due to changed feature activations, ΔY th
 <p class=muted>Top {pol.height} features by |coef| (standardized units); red raises the refusal score. Label: the feature's group (probe category where it is most active) and its top-activating probe.</p>
 {bars}
 <h2>Fidelity</h2>
-<table>{fid_rows}</table>
-<p class=muted>r2_in_sample: policy fit on all probes. auc_pred_harmful: does the policy's prediction rank harmful probes above harmless ones (0.5 = chance); auc_y_harmful: the same for the measured score. majority_baseline_acc: accuracy of always answering the larger class.</p>
+<div class=grid><table>{fid_rows}</table><table><tr><th>probe category</th><th>held-out R²</th></tr>{fid_cats}</table></div>
+<p class=muted>{fid.get('folds', '?')}-fold cross-validation with the policy's λ. r2_heldout against r2_mean_baseline (predicting the training mean);
+auc_heldout_harmful: does the held-out prediction rank harmful probes above harmless ones (0.5 = chance), beside the same for the measured score;
+accuracy_heldout: a threshold on the predicted score (fit on the training folds) classifying harmful vs harmless, against always answering the larger class.</p>
 <h2>Pathways per pair</h2>
 <div class=grid><div>{scatter}</div><div class=card>{_table(topp)}</div></div>
 <h2>Pair × feature alignment</h2>

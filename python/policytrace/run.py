@@ -176,11 +176,15 @@ class Run:
         features = chosen.select("feature_id", "n_active", "frac_active", "mean", "corr", "score", "rank").with_columns(
             pl.Series("group", fgroup), pl.Series("label", labels), pl.Series("top_probes", top))
         pred = policy.predict(X)
+        from .fidelity import policy_fidelity
+
+        fid = policy_fidelity(X, y0, harmful.astype(bool) if probes["harmful"].null_count() == 0 else None, cats,
+                              policy.lam, pol_cfg["intercept"], pol_cfg["standardize"], seed=cfg["run"]["seed"])
         self._write_parquet(policy.to_frame(), "policy.parquet")
         self._write_parquet(features, "features.parquet")
         self._write_parquet(probes.with_columns(pl.Series("y", y0), pl.Series("y_pred", pred)), "probes.parquet")
         manifest["stages"]["base"] = {"n_probes": probes.height, "n_features": int(len(cols)), "lam": policy.lam,
-                                      "sae_quality": quality, "seconds": round(time.time() - t0, 1)}
+                                      "sae_quality": quality, "fidelity": fid}
         self._save_manifest(manifest)
 
         # --- pairs, in shards ---------------------------------------------------------------
