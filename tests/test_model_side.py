@@ -783,3 +783,46 @@ def test_sae_on_probe_activations(model, tok, prompt_ids, tset, tmp_path):
     codes = sae_mod.SaeReader(s).encode(H)
     assert ((codes != 0).sum(1) <= 3).all()
     assert re.fullmatch(r"model\.layers\.\d+", s.cfg.metadata.hook_name)
+
+
+def test_base_weights_bit_identical_after_thousands_of_updates(model, tok):
+    """The engine never writes the base weights: 2,000 updates (SGD and Adam, all and mlp-only)
+    leave every parameter bit-identical."""
+    def digest():
+        h = hashlib.sha256()
+        for n, p in model.named_parameters():
+            h.update(n.encode())
+            h.update(p.detach().cpu().numpy().tobytes())
+        return h.hexdigest()
+
+    before = digest()
+    engines = [
+        eng.UpdateEngine(model, tok, eng.UpdateConfig(optimizer="sgd", lr=1e-2)),
+        eng.UpdateEngine(model, tok, eng.UpdateConfig(optimizer="adam", lr=1e-3, params="mlp")),
+    ]
+    for i in range(2000):
+        out = engines[i % 2].update("tell me a story", "sure here is a story .", f"p{i}")
+        assert out is not None
+    assert digest() == before
+
+
+def test_lora_update(model, tok, tset):
+    """LoRA through peft: injecting adapters leaves outputs bit-identical (B = 0), an update
+    trains only the adapters, and the probe pass sees its effect."""
+    m = copy.deepcopy(model)
+    ids = pr.encode_prompts(tok, PROMPTS, list(map(str, range(len(PROMPTS)))), 128)
+    runner_before = pr.ProbeRunner(m, tok, LAYER, tset)
+    H0, y0 = runner_before.run(ids)
+    engine = eng.UpdateEngine(m, tok, eng.UpdateConfig(lr=1e-1, lora_rank=2, lora_targets=("q_proj", "v_proj")))
+    runner = pr.ProbeRunner(m, tok, LAYER, tset)
+    H1, y1 = runner.run(ids)
+    np.testing.assert_array_equal(H1, H0)
+    np.testing.assert_array_equal(y1, y0)
+    assert engine.trainable and all("lora_" in n for n in engine.trainable)
+    params = engine.update("tell me a story", "sure here is a story .", "p")
+    changed = [n for n in params if not torch.equal(params[n], engine.base[n])]
+    assert changed and all("lora_B" in n for n in changed)  # one SGD step from B = 0 moves only B
+    H2, y2 = runner.run(ids, params=params)
+    assert np.abs(y2 - y0).max() > 0
+    with pytest.raises(Exception):
+        eng.UpdateEngine(copy.deepcopy(model), tok, eng.UpdateConfig(lora_rank=2, lora_targets=("nope",)))

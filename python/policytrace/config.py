@@ -69,6 +69,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "steps": 1,
         "params": "all",  # all | mlp | a list of glob patterns of parameter names
         "max_length": 512,
+        "lora_rank": 0,  # > 0: train LoRA adapters (peft) of this rank instead of `params`
+        "lora_alpha": 16.0,
+        "lora_targets": ["q_proj", "k_proj", "v_proj", "o_proj"],
     },
     "decompose": {
         "method": "exact",  # exact | first_order

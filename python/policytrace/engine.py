@@ -30,6 +30,12 @@ class UpdateConfig:
     max_length: int = 512
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
+    # LoRA (through peft): rank 0 = off. Adapters are injected once (B = 0, so the model's
+    # outputs are unchanged) and each pair trains a fresh copy of them from that init.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    lora_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -38,6 +44,8 @@ class UpdateConfig:
             raise ConfigError(f"update.lr must be > 0, got {self.lr}")
         if self.steps < 1:
             raise ConfigError(f"update.steps must be >= 1, got {self.steps}")
+        if self.lora_rank < 0:
+            raise ConfigError(f"update.lora_rank must be >= 0, got {self.lora_rank}")
 
 
 def pair_tokens(tokenizer, prompt: str, response: str, pair_id: str, max_length: int) -> tuple[list[int], int]:
@@ -80,13 +88,39 @@ def selected_names(model, spec: str | Sequence[str]) -> list[str]:
     return chosen
 
 
+def add_lora(model, cfg: UpdateConfig) -> None:
+    """Inject LoRA adapters in place (peft), once; a no-op if the model already has them."""
+    if any("lora_" in n for n, _ in model.named_parameters()):
+        return
+    try:
+        import torch
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError as e:
+        raise ConfigError("update.lora_rank > 0 needs peft: pip install peft") from e
+    torch.manual_seed(cfg.lora_seed)
+    try:
+        inject_adapter_in_model(
+            LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, target_modules=list(cfg.lora_targets),
+                       lora_dropout=0.0, bias="none"),
+            model,
+        )
+    except ValueError as e:
+        raise ConfigError(f"update.lora_targets {list(cfg.lora_targets)} do not match this model: {e}") from e
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
 class UpdateEngine:
     def __init__(self, model: Any, tokenizer: Any, cfg: UpdateConfig, device: str = "cpu") -> None:
         import torch
 
         self.model, self.tokenizer, self.cfg, self.device = model, tokenizer, cfg, device
+        if cfg.lora_rank > 0:
+            add_lora(model, cfg)
+            self.trainable = [n for n, _ in model.named_parameters() if "lora_" in n]
+        else:
+            self.trainable = selected_names(model, cfg.params)
         self.base = {n: p.detach() for n, p in model.named_parameters()}
-        self.trainable = selected_names(model, cfg.params)
         self._swap = _swap_module(model)
         self._torch = torch
 

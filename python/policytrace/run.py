@@ -191,8 +191,11 @@ class Run:
         from .engine import UpdateConfig, UpdateEngine
 
         u = cfg["update"]
-        engine = UpdateEngine(lm.model, lm.tokenizer, UpdateConfig(u["optimizer"], u["lr"], u["steps"],
-                              tuple(u["params"]) if isinstance(u["params"], list) else u["params"], u["max_length"]), m["device"])
+        ucfg = UpdateConfig(u["optimizer"], u["lr"], u["steps"],
+                            tuple(u["params"]) if isinstance(u["params"], list) else u["params"], u["max_length"],
+                            lora_rank=u["lora_rank"], lora_alpha=u["lora_alpha"], lora_targets=tuple(u["lora_targets"]),
+                            lora_seed=cfg["run"]["seed"])
+        engine = UpdateEngine(lm.model, lm.tokenizer, ucfg, m["device"])
         att = Attributor(policy, X, y0, method=cfg["decompose"]["method"], probe_groups=cats.tolist(),
                          feature_groups=fgroup, threads=cfg["run"]["threads"], keep=False)
         w_enc = reader.w_enc(cols) if gated else None
