@@ -19,6 +19,40 @@ WORDS = (
 ).split()
 
 
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIAL)}
+    for w in WORDS + list("abcdefghijklmnopqrstuvwxyz?.,!'"):
+        vocab.setdefault(w, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def tiny_causal_lm(arch: str, vocab_size: int, seed: int = 0, layers: int = 2):
+    """A tiny random causal LM of the named family (llama, qwen2, gpt_neox, gemma)."""
+    import torch
+    import transformers as tf
+
+    common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                  num_attention_heads=4, max_position_embeddings=256, tie_word_embeddings=True, pad_token_id=0)
+    cfg = {
+        "llama": lambda: tf.LlamaConfig(num_key_value_heads=2, **common),
+        "qwen2": lambda: tf.Qwen2Config(num_key_value_heads=2, **common),
+        "gemma": lambda: tf.GemmaConfig(num_key_value_heads=2, head_dim=8, **common),
+        "gpt_neox": lambda: tf.GPTNeoXConfig(**common),
+    }[arch]()
+    cls = {"llama": tf.LlamaForCausalLM, "qwen2": tf.Qwen2ForCausalLM, "gemma": tf.GemmaForCausalLM,
+           "gpt_neox": tf.GPTNeoXForCausalLM}[arch]
+    torch.manual_seed(seed)
+    return cls(cfg).eval()
+
+
 def write_tiny_model(folder: Path, seed: int = 0, layers: int = 2) -> Path:
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers

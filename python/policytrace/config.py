@@ -30,7 +30,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "path": "",  # sae-lens folder (cfg.json + sae_weights.safetensors)
         "release": "",  # or an sae-lens release + id (needs network)
         "id": "",
-        "layer": 10,  # residual stream after this decoder block
+        "layer": 10,  # decoder block whose activation the SAE reads
+        "site": "resid_post",  # resid_post (block output) | resid_pre | attn_out | mlp_out
         "train_d_sae": 2304,  # the embedded default SAE, trained when no SAE is named
         "train_k": 32,
         "train_steps": 600,

@@ -117,22 +117,47 @@ def hidden_size(model) -> int:
     return int(model.config.hidden_size)
 
 
-@contextmanager
-def capture_block_output(model, layer: int) -> Iterator[dict]:
-    """Record the output of decoder block ``layer`` (the residual stream after it).
+SITES = ("resid_post", "resid_pre", "attn_out", "mlp_out")
 
-    This is the block module's own output — ``hidden_states[layer + 1]`` of transformers, not
-    ``hidden_states[layer]`` (the off-by-one the SMDA release warns about).
+
+def _site_module(block, site: str):
+    if site in ("resid_post", "resid_pre"):
+        return block
+    names = ("self_attn", "attention", "attn") if site == "attn_out" else ("mlp", "feed_forward")
+    for name in names:
+        mod = getattr(block, name, None)
+        if mod is not None:
+            return mod
+    raise ConfigError(f"sae.site = '{site}': block {type(block).__name__} has none of {names}")
+
+
+@contextmanager
+def capture_block_output(model, layer: int, site: str = "resid_post") -> Iterator[dict]:
+    """Record an activation of decoder block ``layer`` into ``store["h"]``.
+
+    Sites: ``resid_post`` — the block's own output, the residual stream after it (this is
+    ``hidden_states[layer + 1]`` of transformers, not ``hidden_states[layer]``: the off-by-one
+    the SMDA release warns about); ``resid_pre`` — the block's input; ``attn_out`` /
+    ``mlp_out`` — the attention / MLP sub-module's output (what it adds to the stream).
     """
+    if site not in SITES:
+        raise ConfigError(f"sae.site must be one of {SITES}, got '{site}'")
     layers = decoder_layers(model)
     if not 0 <= layer < len(layers):
         raise InvalidValueError(f"sae.layer = {layer} is outside 0..{len(layers) - 1} for this model")
     store: dict = {}
+    module = _site_module(layers[layer], site)
 
     def hook(_module, _inputs, output):
         store["h"] = output[0] if isinstance(output, tuple) else output
 
-    handle = layers[layer].register_forward_hook(hook)
+    def pre_hook(_module, args, kwargs):
+        store["h"] = args[0] if args else kwargs["hidden_states"]
+
+    if site == "resid_pre":
+        handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    else:
+        handle = module.register_forward_hook(hook)
     try:
         yield store
     finally:

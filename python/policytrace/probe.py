@@ -101,6 +101,7 @@ class ProbeRunner:
         batch_size: int = 16,
         device: str = "cpu",
         share_prefix: bool = True,
+        site: str = "resid_post",
     ) -> None:
         import torch
 
@@ -108,6 +109,7 @@ class ProbeRunner:
             raise ConfigError(f"probe.pooling must be one of {POOLINGS}, got '{pooling}'")
         self.model, self.tokenizer, self.layer = model, tokenizer, layer
         self.targets, self.pooling, self.batch_size, self.device = targets, pooling, batch_size, device
+        self.site = site
         # Chat templates put the same system prompt before every probe: run that prefix once
         # per pass and reuse its KV cache (only for pooling at a single position after it).
         self.share_prefix = share_prefix and pooling in ("last", "eot")
@@ -202,7 +204,7 @@ class ProbeRunner:
         if prefix_cache is not None:
             cache = copy.deepcopy(prefix_cache)
             cache.batch_repeat_interleave(B)
-        with capture_block_output(self.model, self.layer) as store:
+        with capture_block_output(self.model, self.layer, self.site) as store:
             out = self._call(params, self._decoder_fn, ids, mask, pos, cache)
         hidden_block = store["h"]
         # Pooled residual.

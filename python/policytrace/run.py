@@ -115,7 +115,8 @@ class Run:
             sae = load_sae(s["path"] or None, s["release"] or None, s["id"] or None, m["device"])
         else:
             tc = TrainConfig(d_sae=s["train_d_sae"], k=s["train_k"], steps=s["train_steps"], seed=s["train_seed"])
-            folder, quality = default_sae(lm, layer, ds.pairs["prompt"].to_list() + probes["prompt"].to_list(), cfgmod.cache_dir(cfg), tc, self.log)
+            folder, quality = default_sae(lm, layer, ds.pairs["prompt"].to_list() + probes["prompt"].to_list(),
+                                          cfgmod.cache_dir(cfg), tc, self.log, site=s["site"])
             sae = load_sae(str(folder), device=m["device"])
         reader = SaeReader(sae, m["device"])
         if reader.d_in != lm.model.config.hidden_size:
@@ -126,7 +127,7 @@ class Run:
         targets = TargetSet.from_strings(lm.tokenizer, cfg["behaviour"]["targets"], cfg["behaviour"]["anti_targets"])
         p = cfg["probe"]
         runner = ProbeRunner(lm.model, lm.tokenizer, layer, targets, p["pooling"], p["eot_token"] or None,
-                             p["batch_size"], m["device"], p["share_prefix"])
+                             p["batch_size"], m["device"], p["share_prefix"], site=s["site"])
         probe_ids = encode_prompts(lm.tokenizer, probes["prompt"].to_list(), probes["id"].to_list(), p["max_length"])
 
         # --- base pass, features, policy (one stage, cached in the folder) ---------------

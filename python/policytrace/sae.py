@@ -104,7 +104,8 @@ def corpus_texts(prompts: Sequence[str], n_doc: int = 400) -> tuple[list[str], l
     return list(prompts), docs
 
 
-def collect_activations(lm, layer: int, chats: Sequence[str], docs: Sequence[str], max_tokens: int, batch_size: int = 8) -> np.ndarray:
+def collect_activations(lm, layer: int, chats: Sequence[str], docs: Sequence[str], max_tokens: int, batch_size: int = 8,
+                        site: str = "resid_post") -> np.ndarray:
     """Residual-stream vectors after block ``layer`` at every token of the corpus."""
     import torch
 
@@ -122,7 +123,7 @@ def collect_activations(lm, layer: int, chats: Sequence[str], docs: Sequence[str
             for r, s in enumerate(batch):
                 ids[r, : len(s)] = torch.tensor(s)
                 mask[r, : len(s)] = 1
-            h = _block_output_only(model, layer, ids, mask)
+            h = _block_output_only(model, layer, ids, mask, site)
             h = h[mask.bool()].float().cpu().numpy()
             out.append(h)
             total += len(h)
@@ -135,23 +136,22 @@ class _Stop(Exception):
     pass
 
 
-def _block_output_only(model, layer: int, ids, mask):
-    """Run the decoder only up to block ``layer`` (the blocks above cannot change it)."""
-    from .model import decoder_layers
+def _block_output_only(model, layer: int, ids, mask, site: str = "resid_post"):
+    """Run the decoder only until the activation at (``layer``, ``site``) is read (the blocks
+    above cannot change it)."""
+    from .model import capture_block_output, decoder_layers
 
-    store = {}
-
-    def hook(_m, _i, out):
-        store["h"] = out[0] if isinstance(out, tuple) else out
+    def stop(*_args, **_kwargs):
         raise _Stop
 
-    handle = decoder_layers(model)[layer].register_forward_hook(hook)
-    try:
-        model.get_decoder()(input_ids=ids, attention_mask=mask)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
+    with capture_block_output(model, layer, site) as store:
+        handle = decoder_layers(model)[layer].register_forward_hook(stop)
+        try:
+            model.get_decoder()(input_ids=ids, attention_mask=mask)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
     return store["h"]
 
 
@@ -251,11 +251,12 @@ def spliced_loss_delta(lm, sae: Any, layer: int, texts: Sequence[str]) -> dict:
     return {"ce_clean": clean / count, "ce_spliced": spliced / count, "ce_delta": (spliced - clean) / count}
 
 
-def default_sae(lm, layer: int, prompts: Sequence[str], cache_dir: Path, cfg: TrainConfig, log=print) -> tuple[Path, dict]:
+def default_sae(lm, layer: int, prompts: Sequence[str], cache_dir: Path, cfg: TrainConfig, log=print,
+                site: str = "resid_post") -> tuple[Path, dict]:
     """The cached default SAE folder (trained on first use) and its quality report."""
     chats, docs = corpus_texts(prompts)
     digest = hashlib.sha256(json.dumps([chats, docs]).encode()).hexdigest()[:16]
-    key = _key(lm.name, layer, digest, cfg)
+    key = _key(lm.name, layer if site == "resid_post" else f"{layer}.{site}", digest, cfg)
     folder = Path(cache_dir) / f"sae-{key}"
     report_path = folder / "quality.json"
     if report_path.exists():
@@ -264,8 +265,8 @@ def default_sae(lm, layer: int, prompts: Sequence[str], cache_dir: Path, cfg: Tr
     import torch
 
     torch.manual_seed(cfg.seed)
-    acts = collect_activations(lm, layer, chats, docs, cfg.max_tokens)
-    hook = f"model.layers.{layer}"
+    acts = collect_activations(lm, layer, chats, docs, cfg.max_tokens, site=site)
+    hook = f"model.layers.{layer}" + {"resid_post": "", "resid_pre": ".input", "attn_out": ".self_attn", "mlp_out": ".mlp"}[site]
     sae = train_topk_sae(acts, cfg, lm.name, hook)
     quality = sae_quality(sae, acts) | spliced_loss_delta(lm, sae, layer, docs[:24]) | {"config": asdict(cfg), "hook": hook}
     folder.parent.mkdir(parents=True, exist_ok=True)
