@@ -630,7 +630,7 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 def summarize(doc: dict) -> dict:
     """Derived numbers: pairs/s, speed-ups, fractions of peak."""
-    cases, cfg = doc["cases"], doc["config"]
+    cases = doc["cases"]
     peak = cases.get("peak-matmul", {}).get("gflops")
     summary: dict = {"peak_gflops": peak, "decomposition": {}, "fit": {}}
     for method in ("exact", "first_order"):

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-import polars as pl
-import pytest
 import scipy.sparse as sp
-from hypothesis import assume, given
+from hypothesis import given
 from hypothesis import strategies as st
 
 import policytrace as pt

@@ -824,5 +824,5 @@ def test_lora_update(model, tok, tset):
     assert changed and all("lora_B" in n for n in changed)  # one SGD step from B = 0 moves only B
     H2, y2 = runner.run(ids, params=params)
     assert np.abs(y2 - y0).max() > 0
-    with pytest.raises(Exception):
+    with pytest.raises(ConfigError, match="lora_targets"):
         eng.UpdateEngine(copy.deepcopy(model), tok, eng.UpdateConfig(lora_rank=2, lora_targets=("nope",)))

@@ -128,7 +128,6 @@ class Policy:
                 }
                 Path(tmp).write_text(json.dumps(doc, indent=1))
             else:
-                import pyarrow as pa
                 import pyarrow.parquet as pq
 
                 table = self.to_frame().drop("rank", "coef_raw").to_arrow()

@@ -133,6 +133,9 @@ def write_report(run_dir: str | Path) -> Path:
     piv = {(a, b): c for a, b, c in sub.select("pair_id", "feature_id", "alignment").iter_rows()}
     mat = np.array([[piv.get((p, f), 0.0) for f in topf] for p in order["pair_id"].to_list()])
     heat = _heatmap(mat, [f"{g} · {p}" for g, p in zip(order["group"], order["pair_id"])], [str(f) for f in topf])
+    by_cat = probes.group_by("category", "harmful").agg(
+        pl.len().alias("probes"), pl.col("y").mean().alias("mean_y"), pl.col("y_pred").mean().alias("mean_y_pred"),
+    ).sort("category", "harmful")
     agg = pairs.group_by("group", "label").agg(
         pl.len().alias("pairs"), pl.col("score").mean().alias("mean_score"), pl.col("dy_mean").mean().alias("mean_dy"),
         pl.col("interference").mean().alias("interference_rate"),
@@ -159,6 +162,8 @@ see Δy). The ΔX pathway is the part due to changed feature activations, ΔY th
 <p class=muted>Top {pol.height} features by |coef| (standardized units); red raises the refusal score. Label: the feature's group (probe category where it is most active) and its top-activating probe.</p>
 {bars}
 <h2>Fidelity</h2>
+<p class=muted>Behaviour score by probe category (y = log-probability of a refusal opening; y_pred = the policy's fit).</p>
+{_table(by_cat)}
 <div class=grid><table>{fid_rows}</table><table><tr><th>probe category</th><th>held-out R²</th></tr>{fid_cats}</table></div>
 <p class=muted>{fid.get('folds', '?')}-fold cross-validation with the policy's λ. r2_heldout against r2_mean_baseline (predicting the training mean);
 auc_heldout_harmful: does the held-out prediction rank harmful probes above harmless ones (0.5 = chance), beside the same for the measured score;
