@@ -54,23 +54,10 @@ def tiny_causal_lm(arch: str, vocab_size: int, seed: int = 0, layers: int = 2):
 
 
 def write_tiny_model(folder: Path, seed: int = 0, layers: int = 2) -> Path:
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate(SPECIAL)}
-    for w in WORDS + list("abcdefghijklmnopqrstuvwxyz?.,!'"):
-        vocab.setdefault(w, len(vocab))
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
-    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    tok.chat_template = CHAT_TEMPLATE
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True, pad_token_id=0, eos_token_id=4, bos_token_id=None)
-    model = LlamaForCausalLM(cfg)
+    """A tiny Llama chat model and its tokenizer saved as a local model folder."""
+    tok = tiny_tokenizer()
+    model = tiny_causal_lm("llama", len(tok), seed=seed, layers=layers)
+    model.config.eos_token_id = tok.eos_token_id
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)

@@ -282,26 +282,30 @@ class Attributor:
         dominates, and whether it is intended for that pair group."""
         if self.feature_group_labels is None:
             raise InvalidValueError("pass `feature_groups` to the Attributor for interference")
-        pairs = self.pairs().select("pair_id", "group", "dominant_feature")
         fg = pl.DataFrame(
             {"feature_id": self.policy.feature_ids, "feature_group": self.feature_group_labels},
             strict=False,
         )
-        return (
-            self.pair_features()
-            .join(pairs, on="pair_id")
-            .filter(pl.col("group").is_not_null())
-            .join(fg, on="feature_id")
-            .group_by("group", "feature_id", "feature_group")
-            .agg(
-                pl.len().alias("n_pairs"),
-                pl.col("d_coef").mean().alias("mean_d_coef"),
-                pl.col("d_coef").abs().mean().alias("mean_abs_d_coef"),
-                (pl.col("dominant_feature") == pl.col("feature_id")).sum().alias("n_dominant"),
-            )
-            .with_columns((pl.col("group") == pl.col("feature_group")).alias("intended"))
-            .sort("group", "mean_abs_d_coef", descending=[False, True])
+        return summarize_interference(self.pair_features(), self.pairs(), fg)
+
+
+def summarize_interference(pair_features: pl.DataFrame, pairs: pl.DataFrame, feature_groups: pl.DataFrame) -> pl.DataFrame:
+    """Pair group x feature aggregate from a (pair, feature) frame, the pair summaries (with
+    ``group`` and ``dominant_feature``) and a ``feature_id`` -> ``feature_group`` frame."""
+    return (
+        pair_features.join(pairs.select("pair_id", "group", "dominant_feature"), on="pair_id")
+        .filter(pl.col("group").is_not_null())
+        .join(feature_groups.select("feature_id", "feature_group"), on="feature_id")
+        .group_by("group", "feature_id", "feature_group")
+        .agg(
+            pl.len().alias("n_pairs"),
+            pl.col("d_coef").mean().alias("mean_d_coef"),
+            pl.col("d_coef").abs().mean().alias("mean_abs_d_coef"),
+            (pl.col("dominant_feature") == pl.col("feature_id")).sum().alias("n_dominant"),
         )
+        .with_columns((pl.col("group") == pl.col("feature_group")).alias("intended"))
+        .sort("group", "mean_abs_d_coef", descending=[False, True])
+    )
 
 
 def _is_core(obj: Any) -> bool:

@@ -21,7 +21,7 @@ import scipy.sparse as sp
 
 from . import config as cfgmod
 from .data import load_dataset
-from .decomposition import Attributor
+from .decomposition import Attributor, summarize_interference
 from .errors import ConfigError, InvalidValueError
 from .features import select_features
 from .policy import fit_policy
@@ -234,29 +234,13 @@ class Run:
         pr = pl.concat([pl.read_parquet(self.dir / f"shards/pairs-{i:05d}.parquet") for i in range(n_shards)])
         self._write_parquet(pf, "pair_features.parquet")
         self._write_parquet(pr, "pairs.parquet")
-        self._write_parquet(_interference_summary(pf, pr, features), "interference.parquet")
+        fg = features.select("feature_id", pl.col("group").alias("feature_group"))
+        self._write_parquet(summarize_interference(pf, pr, fg), "interference.parquet")
         manifest["status"] = "complete"
         manifest["stages"]["pairs"] = {"n_pairs": pairs.height, "shards": n_shards}
         self._save_manifest(manifest)
         self.log(f"done in {time.time() - t0:.0f} s: {self.dir}")
         return manifest
-
-
-def _interference_summary(pf: pl.DataFrame, pr: pl.DataFrame, features: pl.DataFrame) -> pl.DataFrame:
-    fg = features.select("feature_id", pl.col("group").alias("feature_group"))
-    return (
-        pf.join(pr.select("pair_id", "group", "dominant_feature"), on="pair_id")
-        .join(fg, on="feature_id")
-        .group_by("group", "feature_id", "feature_group")
-        .agg(
-            pl.len().alias("n_pairs"),
-            pl.col("d_coef").mean().alias("mean_d_coef"),
-            pl.col("d_coef").abs().mean().alias("mean_abs_d_coef"),
-            (pl.col("dominant_feature") == pl.col("feature_id")).sum().alias("n_dominant"),
-        )
-        .with_columns((pl.col("group") == pl.col("feature_group")).alias("intended"))
-        .sort("group", "mean_abs_d_coef", descending=[False, True])
-    )
 
 
 def _progress(total: int, initial: int, enabled: bool):

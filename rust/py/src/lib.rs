@@ -4,9 +4,7 @@
 //! The Python package normalizes inputs (dtype, layout, sparse format) before calling here;
 //! these functions still check everything, so direct calls get typed errors too.
 
-use numpy::{
-    PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods,
-};
+use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadonlyArray2, PyUntypedArrayMethods};
 use policytrace_core as core;
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
@@ -36,17 +34,19 @@ fn map_err(py: Python<'_>, e: core::CoreError) -> PyErr {
     raise(py, class, e.to_string())
 }
 
-/// A float64 C-contiguous 1-D array, or a typed error naming `field`.
-fn vec_arg<'py>(
+/// A C-contiguous numpy array of element `T` and dimension `D`, or a typed error naming `field`
+/// (`what` describes the expected array in the message).
+fn array_arg<'py, T: numpy::Element, D: numpy::ndarray::Dimension>(
     py: Python<'py>,
     field: &str,
     obj: &Bound<'py, PyAny>,
-) -> PyResult<PyReadonlyArray1<'py, f64>> {
-    let arr = obj.cast::<PyArray1<f64>>().map_err(|_| {
+    what: &str,
+) -> PyResult<numpy::PyReadonlyArray<'py, T, D>> {
+    let arr = obj.cast::<numpy::PyArray<T, D>>().map_err(|_| {
         raise(
             py,
             "DTypeError",
-            format!("`{field}` must be a 1-D float64 numpy array"),
+            format!("`{field}` must be a {what} numpy array"),
         )
     })?;
     let ro = arr.readonly();
@@ -58,6 +58,14 @@ fn vec_arg<'py>(
         ));
     }
     Ok(ro)
+}
+
+fn vec_arg<'py>(
+    py: Python<'py>,
+    field: &str,
+    obj: &Bound<'py, PyAny>,
+) -> PyResult<PyReadonlyArray1<'py, f64>> {
+    array_arg(py, field, obj, "1-D float64")
 }
 
 fn mat_arg<'py>(
@@ -65,22 +73,7 @@ fn mat_arg<'py>(
     field: &str,
     obj: &Bound<'py, PyAny>,
 ) -> PyResult<PyReadonlyArray2<'py, f64>> {
-    let arr = obj.cast::<PyArray2<f64>>().map_err(|_| {
-        raise(
-            py,
-            "DTypeError",
-            format!("`{field}` must be a 2-D float64 numpy array"),
-        )
-    })?;
-    let ro = arr.readonly();
-    if !ro.is_c_contiguous() {
-        return Err(raise(
-            py,
-            "LayoutError",
-            format!("`{field}` must be C-contiguous (row-major)"),
-        ));
-    }
-    Ok(ro)
+    array_arg(py, field, obj, "2-D float64 (row-major)")
 }
 
 fn idx_arg<'py>(
@@ -88,22 +81,7 @@ fn idx_arg<'py>(
     field: &str,
     obj: &Bound<'py, PyAny>,
 ) -> PyResult<PyReadonlyArray1<'py, i64>> {
-    let arr = obj.cast::<PyArray1<i64>>().map_err(|_| {
-        raise(
-            py,
-            "DTypeError",
-            format!("`{field}` must be a 1-D int64 numpy array"),
-        )
-    })?;
-    let ro = arr.readonly();
-    if !ro.is_c_contiguous() {
-        return Err(raise(
-            py,
-            "LayoutError",
-            format!("`{field}` must be C-contiguous"),
-        ));
-    }
-    Ok(ro)
+    array_arg(py, field, obj, "1-D int64")
 }
 
 /// The two input layouts, borrowed from Python: a dense 2-D array or a CSR tuple
