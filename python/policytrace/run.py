@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
@@ -82,20 +83,15 @@ class Run:
         frame.write_parquet(buf, statistics=False)
         cfgmod.write_atomic(self.dir / name, buf.getvalue())
 
-    # --- the job ------------------------------------------------------------------------
-    def execute(self) -> dict:
+    def setup(self) -> SimpleNamespace:
+        """Everything before the pairs: data, model, SAE, base probe pass (cached in the folder as
+        ``base.npz``), features and policy. Deterministic for a config, so ``validate`` can
+        rebuild the same state from a finished folder."""
         import torch
 
         cfg = self.cfg
         self.dir.mkdir(parents=True, exist_ok=True)
-        manifest = self._manifest()
-        if manifest["status"] == "complete":
-            self.log(f"{self.dir} is complete; nothing to do")
-            return manifest
-        cfgmod.write_atomic(self.dir / "config.toml", cfgmod.to_toml(cfg))
-        self._save_manifest(manifest)
         torch.manual_seed(cfg["run"]["seed"])
-        t0 = time.time()
 
         ds = load_dataset(cfg["data"]["probes"] or None, cfg["data"]["pairs"] or None)
         probes = ds.probes
@@ -181,14 +177,6 @@ class Run:
 
         fid = policy_fidelity(X, y0, harmful.astype(bool) if probes["harmful"].null_count() == 0 else None, cats,
                               policy.lam, pol_cfg["intercept"], pol_cfg["standardize"], seed=cfg["run"]["seed"])
-        self._write_parquet(policy.to_frame(), "policy.parquet")
-        self._write_parquet(features, "features.parquet")
-        self._write_parquet(probes.with_columns(pl.Series("y", y0), pl.Series("y_pred", pred)), "probes.parquet")
-        manifest["stages"]["base"] = {"n_probes": probes.height, "n_features": int(len(cols)), "lam": policy.lam,
-                                      "sae_quality": quality, "fidelity": fid}
-        self._save_manifest(manifest)
-
-        # --- pairs, in shards ---------------------------------------------------------------
         from .engine import UpdateConfig, UpdateEngine
 
         u = cfg["update"]
@@ -197,10 +185,46 @@ class Run:
                             lora_rank=u["lora_rank"], lora_alpha=u["lora_alpha"], lora_targets=tuple(u["lora_targets"]),
                             lora_seed=cfg["run"]["seed"])
         engine = UpdateEngine(lm.model, lm.tokenizer, ucfg, m["device"])
+        return SimpleNamespace(
+            cfg=cfg, probes=probes, pairs=pairs, all_pairs=ds.pairs, lm=lm, reader=reader, runner=runner,
+            probe_ids=probe_ids, H0=H0, y0=y0, cols=cols, gated=gated, pre0=pre0, X=X, cats=cats, fgroup=fgroup,
+            features=features, policy=policy, pred=pred, fid=fid, quality=quality, engine=engine,
+            w_enc=reader.w_enc(cols) if gated else None, gate=(pre0 > 0) if gated else None,
+        )
+
+    def delta(self, ctx: SimpleNamespace, params: dict) -> tuple[np.ndarray, np.ndarray]:
+        """ΔX (selected features) and Δy of the probe set under updated weights."""
+        H1, y1 = ctx.runner.run(ctx.probe_ids, params=params, probe_ids=ctx.probes["id"].to_list())
+        if ctx.gated:
+            dX = ctx.gate * ((H1.astype(np.float64) - ctx.H0.astype(np.float64)) @ ctx.w_enc)
+        else:
+            dX = ctx.reader.encode(H1)[:, ctx.cols].astype(np.float64) - ctx.X
+        return dX, y1 - ctx.y0
+
+    # --- the job ------------------------------------------------------------------------
+    def execute(self) -> dict:
+        cfg = self.cfg
+        self.dir.mkdir(parents=True, exist_ok=True)
+        manifest = self._manifest()
+        if manifest["status"] == "complete":
+            self.log(f"{self.dir} is complete; nothing to do")
+            return manifest
+        cfgmod.write_atomic(self.dir / "config.toml", cfgmod.to_toml(cfg))
+        self._save_manifest(manifest)
+        t0 = time.time()
+        ctx = self.setup()
+        probes, pairs, policy, X, y0 = ctx.probes, ctx.pairs, ctx.policy, ctx.X, ctx.y0
+        cols, cats, fgroup, features, engine = ctx.cols, ctx.cats, ctx.fgroup, ctx.features, ctx.engine
+        self._write_parquet(policy.to_frame(), "policy.parquet")
+        policy.save(self.dir / "policy.json")
+        self._write_parquet(features, "features.parquet")
+        self._write_parquet(probes.with_columns(pl.Series("y", y0), pl.Series("y_pred", ctx.pred)), "probes.parquet")
+        manifest["stages"]["base"] = {"n_probes": probes.height, "n_features": int(len(cols)), "lam": policy.lam,
+                                      "sae_quality": ctx.quality, "fidelity": ctx.fid}
+        self._save_manifest(manifest)
+
         att = Attributor(policy, X, y0, method=cfg["decompose"]["method"], probe_groups=cats.tolist(),
                          feature_groups=fgroup, threads=cfg["run"]["threads"], keep=False)
-        w_enc = reader.w_enc(cols) if gated else None
-        gate = (pre0 > 0) if gated else None
         batch = cfg["run"]["pair_batch"]
         n_shards = (pairs.height + batch - 1) // batch
         todo = [i for i in range(n_shards) if str(i) not in manifest["shards"]]
@@ -210,15 +234,9 @@ class Run:
             rows = pairs[shard * batch : (shard + 1) * batch]
             dXs, dys = [], []
             for r in rows.iter_rows(named=True):
-                params = engine.update(r["prompt"], r["response"], r["id"])
-                H1, y1 = runner.run(probe_ids, params=params, probe_ids=probes["id"].to_list())
-                del params
-                if gated:
-                    dX = gate * ((H1.astype(np.float64) - H0.astype(np.float64)) @ w_enc)
-                else:
-                    dX = reader.encode(H1)[:, cols].astype(np.float64) - X
+                dX, dy = self.delta(ctx, engine.update(r["prompt"], r["response"], r["id"]))
                 dXs.append(sp.csr_matrix(dX))
-                dys.append(y1 - y0)
+                dys.append(dy)
                 bar.update(1)
             frame = att.add(dXs, np.stack(dys), pair_ids=rows["id"].to_list(), pair_groups=rows["category"].to_list())
             att_pairs = att.last_pairs
