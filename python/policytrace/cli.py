@@ -1,4 +1,4 @@
-"""Command line: ``policytrace run CONFIG.toml``, ``policytrace demo``, ``policytrace report RUN_DIR``."""
+"""Command line: ``policytrace run CONFIG.toml``, ``demo``, ``report RUN_DIR``, ``validate RUN_DIR``."""
 
 from __future__ import annotations
 
@@ -23,12 +23,25 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--quiet", action="store_true")
     rep = sub.add_parser("report", help="write RUN_DIR/report.html")
     rep.add_argument("run_dir")
+    val = sub.add_parser("validate", help="LDS of a finished run's attributions against real subset retraining")
+    val.add_argument("run_dir")
+    val.add_argument("--subsets", type=int, default=20, help="random subsets to retrain on (default 20)")
+    val.add_argument("--alpha", type=float, default=0.5, help="fraction of the pairs in each subset (default 0.5)")
+    val.add_argument("--seed", type=int, default=0)
+    val.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     try:
         from . import config as cfgmod
         from .report import write_report
         from .run import Run
 
+        if args.cmd == "validate":
+            from .validate import validate
+
+            frame = validate(args.run_dir, args.subsets, args.alpha, args.seed, progress=not args.quiet)
+            print(frame)
+            print(f"written: {Path(args.run_dir) / 'validation.parquet'}")
+            return 0
         if args.cmd == "report":
             path = write_report(args.run_dir)
             print(f"report: {path}")

@@ -136,13 +136,17 @@ class UpdateEngine:
         logits = torch.func.functional_call(self._swap, params, (self._forward, ids, start))
         return torch.nn.functional.cross_entropy(_upcast(logits), targets)
 
-    def update(self, prompt: str, response: str, pair_id: str = "?") -> dict:
-        """Weights after the update, as a name → tensor dict (base tensors where untouched)."""
+    def update(self, prompt: str, response: str, pair_id: str = "?", from_params: dict | None = None) -> dict:
+        """Weights after the update, as a name → tensor dict (base tensors where untouched).
+
+        ``from_params`` (weights returned by an earlier call) continues from there instead of θ0:
+        fine-tuning on a sequence of pairs, as the validation's subset retraining does."""
         torch = self._torch
         full, start = pair_tokens(self.tokenizer, prompt, response, pair_id, self.cfg.max_length)
         ids = torch.tensor([full], device=self.device)
         targets = ids[0, start:]
-        train = {n: self.base[n] for n in self.trainable}
+        origin = self.base if from_params is None else from_params
+        train = {n: origin[n] for n in self.trainable}
         grad_fn = torch.func.grad(self._loss)
         if self.cfg.optimizer == "adam":
             m = {n: torch.zeros_like(p) for n, p in train.items()}
@@ -162,4 +166,4 @@ class UpdateEngine:
                     new[n] = p - self.cfg.lr * mhat / (vhat.sqrt() + self.cfg.adam_eps)
                 train = new
             del g
-        return {**self.base, **train}
+        return {**origin, **train}

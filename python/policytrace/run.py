@@ -238,6 +238,11 @@ class Run:
                 dXs.append(sp.csr_matrix(dX))
                 dys.append(dy)
                 bar.update(1)
+            import io
+
+            buf = io.BytesIO()
+            np.savez(buf, dX=np.stack([d.toarray() for d in dXs]), dy=np.stack(dys), ids=np.array(rows["id"].to_list()))
+            cfgmod.write_atomic(self.dir / f"shards/deltas-{shard:05d}.npz", buf.getvalue())
             frame = att.add(dXs, np.stack(dys), pair_ids=rows["id"].to_list(), pair_groups=rows["category"].to_list())
             att_pairs = att.last_pairs
             self._write_parquet(frame, f"shards/pair_features-{shard:05d}.parquet")

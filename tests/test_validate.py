@@ -1,0 +1,110 @@
+"""Validation metrics on hand-computed cases, and subset retraining on a tiny run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+
+from policytrace.errors import InvalidValueError
+from policytrace.validate import lds, precision_at_k, spearman, subset_masks, top_k_overlap
+
+
+def test_spearman_hand_computed():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # ranks (1,2,3) vs (1,3,2): 1 - 6*2/(3*8) = 0.5
+    assert spearman([1, 2, 3], [1, 3, 2]) == pytest.approx(0.5)
+    # ties get average ranks: x ranks (1.5,1.5,3), y ranks (1,2,3): corr = 0.8660...
+    assert spearman([5, 5, 7], [1, 2, 3]) == pytest.approx(np.sqrt(3) / 2)
+    assert np.isnan(spearman([1, 1, 1], [1, 2, 3]))
+    with pytest.raises(InvalidValueError):
+        spearman([1, 2], [1])
+
+
+def test_lds_hand_computed():
+    scores = np.array([1.0, 2.0, 3.0])
+    masks = np.array([[1, 0, 0], [0, 1, 1], [1, 1, 0], [0, 0, 1]], dtype=bool)
+    # predicted sums: 1, 5, 3, 3 -> measured in the same order (ties at 3)
+    measured = np.array([0.1, 0.9, 0.5, 0.4])
+    out = lds(scores, masks, measured, n_boot=200, seed=0)
+    assert out["lds"] == pytest.approx(spearman([1, 5, 3, 3], measured))
+    assert out["ci_low"] <= out["lds"] + 1e-12 and out["ci_high"] >= out["lds"] - 1.0
+    perfect = lds(scores, masks[:2], np.array([1.0, 5.0]), n_boot=10)
+    assert perfect["lds"] == pytest.approx(1.0)
+    with pytest.raises(InvalidValueError):
+        lds(scores, masks[:, :2], measured)
+
+
+def test_precision_topk_and_masks():
+    assert precision_at_k([0.9, 0.1, 0.8, 0.2], [True, False, False, True], 2) == 0.5
+    with pytest.raises(InvalidValueError):
+        precision_at_k([1.0], [True], 2)
+    assert top_k_overlap([3, 2, 1, 0], [3, 1, 2, 0], 2) == 0.5
+    m = subset_masks(10, 5, 0.5, seed=3)
+    assert m.shape == (5, 10) and (m.sum(1) == 5).all()
+    np.testing.assert_array_equal(m, subset_masks(10, 5, 0.5, seed=3))
+    with pytest.raises(InvalidValueError):
+        subset_masks(10, 5, 1.0, 0)
+
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("sae_lens")
+
+
+def test_one_pair_subset_equals_engine_single_pair_path(tmp_path):
+    from policytrace import engine as eng
+
+    from _tiny import tiny_causal_lm, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_causal_lm("llama", len(tok)).double()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    e = eng.UpdateEngine(model, tok, eng.UpdateConfig(lr=1e-2))
+    single = e.update("tell me story", "sure here is the answer", "p")
+    chained = e.update("tell me story", "sure here is the answer", "p", from_params=None)
+    for n in single:
+        assert torch.equal(single[n], chained[n])
+    # Two pairs in sequence equal two manual SGD steps.
+    two = e.update("how do bake bread", "sure here is the answer", "q", from_params=single)
+    again = e.update("how do bake bread", "sure here is the answer", "q", from_params=e.update("tell me story", "sure here is the answer", "p"))
+    for n in two:
+        assert torch.equal(two[n], again[n])
+    changed = [n for n in two if not torch.equal(two[n], single[n])]
+    assert changed
+
+
+def test_validate_tiny_run(tmp_path):
+    from policytrace import config as cfgmod
+    from policytrace.cli import main
+    from policytrace.run import Run
+
+    from _tiny import tiny_config, write_tiny_data, write_tiny_model
+
+    model = write_tiny_model(tmp_path / "model")
+    probes, pairs = write_tiny_data(tmp_path)
+    cfg = cfgmod.resolve(tiny_config(model, probes, pairs, tmp_path / "cache", update={"lr": 1e-2}))
+    Run(cfg, tmp_path / "run", log=lambda m: None, progress=False).execute()
+    assert main(["validate", str(tmp_path / "run"), "--subsets", "6", "--quiet"]) == 0
+    frame = pl.read_parquet(tmp_path / "run" / "validation.parquet")
+    assert set(frame["method"]) == {"score_exact", "score_first_order", "dy_mean", "pred_dy_mean", "random"}
+    assert set(frame["target"]) == {"policy", "behaviour"}
+    assert frame.height == 10
+    doc = json.loads((tmp_path / "run" / "validation.json").read_text())
+    assert -1 <= doc["agreement"]["spearman_exact_first_order"] <= 1
+    cached = sorted((tmp_path / "run" / "validation").glob("subset-*.json"))
+    assert len(cached) == 6
+    # Resuming reuses the cached subsets and reproduces the same table.
+    before = frame
+    assert main(["validate", str(tmp_path / "run"), "--subsets", "6", "--quiet"]) == 0
+    assert pl.read_parquet(tmp_path / "run" / "validation.parquet").equals(before)
+
+
+def test_validate_refuses_unfinished(tmp_path):
+    from policytrace.validate import validate
+
+    with pytest.raises(InvalidValueError, match="not a finished run folder"):
+        validate(tmp_path)
