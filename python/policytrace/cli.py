@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     val.add_argument("--subsets", type=int, default=20, help="random subsets to retrain on (default 20)")
     val.add_argument("--alpha", type=float, default=0.5, help="fraction of the pairs in each subset (default 0.5)")
     val.add_argument("--seed", type=int, default=0)
+    val.add_argument("--no-baselines", action="store_true", help="skip the gradient baselines")
     val.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     try:
@@ -38,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "validate":
             from .validate import validate
 
-            frame = validate(args.run_dir, args.subsets, args.alpha, args.seed, progress=not args.quiet)
+            frame = validate(args.run_dir, args.subsets, args.alpha, args.seed, progress=not args.quiet,
+                             baselines=not args.no_baselines)
             print(frame)
             print(f"written: {Path(args.run_dir) / 'validation.parquet'}")
             return 0

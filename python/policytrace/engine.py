@@ -136,6 +136,14 @@ class UpdateEngine:
         logits = torch.func.functional_call(self._swap, params, (self._forward, ids, start))
         return torch.nn.functional.cross_entropy(_upcast(logits), targets)
 
+    def gradient(self, prompt: str, response: str, pair_id: str = "?") -> dict:
+        """∇θ of the pair's response-only loss at θ0, for the trainable parameters."""
+        torch = self._torch
+        full, start = pair_tokens(self.tokenizer, prompt, response, pair_id, self.cfg.max_length)
+        ids = torch.tensor([full], device=self.device)
+        train = {n: self.base[n] for n in self.trainable}
+        return torch.func.grad(self._loss)(train, ids, ids[0, start:], start)
+
     def update(self, prompt: str, response: str, pair_id: str = "?", from_params: dict | None = None) -> dict:
         """Weights after the update, as a name → tensor dict (base tensors where untouched).
 

@@ -157,9 +157,27 @@ class ProbeRunner:
             for start in range(0, n, self.batch_size):
                 idx = order[start : start + self.batch_size]
                 h, s = self._batch([prompt_ids[i] for i in idx], [pools[i] for i in idx], params, prefix, prefix_cache)
-                H[idx] = h
-                y[idx] = s
+                H[idx] = h.float().cpu().numpy()
+                y[idx] = s.cpu().numpy()
         return H, y
+
+    def run_differentiable(self, prompt_ids: Sequence[list[int]], params: dict):
+        """Pooled activations (n, d) and scores (n,) as torch tensors that carry gradients with
+        respect to ``params`` (for gradient-based attributions). No prefix sharing: a cached
+        prefix cannot be copied inside an autograd graph."""
+        torch = self._torch
+        n = len(prompt_ids)
+        pools = [self.pool_positions(ids) for ids in prompt_ids]
+        order = np.argsort([len(p) for p in prompt_ids], kind="stable")
+        parts_h, parts_y, positions = [], [], []
+        for start in range(0, n, self.batch_size):
+            idx = order[start : start + self.batch_size]
+            h, s = self._batch([prompt_ids[i] for i in idx], [pools[i] for i in idx], params)
+            parts_h.append(h)
+            parts_y.append(s)
+            positions.extend(idx.tolist())
+        inv = torch.as_tensor(np.argsort(positions, kind="stable"))
+        return torch.cat(parts_h)[inv], torch.cat(parts_y)[inv]
 
     @staticmethod
     def _common_prefix(prompt_ids, pools) -> list[int]:
@@ -222,7 +240,7 @@ class ProbeRunner:
         first = self._call(params, self._head_fn, last_hidden[:, -1])
         logp_first = torch.log_softmax(_upcast(first), dim=-1)
         scores = self._score(logp_first, cache, mask, pos, params)
-        return pooled.float().cpu().numpy(), scores
+        return pooled, scores
 
     def _decoder_fn(self, ids, mask, pos, cache=None):
         out = self._decoder(
@@ -237,7 +255,7 @@ class ProbeRunner:
         out = self._decoder(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=False)
         return out.last_hidden_state
 
-    def _score(self, logp_first, cache, mask, pos, params) -> np.ndarray:
+    def _score(self, logp_first, cache, mask, pos, params):
         torch = self._torch
         seqs = self.targets.all
         B = logp_first.shape[0]
@@ -279,7 +297,7 @@ class ProbeRunner:
         y = torch.logsumexp(seq_logp[:, :nt].double(), dim=1)
         if self.targets.anti_targets:
             y = y - torch.logsumexp(seq_logp[:, nt:].double(), dim=1)
-        return y.cpu().numpy()
+        return y
 
 
 def _upcast(t):

@@ -12,8 +12,11 @@ LDS is the Spearman correlation, over subsets, between a measured shift and the 
 subset's per-pair attributions; 95 % bootstrap intervals resample subsets. Also reported: the
 agreement of the exact and first-order per-pair scores (Spearman, top-k overlap).
 
-Subset results are cached one file per subset in ``RUN_DIR/validation/``, so an interrupted
-validation resumes. Not yet here (see README): top-k removal, planted pairs, gradient baselines.
+Methods compared: the run's SMDA pair score (exact and first order), the measured and the
+policy-predicted mean Δy of each pair alone, random scores, and the gradient baselines of
+:mod:`policytrace.baselines`. Subset results are cached one file per subset in
+``RUN_DIR/validation/``, so an interrupted validation resumes. Not yet here: top-k removal,
+planted pairs, probe-projection baselines.
 """
 
 from __future__ import annotations
@@ -103,7 +106,7 @@ def _load_deltas(run_dir: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
 
 
 def validate(run_dir: str | Path, subsets: int = 20, alpha: float = 0.5, seed: int = 0, progress: bool = True,
-             log=print) -> pl.DataFrame:
+             log=print, baselines: bool = True) -> pl.DataFrame:
     """LDS of the run's attributions against real subset retraining; writes ``validation.parquet``."""
     from .run import Run, _progress
 
@@ -130,6 +133,13 @@ def validate(run_dir: str | Path, subsets: int = 20, alpha: float = 0.5, seed: i
     scores["dy_mean"] = dy.mean(axis=1)
     scores["pred_dy_mean"] = np.array([((d / ctx.policy.scale) @ ctx.policy.coef).mean() for d in dX])
     scores["random"] = np.random.default_rng(seed + 1).normal(size=P)
+    if baselines:
+        from .baselines import gradient_baselines
+
+        log("gradient baselines (TrackStar-style cosine, Concept Influence)")
+        gb = gradient_baselines(ctx, cfg["update"]["lr"])
+        for col in ("grad_cosine", "concept_influence", "behaviour_first_order"):
+            scores[col] = gb[col].to_numpy()
     masks = subset_masks(P, subsets, alpha, seed)
     out_dir = run_dir / "validation"
     measured_policy, measured_behaviour, per_cat = np.zeros(subsets), np.zeros(subsets), []
