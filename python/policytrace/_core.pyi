@@ -9,7 +9,9 @@ import numpy.typing as npt
 
 _F64 = npt.NDArray[np.float64]
 _I64 = npt.NDArray[np.int64]
+_I32 = npt.NDArray[np.int32]
 _Csr = tuple[_I64, _I64, _F64, tuple[int, int]]
+_Csr32or64 = Union[_Csr, tuple[_I32, _I32, _F64, tuple[int, int]]]
 _Matrix = Union[_F64, _Csr]
 
 __version__: str
@@ -55,6 +57,7 @@ class Decomposer:
     @property
     def shape(self) -> tuple[int, int]: ...
     def run(
-        self, dx: _Csr, dy: _F64, method: str = "exact", threads: int | None = None
+        self, dx: _Csr32or64, dy: _F64, method: str = "exact", threads: int | None = None
     ) -> dict[str, object]:
-        """Keys: d_total, d_x, d_y (P, K), pred_dy (P,), n_fallback."""
+        """``dx``: pair-major stacked CSR (P*n, K) with int32 or int64 indices (used without
+        copying); ``dy``: (P, n). Keys: d_total, d_x, d_y (P, K), pred_dy (P,), n_fallback."""
