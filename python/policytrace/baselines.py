@@ -18,29 +18,41 @@ import numpy as np
 import polars as pl
 
 
-def probe_gradients(ctx: SimpleNamespace) -> tuple[dict, dict]:
-    """∇θ mean_j y_j and ∇θ of the policy readout, over the run's probes, at θ0."""
+def probe_gradients(ctx: SimpleNamespace, batch_size: int = 8) -> tuple[dict, dict]:
+    """∇θ mean_j y_j and ∇θ of the policy readout, over the run's probes, at θ0.
+
+    Both means are sums over probes, so the gradients are accumulated batch by batch: memory
+    stays that of one small batch's backward pass, whatever the number of probes."""
     import torch
 
     engine, runner, reader, policy = ctx.engine, ctx.runner, ctx.reader, ctx.policy
     names = engine.trainable
     cols = torch.as_tensor(np.array(ctx.cols))
-    w = torch.as_tensor(policy.coef / policy.scale)
-
-    def objectives(train):
-        params = {**engine.base, **train}
-        H, y = runner.run_differentiable(ctx.probe_ids, params)
+    w = torch.as_tensor(policy.coef / policy.scale, dtype=torch.float64)
+    n = len(ctx.probe_ids)
+    g_y = {k: torch.zeros_like(engine.base[k], dtype=torch.float64) for k in names}
+    g_f = {k: torch.zeros_like(engine.base[k], dtype=torch.float64) for k in names}
+    for start in range(0, n, batch_size):
+        leaves = {k: engine.base[k].detach().clone().requires_grad_(True) for k in names}
+        params = {**engine.base, **leaves}
+        H, y = runner.run_differentiable(ctx.probe_ids[start : start + batch_size], params)
+        sae = reader.sae
         if ctx.gated:
-            pre = reader.sae.process_sae_in(H.to(reader.sae.W_enc.dtype)) @ reader.sae.W_enc + reader.sae.b_enc
+            pre = sae.process_sae_in(H.to(sae.W_enc.dtype)) @ sae.W_enc + sae.b_enc
             x = torch.relu(pre[:, cols])
         else:
-            x = reader.sae.encode(H.to(reader.sae.W_enc.dtype))[:, cols]
-        readout = (x.double() @ w.to(torch.float64)).mean()
-        return y.double().mean(), readout
-
-    train = {n: engine.base[n] for n in names}
-    g_y = torch.func.grad(lambda t: objectives(t)[0])(train)
-    g_f = torch.func.grad(lambda t: objectives(t)[1])(train)
+            x = sae.encode(H.to(sae.W_enc.dtype))[:, cols]
+        y_sum = y.double().sum() / n
+        f_sum = (x.double() @ w).sum() / n
+        inputs = [leaves[k] for k in names]
+        gy = torch.autograd.grad(y_sum, inputs, retain_graph=True, allow_unused=True)
+        gf = torch.autograd.grad(f_sum, inputs, allow_unused=True)
+        for k, a, b in zip(names, gy, gf):
+            if a is not None:
+                g_y[k] += a.double()
+            if b is not None:
+                g_f[k] += b.double()
+        del H, y, x, leaves, params
     return g_y, g_f
 
 
