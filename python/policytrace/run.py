@@ -266,10 +266,10 @@ class Run:
         return manifest
 
 
-def _progress(total: int, initial: int, enabled: bool):
+def _progress(total: int, initial: int, enabled: bool, what: str = "pair"):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc="pairs", unit="pair", disable=not enabled)
+    return tqdm(total=total, initial=initial, desc=f"{what}s", unit=what, disable=not enabled)
 
 
 def run(config: dict | str | Path, run_dir: str | Path, progress: bool = True) -> dict:

@@ -143,7 +143,7 @@ def validate(run_dir: str | Path, subsets: int = 20, alpha: float = 0.5, seed: i
     masks = subset_masks(P, subsets, alpha, seed)
     out_dir = run_dir / "validation"
     measured_policy, measured_behaviour, per_cat = np.zeros(subsets), np.zeros(subsets), []
-    bar = _progress(total=subsets, initial=0, enabled=progress)
+    bar = _progress(total=subsets, initial=0, enabled=progress, what="subset")
     for i in range(subsets):
         cache = out_dir / f"subset-{alpha:g}-{seed}-{i:04d}.json"
         if cache.exists():
