@@ -88,16 +88,23 @@ def test_validate_tiny_run(tmp_path):
     probes, pairs = write_tiny_data(tmp_path)
     cfg = cfgmod.resolve(tiny_config(model, probes, pairs, tmp_path / "cache", update={"lr": 1e-2}))
     Run(cfg, tmp_path / "run", log=lambda m: None, progress=False).execute()
-    assert main(["validate", str(tmp_path / "run"), "--subsets", "6", "--quiet"]) == 0
+    assert main(["validate", str(tmp_path / "run"), "--subsets", "6", "--planted", "4", "--quiet"]) == 0
     frame = pl.read_parquet(tmp_path / "run" / "validation.parquet")
+    planted = pl.read_parquet(tmp_path / "run" / "planted.parquet")
+    assert planted.height == 16 and set(planted["kind"]) == {"planted_refusal", "planted_compliance"}
+    assert planted["n_planted"].to_list() == [2] * 16
+    assert planted["auc"].is_between(0, 1).all()
     assert set(frame["method"]) == {"score_exact", "score_first_order", "dy_mean", "pred_dy_mean", "random",
                                     "grad_cosine", "concept_influence", "behaviour_first_order"}
     assert set(frame["target"]) == {"policy", "behaviour"}
     assert frame.height == 16
     doc = json.loads((tmp_path / "run" / "validation.json").read_text())
     assert -1 <= doc["agreement"]["spearman_exact_first_order"] <= 1
-    cached = sorted((tmp_path / "run" / "validation").glob("subset-*.json"))
-    assert len(cached) == 6
+    cached = sorted((tmp_path / "run" / "validation").glob("retrain-*.json"))
+    assert len(cached) >= 6
+    rem = pl.read_parquet(tmp_path / "run" / "removal.parquet")
+    assert rem.height == 8 and set(rem["k"]) == {1}
+    assert {"behaviour_drop", "behaviour_drop_random", "policy_drop", "policy_drop_random", "removed"} <= set(rem.columns)
     # Resuming reuses the cached subsets and reproduces the same table.
     before = frame
     assert main(["validate", str(tmp_path / "run"), "--subsets", "6", "--quiet"]) == 0
@@ -153,3 +160,22 @@ def test_gradient_baselines_are_first_order_changes(tmp_path):
         g = ctx.engine.gradient(ctx.pairs["prompt"][0], ctx.pairs["response"][0])
         cos = -_dot(g, g_y) / np.sqrt(_dot(g, g) * _dot(g_y, g_y))
         np.testing.assert_allclose(gb["grad_cosine"][0], cos, rtol=1e-12)
+
+
+def test_plant_pairs_are_mislabeled_copies():
+    from policytrace.validate import plant_pairs
+
+    pairs = pl.DataFrame({
+        "id": ["a", "b", "c", "d"], "prompt": ["p1", "p2", "p3", "p4"], "response": ["no", "sure", "no", "yes"],
+        "category": ["x", "x", "y", "y"], "label": ["refusal", "compliance", "refusal", "compliance"],
+        "harmful": [True, False, True, False],
+    })
+    planted = plant_pairs(pairs, 4, seed=0)
+    assert planted.schema == pairs.schema
+    for r in planted.iter_rows(named=True):
+        if r["label"] == "planted_refusal":
+            assert not r["harmful"] and r["response"] in ("no",) and r["prompt"] in ("p2", "p4")
+        else:
+            assert r["harmful"] and r["response"] in ("sure", "yes") and r["prompt"] in ("p1", "p3")
+    with pytest.raises(InvalidValueError):
+        plant_pairs(pairs.with_columns(pl.lit(None, dtype=pl.Boolean).alias("harmful")), 2, 0)

@@ -60,12 +60,14 @@ def _dot(a: dict, b: dict) -> float:
     return float(sum((a[n].detach().double() * b[n].detach().double()).sum() for n in a))
 
 
-def gradient_baselines(ctx: SimpleNamespace, lr: float) -> pl.DataFrame:
-    """One row per pair of the run: grad_cosine, concept_influence, behaviour_first_order."""
-    g_y, g_f = probe_gradients(ctx)
+def gradient_baselines(ctx: SimpleNamespace, lr: float, pairs: pl.DataFrame | None = None,
+                       probe_grads: tuple[dict, dict] | None = None) -> pl.DataFrame:
+    """One row per pair (the run's, or ``pairs``): grad_cosine, concept_influence,
+    behaviour_first_order."""
+    g_y, g_f = probe_grads if probe_grads is not None else probe_gradients(ctx)
     ny = np.sqrt(_dot(g_y, g_y))
     rows = {"pair_id": [], "grad_cosine": [], "concept_influence": [], "behaviour_first_order": []}
-    for r in ctx.pairs.iter_rows(named=True):
+    for r in (ctx.pairs if pairs is None else pairs).iter_rows(named=True):
         g = ctx.engine.gradient(r["prompt"], r["response"], r["id"])
         ng = np.sqrt(_dot(g, g))
         gy = _dot(g, g_y)

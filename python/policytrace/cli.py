@@ -29,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     val.add_argument("--alpha", type=float, default=0.5, help="fraction of the pairs in each subset (default 0.5)")
     val.add_argument("--seed", type=int, default=0)
     val.add_argument("--no-baselines", action="store_true", help="skip the gradient baselines")
+    val.add_argument("--planted", type=int, default=0,
+                     help="add this many mislabeled pairs and report each method's detection AUC (default 0)")
+    val.add_argument("--removal-k", type=int, default=None,
+                     help="pairs removed in the top-k removal test (default: an eighth of the pairs; 0 = skip)")
     val.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     try:
@@ -40,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             from .validate import validate
 
             frame = validate(args.run_dir, args.subsets, args.alpha, args.seed, progress=not args.quiet,
-                             baselines=not args.no_baselines)
+                             baselines=not args.no_baselines, removal_k=args.removal_k, planted=args.planted)
             print(frame)
             print(f"written: {Path(args.run_dir) / 'validation.parquet'}")
             return 0

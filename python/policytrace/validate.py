@@ -14,9 +14,10 @@ agreement of the exact and first-order per-pair scores (Spearman, top-k overlap)
 
 Methods compared: the run's SMDA pair score (exact and first order), the measured and the
 policy-predicted mean Δy of each pair alone, random scores, and the gradient baselines of
-:mod:`policytrace.baselines`. Subset results are cached one file per subset in
+:mod:`policytrace.baselines`. Every retraining is cached under its set of pairs in
 ``RUN_DIR/validation/``, so an interrupted validation resumes. Not yet here: top-k removal,
-planted pairs, probe-projection baselines.
+probe-projection baselines. Top-k removal (``removal.parquet``): retrain without each method's
+top-k pairs and without category-matched random pairs, and compare the drops in the shifts.
 """
 
 from __future__ import annotations
@@ -105,8 +106,153 @@ def _load_deltas(run_dir: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     return ids, np.concatenate(dX), np.concatenate(dy)
 
 
+def _retrain(run, ctx, members: np.ndarray, seed: int, out_dir: Path, threads: int) -> dict:
+    """Fine-tune from the base weights on the pairs ``members`` (one update each, in a seeded
+    order), re-run the probe pass, and measure the policy and behaviour shifts. Cached in
+    ``out_dir`` under a hash of the member set and seed, so reruns and resumes reuse it."""
+    import hashlib
+
+    ids = sorted(ctx.pairs["id"][int(j)] for j in members)
+    key = hashlib.sha256(json.dumps([ids, seed]).encode()).hexdigest()[:20]
+    cache = out_dir / f"retrain-{key}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    order = np.random.default_rng([seed, len(members)]).permutation(np.asarray(members))
+    params = None
+    for j in order:
+        r = ctx.pairs.row(int(j), named=True)
+        params = ctx.engine.update(r["prompt"], r["response"], r["id"], from_params=params)
+    if params is None:
+        params = ctx.engine.base
+    sdX, sdy = run.delta(ctx, params)
+    att = Attributor(ctx.policy, ctx.X, ctx.y0, method="exact", threads=threads, keep=False)
+    att.add(sdX, sdy[None, :], pair_ids=["retrained"])
+    cats = {c: float(sdy[ctx.cats == c].mean()) for c in sorted(set(ctx.cats.tolist()))}
+    rec = {"members": ids, "policy_shift": float(att.last_pairs["score"][0]),
+           "behaviour_shift": float(sdy.mean()), "behaviour_by_category": cats}
+    cfgmod.write_atomic(cache, json.dumps(rec))
+    return rec
+
+
+def removal_test(run, ctx, scores: dict, k: int, seed: int, out_dir: Path, threads: int, n_random: int = 3,
+                 progress: bool = True) -> pl.DataFrame:
+    """Fine-tune on all pairs, then without each method's top-k pairs, and without k random
+    pairs matched to those top-k by category (``n_random`` draws). A method is useful when
+    removing its top pairs moves the shift more than removing matched random pairs."""
+    from .run import _progress
+
+    P = ctx.pairs.height
+    if not 1 <= k < P:
+        raise InvalidValueError(f"removal k = {k} must be between 1 and the number of pairs - 1 ({P - 1})")
+    everything = np.arange(P)
+    full = _retrain(run, ctx, everything, seed, out_dir, threads)
+    cats = ctx.pairs["category"].to_numpy()
+    rng = np.random.default_rng(seed + 7)
+    rows = []
+    bar = _progress(total=len(scores) * (1 + n_random), initial=0, enabled=progress, what="retrain")
+    for method, sc in scores.items():
+        top = np.argsort(-np.asarray(sc), kind="stable")[:k]
+        without = _retrain(run, ctx, np.setdiff1d(everything, top), seed, out_dir, threads)
+        bar.update(1)
+        rand_beh, rand_pol = [], []
+        for _ in range(n_random):
+            pick = []
+            for c in cats[top]:
+                pool = [j for j in np.flatnonzero(cats == c) if j not in pick]
+                pick.append(int(rng.choice(pool)))
+            r = _retrain(run, ctx, np.setdiff1d(everything, pick), seed, out_dir, threads)
+            rand_beh.append(full["behaviour_shift"] - r["behaviour_shift"])
+            rand_pol.append(full["policy_shift"] - r["policy_shift"])
+            bar.update(1)
+        rows.append({
+            "method": method, "k": k,
+            "removed": ", ".join(ctx.pairs["id"][int(j)] for j in top),
+            "behaviour_drop": full["behaviour_shift"] - without["behaviour_shift"],
+            "behaviour_drop_random": float(np.mean(rand_beh)),
+            "policy_drop": full["policy_shift"] - without["policy_shift"],
+            "policy_drop_random": float(np.mean(rand_pol)),
+        })
+    bar.close()
+    return pl.DataFrame(rows)
+
+
+def plant_pairs(pairs: pl.DataFrame, n: int, seed: int) -> pl.DataFrame:
+    """``n`` mislabeled pairs made from the run's own: harmless prompts answered with one of the
+    run's refusals (``planted_refusal``) and harmful prompts answered with one of its compliant
+    responses (``planted_compliance``), half each."""
+    if pairs["harmful"].null_count() or not {"refusal", "compliance"} <= set(pairs["label"].to_list()):
+        raise InvalidValueError("planted pairs need a harmful flag on every pair and both refusal and compliance labels")
+    rng = np.random.default_rng(seed + 11)
+    harmless = pairs.filter(~pl.col("harmful"))
+    harmful = pairs.filter(pl.col("harmful"))
+    refusals = pairs.filter(pl.col("label") == "refusal")["response"].to_list()
+    compliant = pairs.filter(pl.col("label") == "compliance")["response"].to_list()
+    rows = []
+    for i in range(n):
+        src, responses, label = (harmless, refusals, "planted_refusal") if i % 2 == 0 else (harmful, compliant, "planted_compliance")
+        r = src.row(int(rng.integers(src.height)), named=True)
+        rows.append({"id": f"planted-{i:03d}", "prompt": r["prompt"], "response": responses[int(rng.integers(len(responses)))],
+                     "category": r["category"], "label": label, "harmful": r["harmful"]})
+    return pl.DataFrame(rows, schema=pairs.schema)
+
+
+def planted_test(run, ctx, n: int, seed: int, deltas: tuple, baselines: bool, progress: bool = True,
+                 probe_grads=None) -> pl.DataFrame:
+    """Detection of planted mislabeled pairs by each method: AUC and precision@k of
+    ``planted_refusal`` among harmless-prompt pairs (score high = suspicious: it raises refusal)
+    and of ``planted_compliance`` among harmful-prompt pairs (score low = suspicious)."""
+    from .run import _progress
+
+    cfg = ctx.cfg
+    planted = plant_pairs(ctx.pairs, n, seed)
+    ids, dX, dy = deltas
+    pdX, pdy = [], []
+    bar = _progress(total=planted.height, initial=0, enabled=progress, what="planted pair")
+    for r in planted.iter_rows(named=True):
+        a, b = run.delta(ctx, ctx.engine.update(r["prompt"], r["response"], r["id"]))
+        pdX.append(a)
+        pdy.append(b)
+        bar.update(1)
+    bar.close()
+    allX = np.concatenate([dX, np.stack(pdX)])
+    ally = np.concatenate([dy, np.stack(pdy)])
+    all_ids = ids + planted["id"].to_list()
+    sc = _scores(ctx, all_ids, allX, ally, seed, cfg["run"]["threads"])
+    if baselines:
+        from .baselines import gradient_baselines
+
+        gb = gradient_baselines(ctx, cfg["update"]["lr"], pl.concat([ctx.pairs, planted]), probe_grads)
+        for col in ("grad_cosine", "concept_influence", "behaviour_first_order"):
+            sc[col] = gb[col].to_numpy()
+    harmful = np.concatenate([ctx.pairs["harmful"].to_numpy(), planted["harmful"].to_numpy()]).astype(bool)
+    label = ctx.pairs["label"].to_list() + planted["label"].to_list()
+    rows = []
+    for method, s_ in sc.items():
+        for kind, pool, sign in (("planted_refusal", ~harmful, 1.0), ("planted_compliance", harmful, -1.0)):
+            lab = np.array([lb == kind for lb in label])[pool]
+            score = sign * np.asarray(s_)[pool]
+            k = int(lab.sum())
+            rows.append({"method": method, "kind": kind, "auc": _auc(score, lab),
+                         "precision_at_k": precision_at_k(score, lab, k) if k else float("nan"),
+                         "n_planted": k, "n_candidates": int(pool.sum())})
+    return pl.DataFrame(rows)
+
+
+def _scores(ctx, ids, dX, dy, seed, threads) -> dict:
+    """Every model-free method's per-pair score from stored deltas."""
+    scores = {}
+    for method in ("exact", "first_order"):
+        att = Attributor(ctx.policy, ctx.X, ctx.y0, method=method, threads=threads, keep=False)
+        att.add(list(dX), dy, pair_ids=ids)
+        scores[f"score_{method}"] = att.last_pairs["score"].to_numpy()
+    scores["dy_mean"] = dy.mean(axis=1)
+    scores["pred_dy_mean"] = np.array([((d / ctx.policy.scale) @ ctx.policy.coef).mean() for d in dX])
+    scores["random"] = np.random.default_rng(seed + 1).normal(size=len(ids))
+    return scores
+
+
 def validate(run_dir: str | Path, subsets: int = 20, alpha: float = 0.5, seed: int = 0, progress: bool = True,
-             log=print, baselines: bool = True) -> pl.DataFrame:
+             log=print, baselines: bool = True, removal_k: int | None = None, planted: int = 0) -> pl.DataFrame:
     """LDS of the run's attributions against real subset retraining; writes ``validation.parquet``."""
     from .run import Run, _progress
 
@@ -124,20 +270,15 @@ def validate(run_dir: str | Path, subsets: int = 20, alpha: float = 0.5, seed: i
     if ids != pairs["id"].to_list():
         raise InvalidValueError(f"{run_dir}: stored deltas do not match the run's pairs; rerun it")
     P = len(ids)
-    # Per-pair attributions from the stored deltas, by both decomposition methods.
-    scores = {}
-    for method in ("exact", "first_order"):
-        att = Attributor(ctx.policy, ctx.X, ctx.y0, method=method, threads=cfg["run"]["threads"], keep=False)
-        att.add(list(dX), dy, pair_ids=ids)
-        scores[f"score_{method}"] = att.last_pairs["score"].to_numpy()
-    scores["dy_mean"] = dy.mean(axis=1)
-    scores["pred_dy_mean"] = np.array([((d / ctx.policy.scale) @ ctx.policy.coef).mean() for d in dX])
-    scores["random"] = np.random.default_rng(seed + 1).normal(size=P)
+    # Per-pair attributions from the stored deltas.
+    scores = _scores(ctx, ids, dX, dy, seed, cfg["run"]["threads"])
+    probe_grads = None
     if baselines:
-        from .baselines import gradient_baselines
+        from .baselines import gradient_baselines, probe_gradients
 
         log("gradient baselines (TrackStar-style cosine, Concept Influence)")
-        gb = gradient_baselines(ctx, cfg["update"]["lr"])
+        probe_grads = probe_gradients(ctx)
+        gb = gradient_baselines(ctx, cfg["update"]["lr"], probe_grads=probe_grads)
         for col in ("grad_cosine", "concept_influence", "behaviour_first_order"):
             scores[col] = gb[col].to_numpy()
     masks = subset_masks(P, subsets, alpha, seed)
@@ -145,23 +286,7 @@ def validate(run_dir: str | Path, subsets: int = 20, alpha: float = 0.5, seed: i
     measured_policy, measured_behaviour, per_cat = np.zeros(subsets), np.zeros(subsets), []
     bar = _progress(total=subsets, initial=0, enabled=progress, what="subset")
     for i in range(subsets):
-        cache = out_dir / f"subset-{alpha:g}-{seed}-{i:04d}.json"
-        if cache.exists():
-            rec = json.loads(cache.read_text())
-        else:
-            members = np.flatnonzero(masks[i])
-            order = np.random.default_rng([seed, i]).permutation(members)
-            params = None
-            for j in order:
-                r = pairs.row(int(j), named=True)
-                params = ctx.engine.update(r["prompt"], r["response"], r["id"], from_params=params)
-            sdX, sdy = run.delta(ctx, params)
-            att = Attributor(ctx.policy, ctx.X, ctx.y0, method="exact", threads=cfg["run"]["threads"], keep=False)
-            att.add(sdX, sdy[None, :], pair_ids=[f"subset-{i}"])
-            cats = {c: float(sdy[ctx.cats == c].mean()) for c in sorted(set(ctx.cats.tolist()))}
-            rec = {"members": members.tolist(), "policy_shift": float(att.last_pairs["score"][0]),
-                   "behaviour_shift": float(sdy.mean()), "behaviour_by_category": cats}
-            cfgmod.write_atomic(cache, json.dumps(rec))
+        rec = _retrain(run, ctx, np.flatnonzero(masks[i]), seed, out_dir, cfg["run"]["threads"])
         measured_policy[i] = rec["policy_shift"]
         measured_behaviour[i] = rec["behaviour_shift"]
         per_cat.append(rec["behaviour_by_category"])
@@ -179,6 +304,19 @@ def validate(run_dir: str | Path, subsets: int = 20, alpha: float = 0.5, seed: i
     buf = __import__("io").BytesIO()
     frame.write_parquet(buf, statistics=False)
     cfgmod.write_atomic(run_dir / "validation.parquet", buf.getvalue())
+    k_rm = max(1, P // 8) if removal_k is None else removal_k
+    if k_rm > 0:
+        log(f"top-{k_rm} removal against category-matched random removal")
+        rem = removal_test(run, ctx, scores, k_rm, seed, out_dir, cfg["run"]["threads"], progress=progress)
+        buf = __import__("io").BytesIO()
+        rem.write_parquet(buf, statistics=False)
+        cfgmod.write_atomic(run_dir / "removal.parquet", buf.getvalue())
+    if planted > 0:
+        log(f"{planted} planted mislabeled pairs")
+        pt_frame = planted_test(run, ctx, planted, seed, (ids, dX, dy), baselines, progress, probe_grads)
+        buf = __import__("io").BytesIO()
+        pt_frame.write_parquet(buf, statistics=False)
+        cfgmod.write_atomic(run_dir / "planted.parquet", buf.getvalue())
     cfgmod.write_atomic(run_dir / "validation.json", json.dumps({"agreement": agreement, "lds": rows,
                                                                   "measured": {"policy": measured_policy.tolist(),
                                                                                "behaviour": measured_behaviour.tolist(),
