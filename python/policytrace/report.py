@@ -121,6 +121,20 @@ def write_report(run_dir: str | Path) -> Path:
     pairs = pl.read_parquet(run_dir / "pairs.parquet")
     pf = pl.read_parquet(run_dir / "pair_features.parquet")
     config = (run_dir / "config.toml").read_text() if (run_dir / "config.toml").exists() else ""
+    validation = ""
+    if (run_dir / "validation.parquet").exists():
+        v = pl.read_parquet(run_dir / "validation.parquet").select("method", "target", "lds", "ci_low", "ci_high", "subsets", "alpha")
+        validation += ("<h2>Validation against retraining</h2><p class=muted>LDS: Spearman correlation, over random subsets "
+                       "of the pairs really fine-tuned on, between the measured shift and the sum of each method's per-pair "
+                       "scores (95 % bootstrap interval). See docs/validation.md for the methods.</p>" + _table(v, 3))
+    if (run_dir / "removal.parquet").exists():
+        validation += ("<h3>Top-k removal</h3><p class=muted>Drop of the shift when retraining without each method's top-k "
+                       "pairs, against removing category-matched random pairs.</p>"
+                       + _table(pl.read_parquet(run_dir / "removal.parquet").drop("removed"), 3))
+    if (run_dir / "planted.parquet").exists():
+        validation += ("<h3>Planted mislabeled pairs</h3><p class=muted>Detection of harmless prompts answered with a refusal "
+                       "and harmful prompts answered with compliance (AUC, precision at k = number planted).</p>"
+                       + _table(pl.read_parquet(run_dir / "planted.parquet"), 3))
 
     pol = policy.join(features.select("feature_id", "group", "top_probes"), on="feature_id").sort("rank").head(25)
     bars = _bars([f"{r['feature_id']} · {r['label'] or ''}" for r in pol.iter_rows(named=True)], pol["coef"].to_numpy())
@@ -178,6 +192,7 @@ accuracy_heldout: a threshold on the predicted score (fit on the training folds)
 <h2>Interference</h2>
 <p class=muted>Pairs whose largest coefficient shift lands on a feature of another category ({inter.height} of {pairs.height}).</p>
 {_table(inter.head(40))}
+{validation}
 <h2>Configuration</h2><pre>{_esc(config)}</pre>
 </body></html>"""
     out = run_dir / "report.html"
