@@ -90,20 +90,24 @@ def test_validate_tiny_run(tmp_path):
     Run(cfg, tmp_path / "run", log=lambda m: None, progress=False).execute()
     assert main(["validate", str(tmp_path / "run"), "--subsets", "6", "--planted", "4", "--quiet"]) == 0
     frame = pl.read_parquet(tmp_path / "run" / "validation.parquet")
+    agg = pl.read_parquet(tmp_path / "run" / "aggregates.parquet")
+    assert set(agg["by"]) == {"category", "label"} and agg["mean_z"].is_finite().all()
+    assert "decomposition_both_methods_per_100_pairs_s" in json.loads((tmp_path / "run" / "validation.json").read_text())["timings"]
     planted = pl.read_parquet(tmp_path / "run" / "planted.parquet")
-    assert planted.height == 16 and set(planted["kind"]) == {"planted_refusal", "planted_compliance"}
-    assert planted["n_planted"].to_list() == [2] * 16
+    assert planted.height == 20 and set(planted["kind"]) == {"planted_refusal", "planted_compliance"}
+    assert planted["n_planted"].to_list() == [2] * 20
     assert planted["auc"].is_between(0, 1).all()
     assert set(frame["method"]) == {"score_exact", "score_first_order", "dy_mean", "pred_dy_mean", "random",
-                                    "grad_cosine", "concept_influence", "behaviour_first_order"}
+                                    "grad_cosine", "concept_influence", "behaviour_first_order",
+                                    "vector_filter", "projection_difference"}
     assert set(frame["target"]) == {"policy", "behaviour"}
-    assert frame.height == 16
+    assert frame.height == 20
     doc = json.loads((tmp_path / "run" / "validation.json").read_text())
     assert -1 <= doc["agreement"]["spearman_exact_first_order"] <= 1
     cached = sorted((tmp_path / "run" / "validation").glob("retrain-*.json"))
     assert len(cached) >= 6
     rem = pl.read_parquet(tmp_path / "run" / "removal.parquet")
-    assert rem.height == 8 and set(rem["k"]) == {1}
+    assert rem.height == 10 and set(rem["k"]) == {1}
     assert {"behaviour_drop", "behaviour_drop_random", "policy_drop", "policy_drop_random", "removed"} <= set(rem.columns)
     # Resuming reuses the cached subsets and reproduces the same table.
     before = frame
@@ -179,3 +183,34 @@ def test_plant_pairs_are_mislabeled_copies():
             assert r["harmful"] and r["response"] in ("sure", "yes") and r["prompt"] in ("p1", "p3")
     with pytest.raises(InvalidValueError):
         plant_pairs(pairs.with_columns(pl.lit(None, dtype=pl.Boolean).alias("harmful")), 2, 0)
+
+
+def test_projection_baselines_by_hand(tmp_path):
+    """vector_filter = ⟨mean response activation at the SAE's hook, Σ coef/s · W_dec⟩, computed
+    here with an explicit hook; the projection difference subtracts the greedy answer's."""
+    from policytrace import config as cfgmod
+    from policytrace.baselines import own_response, policy_direction, projection_baselines
+    from policytrace.engine import pair_tokens
+    from policytrace.run import Run
+
+    from _tiny import tiny_config, write_tiny_data, write_tiny_model
+
+    model = write_tiny_model(tmp_path / "model")
+    probes, pairs = write_tiny_data(tmp_path)
+    cfg = cfgmod.resolve(tiny_config(model, probes, pairs, tmp_path / "cache"))
+    ctx = Run(cfg, tmp_path / "run", log=lambda m: None, progress=False).setup()
+    pb = projection_baselines(ctx, max_new_tokens=4)
+    v = ctx.policy.coef / ctx.policy.scale @ ctx.reader.sae.W_dec.detach().double().numpy()[np.array(ctx.cols)]
+    np.testing.assert_allclose(policy_direction(ctx), v, rtol=1e-12)
+    r = ctx.pairs.row(0, named=True)
+    full, start = pair_tokens(ctx.lm.tokenizer, r["prompt"], r["response"], r["id"], 512)
+    seen = {}
+    layer = ctx.lm.model.model.layers[cfg["sae"]["layer"]]
+    h = layer.register_forward_hook(lambda m, i, o: seen.__setitem__("h", o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        ctx.lm.model(torch.tensor([full]))
+    h.remove()
+    manual = seen["h"][0, start:].double().mean(0).numpy() @ v
+    np.testing.assert_allclose(pb["vector_filter"][0], manual, rtol=1e-6)
+    assert own_response(ctx, r["prompt"], 4) == own_response(ctx, r["prompt"], 4)  # greedy: deterministic
+    assert pb.height == ctx.pairs.height and pb["projection_difference"].is_finite().all()

@@ -77,3 +77,53 @@ def gradient_baselines(ctx: SimpleNamespace, lr: float, pairs: pl.DataFrame | No
         rows["concept_influence"].append(-lr * _dot(g, g_f))
         rows["behaviour_first_order"].append(-lr * gy)
     return pl.DataFrame(rows)
+
+
+def policy_direction(ctx: SimpleNamespace) -> np.ndarray:
+    """The policy as a direction of the residual stream in SAE decoder space:
+    v = Σ_k (coef_k / s_k) · W_dec[k]."""
+    w = ctx.policy.coef / ctx.policy.scale
+    W_dec = ctx.reader.sae.W_dec.detach().double().cpu().numpy()[np.array(ctx.cols)]
+    return w @ W_dec
+
+
+def mean_response_activation(ctx: SimpleNamespace, prompt: str, response: str, pair_id: str = "?") -> np.ndarray:
+    """Mean of the SAE's read activation over the response tokens of the chat (base weights)."""
+    import torch
+
+    from .engine import pair_tokens
+    from .model import capture_block_output
+
+    full, start = pair_tokens(ctx.lm.tokenizer, prompt, response, pair_id, ctx.engine.cfg.max_length)
+    with torch.no_grad(), capture_block_output(ctx.lm.model, ctx.cfg["sae"]["layer"], ctx.cfg["sae"]["site"]) as store:
+        ctx.lm.model.get_decoder()(input_ids=torch.tensor([full], device=ctx.engine.device))
+    return store["h"][0, start:].double().mean(0).cpu().numpy()
+
+
+def own_response(ctx: SimpleNamespace, prompt: str, max_new_tokens: int = 32) -> str:
+    """The base model's greedy answer to ``prompt`` (for the projection difference)."""
+    import torch
+
+    from .probe import format_prompt
+
+    ids = torch.tensor([format_prompt(ctx.lm.tokenizer, prompt)], device=ctx.engine.device)
+    with torch.no_grad():
+        out = ctx.lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                    do_sample=False, pad_token_id=ctx.lm.tokenizer.pad_token_id)
+    return ctx.lm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def projection_baselines(ctx: SimpleNamespace, pairs: pl.DataFrame | None = None, max_new_tokens: int = 32) -> pl.DataFrame:
+    """Concept Influence's probe-based approximations with the policy as the probe direction:
+    ``vector_filter`` = ⟨mean response activation, v⟩ and ``projection_difference`` = the same
+    minus that of the model's own (greedy) response to the prompt."""
+    v = policy_direction(ctx)
+    rows = {"pair_id": [], "vector_filter": [], "projection_difference": []}
+    for r in (ctx.pairs if pairs is None else pairs).iter_rows(named=True):
+        vf = float(mean_response_activation(ctx, r["prompt"], r["response"], r["id"]) @ v)
+        own = own_response(ctx, r["prompt"], max_new_tokens)
+        base = float(mean_response_activation(ctx, r["prompt"], own, r["id"]) @ v) if own else 0.0
+        rows["pair_id"].append(r["id"])
+        rows["vector_filter"].append(vf)
+        rows["projection_difference"].append(vf - base)
+    return pl.DataFrame(rows)

@@ -230,6 +230,7 @@ class Run:
         todo = [i for i in range(n_shards) if str(i) not in manifest["shards"]]
         bar = _progress(total=pairs.height, initial=(n_shards - len(todo)) * batch if todo else pairs.height,
                         enabled=self.progress)
+        t_pairs, n_done = time.time(), 0
         for shard in todo:
             rows = pairs[shard * batch : (shard + 1) * batch]
             dXs, dys = [], []
@@ -249,6 +250,7 @@ class Run:
             self._write_parquet(att_pairs.with_columns(pl.Series("label", rows["label"].to_list())),
                                 f"shards/pairs-{shard:05d}.parquet")
             manifest["shards"][str(shard)] = {"pairs": rows.height}
+            n_done += rows.height
             self._save_manifest(manifest)
         bar.close()
 
@@ -261,6 +263,9 @@ class Run:
         self._write_parquet(summarize_interference(pf, pr, fg), "interference.parquet")
         manifest["status"] = "complete"
         manifest["stages"]["pairs"] = {"n_pairs": pairs.height, "shards": n_shards}
+        if n_done:
+            # Informational, left out of the outputs' bytes: the manifest is not an output.
+            manifest["stages"]["pairs"]["seconds_per_pair"] = round((time.time() - t_pairs) / n_done, 3)
         self._save_manifest(manifest)
         self.log(f"done in {time.time() - t0:.0f} s: {self.dir}")
         return manifest

@@ -1,23 +1,23 @@
-"""Does an attribution predict real retraining? (DESIGN §5; the first part of ``validate``.)
+"""Does an attribution predict real retraining? (DESIGN §5.)
 
-Linear datamodeling score (LDS): sample ``m`` random subsets of the run's pairs (each pair in a
-subset with probability-free exact size ``round(alpha·P)``, seeded), really fine-tune from the
-base weights on each subset with the run's update recipe (one update per pair, in a seeded
-order), re-run the probe pass and measure
+* **LDS**: sample ``m`` random subsets of exactly ``round(alpha·P)`` of the run's pairs
+  (seeded), really fine-tune from the base weights on each with the run's update recipe (one
+  update per pair, in a seeded order), re-run the probe pass and measure the **behaviour** shift
+  (mean Δy over probes, also per category) and the **policy** shift (the exact refit of the
+  policy on (X+ΔX, y+Δy), scored as ΔW·W). LDS is the Spearman correlation, over subsets,
+  between a measured shift and the sum of the subset's per-pair scores; 95 % bootstrap
+  intervals resample subsets.
+* **Top-k removal** (``removal.parquet``): retrain without each method's top-k pairs and
+  without category-matched random pairs; compare the drops in the shifts.
+* **Planted pairs** (``planted.parquet``): mislabeled copies added to the pairs; detection AUC
+  and precision@k per method.
+* **Agreement** of the exact and first-order per-pair scores; **aggregates** (z-scores by
+  category and label, ``aggregates.parquet``); **timings** per method.
 
-* the **behaviour** shift: mean Δy over probes (overall and per probe category), and
-* the **policy** shift: the exact refit of the policy on (X+ΔX, y+Δy), scored as ΔW·W.
-
-LDS is the Spearman correlation, over subsets, between a measured shift and the sum of the
-subset's per-pair attributions; 95 % bootstrap intervals resample subsets. Also reported: the
-agreement of the exact and first-order per-pair scores (Spearman, top-k overlap).
-
-Methods compared: the run's SMDA pair score (exact and first order), the measured and the
-policy-predicted mean Δy of each pair alone, random scores, and the gradient baselines of
-:mod:`policytrace.baselines`. Every retraining is cached under its set of pairs in
-``RUN_DIR/validation/``, so an interrupted validation resumes. Not yet here: top-k removal,
-probe-projection baselines. Top-k removal (``removal.parquet``): retrain without each method's
-top-k pairs and without category-matched random pairs, and compare the drops in the shifts.
+Methods: the run's SMDA pair score (exact and first order), each pair's own measured and
+policy-predicted mean Δy, random scores, and the gradient and projection baselines of
+:mod:`policytrace.baselines`. Every retraining is cached in ``RUN_DIR/validation/`` under its
+set of pairs, so an interrupted validation resumes.
 """
 
 from __future__ import annotations
@@ -221,9 +221,15 @@ def planted_test(run, ctx, n: int, seed: int, deltas: tuple, baselines: bool, pr
     if baselines:
         from .baselines import gradient_baselines
 
-        gb = gradient_baselines(ctx, cfg["update"]["lr"], pl.concat([ctx.pairs, planted]), probe_grads)
+        from .baselines import projection_baselines
+
+        both = pl.concat([ctx.pairs, planted])
+        gb = gradient_baselines(ctx, cfg["update"]["lr"], both, probe_grads)
         for col in ("grad_cosine", "concept_influence", "behaviour_first_order"):
             sc[col] = gb[col].to_numpy()
+        pb = projection_baselines(ctx, both)
+        for col in ("vector_filter", "projection_difference"):
+            sc[col] = pb[col].to_numpy()
     harmful = np.concatenate([ctx.pairs["harmful"].to_numpy(), planted["harmful"].to_numpy()]).astype(bool)
     label = ctx.pairs["label"].to_list() + planted["label"].to_list()
     rows = []
@@ -235,6 +241,23 @@ def planted_test(run, ctx, n: int, seed: int, deltas: tuple, baselines: bool, pr
             rows.append({"method": method, "kind": kind, "auc": _auc(score, lab),
                          "precision_at_k": precision_at_k(score, lab, k) if k else float("nan"),
                          "n_planted": k, "n_candidates": int(pool.sum())})
+    return pl.DataFrame(rows)
+
+
+def aggregate_scores(scores: dict, pairs: pl.DataFrame) -> pl.DataFrame:
+    """Per-category and per-label means of every method's scores, as z-scores within the method
+    (the bin view: noisy per-pair scores become stable group signals)."""
+    rows = []
+    for method, sc in scores.items():
+        sc = np.asarray(sc, float)
+        sd = sc.std()
+        z = (sc - sc.mean()) / sd if sd > 0 else np.zeros_like(sc)
+        for by in ("category", "label"):
+            keys = pairs[by].to_numpy()
+            for k in sorted(set(keys.tolist())):
+                m = keys == k
+                rows.append({"method": method, "by": by, "group": k, "pairs": int(m.sum()),
+                             "mean_z": float(z[m].mean()), "mean_score": float(sc[m].mean())})
     return pl.DataFrame(rows)
 
 
@@ -271,16 +294,37 @@ def validate(run_dir: str | Path, subsets: int = 20, alpha: float = 0.5, seed: i
         raise InvalidValueError(f"{run_dir}: stored deltas do not match the run's pairs; rerun it")
     P = len(ids)
     # Per-pair attributions from the stored deltas.
+    timings: dict = {}
+    m = json.loads(manifest_path.read_text())
+    if "seconds_per_pair" in m.get("stages", {}).get("pairs", {}):
+        timings["smda_engine_per_100_pairs_s"] = 100 * m["stages"]["pairs"]["seconds_per_pair"]
+    import time
+
+    t = time.perf_counter()
     scores = _scores(ctx, ids, dX, dy, seed, cfg["run"]["threads"])
+    timings["decomposition_both_methods_per_100_pairs_s"] = 100 * (time.perf_counter() - t) / P
     probe_grads = None
     if baselines:
         from .baselines import gradient_baselines, probe_gradients
 
         log("gradient baselines (TrackStar-style cosine, Concept Influence)")
+        import time
+
+        t = time.perf_counter()
         probe_grads = probe_gradients(ctx)
+        timings["gradient_probe_pass_s"] = time.perf_counter() - t
+        t = time.perf_counter()
         gb = gradient_baselines(ctx, cfg["update"]["lr"], probe_grads=probe_grads)
+        timings["gradient_per_100_pairs_s"] = 100 * (time.perf_counter() - t) / P
         for col in ("grad_cosine", "concept_influence", "behaviour_first_order"):
             scores[col] = gb[col].to_numpy()
+        from .baselines import projection_baselines
+
+        t = time.perf_counter()
+        pb = projection_baselines(ctx)
+        timings["projection_per_100_pairs_s"] = 100 * (time.perf_counter() - t) / P
+        for col in ("vector_filter", "projection_difference"):
+            scores[col] = pb[col].to_numpy()
     masks = subset_masks(P, subsets, alpha, seed)
     out_dir = run_dir / "validation"
     measured_policy, measured_behaviour, per_cat = np.zeros(subsets), np.zeros(subsets), []
@@ -317,7 +361,11 @@ def validate(run_dir: str | Path, subsets: int = 20, alpha: float = 0.5, seed: i
         buf = __import__("io").BytesIO()
         pt_frame.write_parquet(buf, statistics=False)
         cfgmod.write_atomic(run_dir / "planted.parquet", buf.getvalue())
-    cfgmod.write_atomic(run_dir / "validation.json", json.dumps({"agreement": agreement, "lds": rows,
+    agg = aggregate_scores(scores, pairs)
+    buf = __import__("io").BytesIO()
+    agg.write_parquet(buf, statistics=False)
+    cfgmod.write_atomic(run_dir / "aggregates.parquet", buf.getvalue())
+    cfgmod.write_atomic(run_dir / "validation.json", json.dumps({"agreement": agreement, "lds": rows, "timings": timings,
                                                                   "measured": {"policy": measured_policy.tolist(),
                                                                                "behaviour": measured_behaviour.tolist(),
                                                                                "behaviour_by_category": per_cat}}, indent=1))
