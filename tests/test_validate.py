@@ -214,3 +214,12 @@ def test_projection_baselines_by_hand(tmp_path):
     np.testing.assert_allclose(pb["vector_filter"][0], manual, rtol=1e-6)
     assert own_response(ctx, r["prompt"], 4) == own_response(ctx, r["prompt"], 4)  # greedy: deterministic
     assert pb.height == ctx.pairs.height and pb["projection_difference"].is_finite().all()
+
+
+def test_auc_hand_computed():
+    from policytrace.fidelity import _auc
+
+    # positives 0.9, 0.4; negatives 0.8, 0.1: pairs (0.9>0.8, 0.9>0.1, 0.4<0.8, 0.4>0.1) -> 3/4
+    assert _auc(np.array([0.9, 0.4, 0.8, 0.1]), np.array([True, True, False, False])) == pytest.approx(0.75)
+    assert _auc(np.array([1.0, 1.0]), np.array([True, False])) == pytest.approx(0.5)  # a tie counts half
+    assert np.isnan(_auc(np.array([1.0, 2.0]), np.array([True, True])))

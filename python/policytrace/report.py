@@ -108,6 +108,31 @@ def _heatmap(mat: np.ndarray, rows: list[str], cols: list[str], cell: int = 14) 
     return "".join(out)
 
 
+def _line(xs: np.ndarray, ys: np.ndarray, mark: float, title_x: str, title_y: str, w: int = 460, h: int = 220) -> str:
+    """A log-x line plot (the GCV λ path), with the chosen λ marked."""
+    ok = np.isfinite(ys)
+    if ok.sum() < 2:
+        return "<p class=muted>(λ was given; no GCV path)</p>"
+    lx, yv = np.log10(xs[ok]), ys[ok]
+    pad = 45
+
+    def sx(v):
+        return pad + (v - lx.min()) / (lx.max() - lx.min() or 1) * (w - 2 * pad)
+
+    def sy(v):
+        return h - pad - (v - yv.min()) / (yv.max() - yv.min() or 1) * (h - 2 * pad)
+
+    pts = " ".join(f"{sx(a):.1f},{sy(b):.1f}" for a, b in zip(lx, yv))
+    m = np.log10(mark)
+    return (f'<svg width="{w}" height="{h}" role="img"><polyline points="{pts}" fill="none" stroke="#2471a3" stroke-width="2"/>'
+            f'<line x1="{sx(m):.1f}" y1="{pad / 2}" x2="{sx(m):.1f}" y2="{h - pad}" stroke="#c0392b" stroke-dasharray="4"/>'
+            f'<text x="{sx(m) + 4:.1f}" y="{pad / 2 + 10}" font-size="11" fill="#c0392b">λ = {mark:.3g}</text>'
+            f'<text x="{w / 2}" y="{h - 8}" font-size="12" text-anchor="middle">{_esc(title_x)}</text>'
+            f'<text x="12" y="{h / 2}" font-size="12" transform="rotate(-90 12 {h / 2})" text-anchor="middle">{_esc(title_y)}</text>'
+            f'<text x="{pad}" y="{h - pad + 14}" font-size="10">{xs[ok].min():.2g}</text>'
+            f'<text x="{w - pad}" y="{h - pad + 14}" font-size="10" text-anchor="end">{xs[ok].max():.2g}</text></svg>')
+
+
 def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     needed = ["manifest.json", "policy.parquet", "features.parquet", "probes.parquet", "pairs.parquet", "pair_features.parquet"]
@@ -121,6 +146,13 @@ def write_report(run_dir: str | Path) -> Path:
     pairs = pl.read_parquet(run_dir / "pairs.parquet")
     pf = pl.read_parquet(run_dir / "pair_features.parquet")
     config = (run_dir / "config.toml").read_text() if (run_dir / "config.toml").exists() else ""
+    lam_path = ""
+    if (run_dir / "policy.json").exists():
+        pj = json.loads((run_dir / "policy.json").read_text())
+        grid = np.array(pj.get("gcv_grid") or [], dtype=float)
+        score = np.array([np.inf if v is None else v for v in (pj.get("gcv_score") or [])], dtype=float)
+        if len(grid):
+            lam_path = _line(grid, score, pj["lam"], "λ (log scale)", "GCV score")
     validation = ""
     if (run_dir / "validation.parquet").exists():
         v = pl.read_parquet(run_dir / "validation.parquet").select("method", "target", "lds", "ci_low", "ci_high", "subsets", "alpha")
@@ -131,6 +163,10 @@ def write_report(run_dir: str | Path) -> Path:
         validation += ("<h3>Top-k removal</h3><p class=muted>Drop of the shift when retraining without each method's top-k "
                        "pairs, against removing category-matched random pairs.</p>"
                        + _table(pl.read_parquet(run_dir / "removal.parquet").drop("removed"), 3))
+    if (run_dir / "aggregates.parquet").exists():
+        agg_v = (pl.read_parquet(run_dir / "aggregates.parquet").filter(pl.col("by") == "category")
+                 .pivot(on="method", index="group", values="mean_z"))
+        validation += ("<h3>Scores by pair category (mean z-score within each method)</h3>" + _table(agg_v, 2))
     if (run_dir / "planted.parquet").exists():
         validation += ("<h3>Planted mislabeled pairs</h3><p class=muted>Detection of harmless prompts answered with a refusal "
                        "and harmful prompts answered with compliance (AUC, precision at k = number planted).</p>"
@@ -178,6 +214,7 @@ see Δy). The ΔX pathway is the part due to changed feature activations, ΔY th
 <h2>Fidelity</h2>
 <p class=muted>Behaviour score by probe category (y = log-probability of a refusal opening; y_pred = the policy's fit).</p>
 {_table(by_cat)}
+<div class=grid><div>{lam_path}</div><div class=muted>The regularization path: generalized cross-validation score of the ridge policy over the λ grid; the dashed line is the λ used.</div></div>
 <div class=grid><table>{fid_rows}</table><table><tr><th>probe category</th><th>held-out R²</th></tr>{fid_cats}</table></div>
 <p class=muted>{fid.get('folds', '?')}-fold cross-validation with the policy's λ. r2_heldout against r2_mean_baseline (predicting the training mean);
 auc_heldout_harmful: does the held-out prediction rank harmful probes above harmless ones (0.5 = chance), beside the same for the measured score;
