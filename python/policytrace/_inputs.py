@@ -47,10 +47,6 @@ def as_vector(name: str, v: Any, length: int | None = None) -> np.ndarray:
     return a
 
 
-def is_sparse(x: Any) -> bool:
-    return sp.issparse(x)
-
-
 def _is_csr_triple(x: Any) -> bool:
     return isinstance(x, tuple) and len(x) in (3, 4) and not isinstance(x[0], (int, float))
 
@@ -164,11 +160,6 @@ def to_scipy(x: MatrixArg) -> np.ndarray | sp.csr_matrix:
         indptr, indices, data, shape = x
         return sp.csr_matrix((data, indices, indptr), shape=shape)
     return x
-
-
-def to_dense(x: MatrixArg) -> np.ndarray:
-    s = to_scipy(x)
-    return s.toarray() if sp.issparse(s) else np.asarray(s)
 
 
 def stack_pairs(dX: Any, n: int, k: int, validate: bool = True) -> tuple[sp.csr_matrix, int]:

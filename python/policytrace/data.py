@@ -81,39 +81,18 @@ def _read_rows(path: Path, required: dict, kind: str) -> list[dict]:
     return rows
 
 
+def _frame(rows: list[dict], fields: dict) -> pl.DataFrame:
+    """The validated rows as a frame: the required string fields, then the optional flag."""
+    columns = {key: [r[key] for r in rows] for key in fields} | {"harmful": [r.get("harmful") for r in rows]}
+    return pl.DataFrame(columns, schema={key: pl.Utf8 for key in fields} | {"harmful": pl.Boolean})
+
+
 def load_probes(path: str | Path) -> pl.DataFrame:
-    rows = _read_rows(Path(path), PROBE_FIELDS, "probe")
-    return pl.DataFrame(
-        {
-            "id": [r["id"] for r in rows],
-            "prompt": [r["prompt"] for r in rows],
-            "category": [r["category"] for r in rows],
-            "harmful": [r.get("harmful") for r in rows],
-        },
-        schema={"id": pl.Utf8, "prompt": pl.Utf8, "category": pl.Utf8, "harmful": pl.Boolean},
-    )
+    return _frame(_read_rows(Path(path), PROBE_FIELDS, "probe"), PROBE_FIELDS)
 
 
 def load_pairs(path: str | Path) -> pl.DataFrame:
-    rows = _read_rows(Path(path), PAIR_FIELDS, "pair")
-    return pl.DataFrame(
-        {
-            "id": [r["id"] for r in rows],
-            "prompt": [r["prompt"] for r in rows],
-            "response": [r["response"] for r in rows],
-            "category": [r["category"] for r in rows],
-            "label": [r["label"] for r in rows],
-            "harmful": [r.get("harmful") for r in rows],
-        },
-        schema={
-            "id": pl.Utf8,
-            "prompt": pl.Utf8,
-            "response": pl.Utf8,
-            "category": pl.Utf8,
-            "label": pl.Utf8,
-            "harmful": pl.Boolean,
-        },
-    )
+    return _frame(_read_rows(Path(path), PAIR_FIELDS, "pair"), PAIR_FIELDS)
 
 
 def _norm(text: str) -> str:
