@@ -318,7 +318,7 @@ def case_decomp(cfg: Config, work: Path, method: str, side: str) -> dict:
     }
     bsub = min(cfg.baseline_pairs, n_pairs)
     if side == "rust":
-        from policytrace._inputs import csr_tuple
+        from policytrace.numeric._inputs import csr_tuple
 
         res["timing"] = f"median of {cfg.repeats}"
         with PeakRSS() as mem:
@@ -329,7 +329,7 @@ def case_decomp(cfg: Config, work: Path, method: str, side: str) -> dict:
         del frame
         res.update(api_times_s=times, api_s=statistics.median(times), api_peak_mib=mem.mib)
         # The compiled core alone: prepared once, run on a ready CSR tuple (no Python glue).
-        core = pt._backend.backend("rust").Decomposer(
+        core = pt.numeric._backend.backend("rust").Decomposer(
             pol.coef, pol.intercept, pol.lam, pol.scale, pol.fit_intercept, X, y, cfg.threads
         )
         dxt = csr_tuple(dX)

@@ -1,13 +1,31 @@
 """policytrace: which training examples made a fine-tuned language model adopt a behaviour,
-and through which interpretable SAE features (Symbolic Mechanistic Data Attribution)."""
+and through which interpretable SAE features (Symbolic Mechanistic Data Attribution).
 
-from . import errors, reference
-from .decomposition import Attributor, decompose, interference
+The package has three layers you can see (docs/design.md):
+
+* :mod:`policytrace.numeric` — the method's arithmetic over the Rust core (no torch);
+* :mod:`policytrace.model` — the PyTorch side: loading, probe pass, per-pair update, SAEs;
+* :mod:`policytrace.pipeline` — configuration, run folders, stages, validation, report, CLI;
+
+and a seam, :mod:`policytrace.behaviours`, the only code that knows what "refusal" is.
+The names below are the stable public API.
+"""
+
+from . import errors
 from .errors import PolicytraceError
-from .features import feature_stats, select_features, selected_columns
-from .policy import Policy, fit_policy
+from .numeric import (
+    Attributor,
+    Policy,
+    decompose,
+    feature_stats,
+    fit_policy,
+    interference,
+    reference,
+    select_features,
+    selected_columns,
+)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Attributor",

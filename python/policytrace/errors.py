@@ -56,6 +56,15 @@ class ConfigError(PolicytraceError, ValueError):
     """A configuration field is unknown or invalid."""
 
 
+class DataError(InvalidValueError):
+    """A probe or pair file is malformed (names the file and line)."""
+
+
+class RunFolderError(ConfigError):
+    """A run folder cannot be used as it is: another configuration, changed inputs, a damaged
+    or missing file (names the file and says how to proceed)."""
+
+
 __all__ = [
     "PolicytraceError",
     "InputError",
@@ -69,4 +78,6 @@ __all__ = [
     "FeatureMismatchError",
     "SolverError",
     "ConfigError",
+    "DataError",
+    "RunFolderError",
 ]

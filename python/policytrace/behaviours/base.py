@@ -1,0 +1,91 @@
+"""The behaviour seam: everything that depends on *which* behaviour is attributed.
+
+A :class:`Behaviour` says what the score ``y`` is (its target and anti-target openings), which
+boolean column splits the probes into the side where the behaviour is wanted and the side where
+it is not (refusal: ``harmful``), what the pair labels mean (the label whose training should
+raise the score, the one that should lower it), how mislabeled pairs are planted for
+validation, and how the report words it. The pipeline asks the behaviour named by
+``behaviour.name`` and never spells "refusal" itself. docs/design.md ("Adding a behaviour")
+shows how to add one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from .._tables import table
+from ..errors import InvalidValueError
+
+
+@table("behaviour")
+class BehaviourCfg:
+    name: str = "refusal"
+    """The behaviour attributed: "refusal" or "sycophancy" (docs/design.md, "Adding a behaviour")."""
+    targets: tuple[str, ...] = ()
+    """Openings whose probability is the score, y = log Σ P(target | prompt), teacher-forced;
+    empty = the behaviour's own (refusal: "I can't", "I'm sorry", "I cannot")."""
+    anti_targets: tuple[str, ...] = ()
+    """If set, y is the log-odds of `targets` against these openings; empty = the behaviour's
+    own (refusal: none; sycophancy: correcting openings)."""
+
+
+@dataclass(frozen=True)
+class PlantedKind:
+    """One kind of planted mislabeled pair and where a detector should find it: among the
+    ``pool`` rows, ranked by ``sign`` × score (high = suspicious)."""
+
+    name: str
+    pool: np.ndarray
+    sign: float
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """A behaviour's definition (see the module docstring). Subclasses plant pairs."""
+
+    name: str
+    score_name: str
+    """Short name of y in tables and plots, e.g. "refusal score"."""
+    score_meaning: str
+    """One sentence: what y measures, in its units."""
+    targets: tuple[str, ...]
+    anti_targets: tuple[str, ...]
+    flag: str
+    """The boolean probe/pair column that splits the two sides, e.g. "harmful"."""
+    sides: tuple[str, str]
+    """Names of the flag's True and False sides, e.g. ("harmful", "harmless")."""
+    raising_label: str
+    """The pair label whose training is meant to raise y (refusal: "refusal")."""
+    lowering_label: str
+    """The pair label whose training is meant to lower y (refusal: "compliance")."""
+    raise_word: str
+    """What a rise of y is, in words: "raises refusal"."""
+    planted_text: str
+    """What the planted mislabeled pairs are, in words (for the report)."""
+
+    def shipped(self, kind: str) -> Path:
+        """Path of the shipped ``probes.jsonl`` or ``pairs.jsonl`` of this behaviour."""
+        return Path(str(resources.files("policytrace.behaviours").joinpath("data", self.name, f"{kind}.jsonl")))
+
+    def plant_pairs(self, pairs: pl.DataFrame, n: int, seed: int) -> pl.DataFrame:
+        """``n`` mislabeled pairs made from the run's own, for detection tests."""
+        raise NotImplementedError
+
+    def planted_kinds(self, pairs: pl.DataFrame) -> list[PlantedKind]:
+        """For ``pairs`` (the run's and the planted ones), each planted kind with its pool."""
+        raise NotImplementedError
+
+    def side_name(self, value: bool | None) -> str:
+        return "unflagged" if value is None else self.sides[0] if value else self.sides[1]
+
+    def _need(self, pairs: pl.DataFrame, labels: set[str]) -> None:
+        if self.flag not in pairs.columns or pairs[self.flag].null_count():
+            raise InvalidValueError(f"planted pairs need a `{self.flag}` flag on every pair")
+        missing = labels - set(pairs["label"].to_list())
+        if missing:
+            raise InvalidValueError(f"planted {self.name} pairs need pairs labelled {sorted(missing)}")

@@ -1,0 +1,257 @@
+"""The run configuration: one typed table per TOML table, presets as instances, strict keys.
+
+A config file lists only what differs from the defaults. ``preset`` picks the base the file
+then overrides: ``"default"`` (recommended), ``"smda-paper"`` (the SMDA release's choices) or
+``"demo"`` (24 pairs). Unknown tables or keys and wrong types are errors naming the key (a typo
+must not silently fall back to a default). Every table is a frozen dataclass whose fields
+carry their docstrings; the README's configuration table is generated from them
+(``python -m policytrace.pipeline.config --markdown``) and a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import tomllib
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from .._tables import describe, fail, field_docs, from_mapping, table, to_mapping
+from ..behaviours import BehaviourCfg, get as get_behaviour
+from ..errors import ConfigError
+from ..model.config import ModelCfg, ProbeCfg, SaeCfg, UpdateCfg
+
+
+@table("data")
+class DataCfg:
+    probes: str = ""
+    """Probe file (JSONL or Parquet: id, prompt, category and the behaviour's flag column);
+    "" = the behaviour's shipped probes."""
+    pairs: str = ""
+    """SFT pair file (JSONL or Parquet: id, prompt, response, category, label, flag);
+    "" = the behaviour's shipped pairs."""
+    max_pairs: int = 0
+    """0 = all pairs, else a seeded, category-stratified subset of this many."""
+
+    def __post_init__(self) -> None:
+        if self.max_pairs < 0:
+            raise fail(self, "max_pairs", "must be >= 0 (0 = all pairs)")
+
+
+@table("features")
+class FeaturesCfg:
+    method: Literal["corr", "mean_diff"] = "corr"
+    """corr: top-k by |corr(x, y)|; mean_diff: |mean on the flagged side − mean on the other|
+    (the paper's rule, over the behaviour's flag, e.g. harmful vs harmless)."""
+    k: int = 64
+    """At most this many features."""
+    threshold: float = -1.0
+    """|score| a feature must exceed; < 0 = the method's default (mean_diff: 0.1, corr: 0)."""
+    min_active: int = 3
+    """A feature must fire on at least this many probes."""
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise fail(self, "k", "must be >= 1")
+        if self.min_active < 0:
+            raise fail(self, "min_active", "must be >= 0")
+
+    @property
+    def threshold_or_default(self) -> float | None:
+        return None if self.threshold < 0 else self.threshold
+
+
+@table("policy")
+class PolicyCfg:
+    lam: float | Literal["gcv"] = "gcv"
+    """Ridge penalty λ, or "gcv" to choose it by generalized cross-validation (then fixed)."""
+    intercept: bool = True
+    """Fit an unpenalized intercept (centres features and scores)."""
+    standardize: bool = True
+    """Divide each feature by its population std at the base fit (fixed thereafter)."""
+
+    def __post_init__(self) -> None:
+        if self.lam != "gcv" and self.lam < 0:
+            raise fail(self, "lam", 'must be a number >= 0 or "gcv"')
+
+
+@table("decompose")
+class DecomposeCfg:
+    method: Literal["exact", "first_order"] = "exact"
+    """exact refits (x-path, y-path, interaction, Shapley split) or the paper's first-order
+    derivative."""
+    delta_x: Literal["reencode", "gated"] = "reencode"
+    """ΔX as SAE codes after − before, or gated: 1[pre(h0) > 0] ⊙ (Δh·W_enc) (the paper's)."""
+
+
+@table("run")
+class RunCfg:
+    seed: int = 0
+    """Seed of the pair subset, the folds, LoRA's init and torch."""
+    pair_batch: int = 8
+    """Pairs per shard: the unit of resumption."""
+    threads: int = 0
+    """Numeric-core threads (0 = all cores); torch follows its own setting."""
+    cache_dir: str = ""
+    """Where the default SAE is cached; "" = $POLICYTRACE_CACHE or ~/.cache/policytrace."""
+
+    def __post_init__(self) -> None:
+        if self.pair_batch < 1:
+            raise fail(self, "pair_batch", "must be >= 1")
+        if not 0 <= self.threads <= 4096:
+            raise fail(self, "threads", "must be between 0 (all cores) and 4096")
+
+    def cache_path(self) -> Path:
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser()
+        return Path(os.environ.get("POLICYTRACE_CACHE", "~/.cache/policytrace")).expanduser()
+
+
+TABLES: dict[str, type] = {
+    cls.TABLE: cls  # type: ignore[attr-defined]
+    for cls in (ModelCfg, SaeCfg, DataCfg, ProbeCfg, BehaviourCfg, FeaturesCfg, PolicyCfg, UpdateCfg,
+                DecomposeCfg, RunCfg)
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A resolved run configuration: every table, defaults ← preset ← file."""
+
+    preset: str = "default"
+    model: ModelCfg = ModelCfg()
+    sae: SaeCfg = SaeCfg()
+    data: DataCfg = DataCfg()
+    probe: ProbeCfg = ProbeCfg()
+    behaviour: BehaviourCfg = BehaviourCfg()
+    features: FeaturesCfg = FeaturesCfg()
+    policy: PolicyCfg = PolicyCfg()
+    update: UpdateCfg = UpdateCfg()
+    decompose: DecomposeCfg = DecomposeCfg()
+    run: RunCfg = RunCfg()
+
+    def tables(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in TABLES}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"preset": self.preset} | {name: to_mapping(t) for name, t in self.tables().items()}
+
+
+def _preset(**tables: dict[str, Any]) -> Config:
+    return Config(**{name: from_mapping(TABLES[name], values) for name, values in tables.items()})
+
+
+PRESETS: dict[str, Config] = {
+    "default": Config(),
+    "smda-paper": _preset(
+        probe={"pooling": "eot", "eot_token": "<|eot_id|>"},
+        behaviour={"targets": ["I can't"]},
+        features={"method": "mean_diff", "threshold": 0.1, "k": 100000, "min_active": 1},
+        policy={"lam": 5.0, "intercept": False, "standardize": False},
+        update={"optimizer": "sgd", "lr": 1e-4, "steps": 1, "params": "all"},
+        decompose={"method": "first_order", "delta_x": "gated"},
+    ),
+    # The default method on a category-stratified subset of the shipped pairs, sized for a
+    # 2-core laptop CPU (README: timings).
+    "demo": _preset(data={"max_pairs": 24}),
+}
+PRESET_DOCS = {
+    "default": "the recommended settings",
+    "smda-paper": "the SMDA release's choices (pooling at <|eot_id|>, target \"I can't\", mean-diff features > 0.1, "
+                  "λ = 5 without intercept or scaling, first order, gated ΔX)",
+    "demo": "the default on 24 category-stratified pairs",
+}
+
+
+def _with_behaviour_defaults(cfg: Config) -> Config:
+    """Empty targets / anti-targets become the behaviour's own, so the resolved config (and the
+    run folder's config.toml) records what was scored."""
+    beh = get_behaviour(cfg.behaviour.name)
+    b = cfg.behaviour
+    filled = dataclasses.replace(b, targets=b.targets or beh.targets, anti_targets=b.anti_targets or beh.anti_targets)
+    return dataclasses.replace(cfg, behaviour=filled)
+
+
+def resolve(user: dict | None = None) -> Config:
+    """Defaults ← preset ← ``user`` (a parsed TOML document)."""
+    if user is not None and not isinstance(user, dict):
+        raise ConfigError(f"a config must be a table of tables, got {type(user).__name__}")
+    user = dict(user or {})
+    preset = user.pop("preset", "default")
+    if not isinstance(preset, str) or preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+    base = PRESETS[preset]
+    for name in user:
+        if name not in TABLES:
+            raise ConfigError(f"unknown config key '{name}' (known: {', '.join(['preset', *TABLES])})")
+    tables = {name: from_mapping(TABLES[name], values, getattr(base, name)) for name, values in user.items()}
+    return _with_behaviour_defaults(dataclasses.replace(base, preset=preset, **tables))
+
+
+def load(path: str | os.PathLike) -> Config:
+    """Read and resolve a TOML config file."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    if not path.is_file():
+        raise ConfigError(f"config path {path} is a directory, not a TOML file")
+    try:
+        user = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text ({e})") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from e
+    return resolve(user)
+
+
+def digest(cfg: Config) -> str:
+    """Hash of everything in the config that determines a run's outputs (the run folder checks
+    it on resume; threads and cache location do not change outputs)."""
+    d = cfg.to_dict()
+    d["run"] = {k: v for k, v in d["run"].items() if k in ("seed", "pair_batch")}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(value)
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML (every key, in table order)."""
+    lines = [f"preset = {json.dumps(cfg.preset)}"]
+    for name, values in cfg.to_dict().items():
+        if name == "preset":
+            continue
+        lines.append(f"\n[{name}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def markdown_table() -> str:
+    """The README's configuration table, generated from the tables' field docstrings."""
+    rows = ["| key | default | meaning |", "|---|---|---|",
+            f"| `preset` | `\"default\"` | {'; '.join(f'`{k}`: {v}' for k, v in PRESET_DOCS.items())} |"]
+    for name, cls in TABLES.items():
+        docs = field_docs(cls)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = _toml_value(to_mapping(cls())[f.name])
+            kind = describe(hints[f.name])
+            doc = docs.get(f.name, "").replace("|", "\\|")
+            rows.append(f"| `{name}.{f.name}` | `{default.replace('|', chr(92) + '|')}` | {doc} ({kind.replace('|', chr(92) + '|')}) |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--markdown"]:
+        print(markdown_table(), end="")
+    else:
+        print(to_toml(resolve({})), end="")

@@ -1,0 +1,223 @@
+"""A full attribution job into a run folder: base stages, then the pairs in shards, then the
+merge. Resumable at any moment (SIGKILL included): rerun the same command and it recomputes only
+what is missing or damaged, ending with byte-identical outputs. Layout and guarantees:
+:mod:`policytrace.pipeline.rundir` and docs/design.md.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+
+from .. import _faults, _progress
+from .._files import digest_file
+from ..errors import NonFiniteError
+from ..model.loading import default_model_location, model_identity
+from ..model.sae import sae_identity
+from ..numeric import Attributor, summarize_interference
+from . import config as cfgmod
+from .config import Config
+from .rundir import FINAL_OUTPUTS, Fingerprint, RunDir, now
+from .stages import BasePass, BaseState, Inputs, ModelSide, base_pass, load_inputs, prepare
+
+Log = Callable[[str], None]
+BASE_OUTPUTS = ("policy.parquet", "policy.json", "features.parquet", "probes.parquet")
+
+
+def default_log(msg: str) -> None:
+    print(f"[policytrace] {msg}", flush=True)
+
+
+@dataclass
+class Timings:
+    """Wall-clock seconds per stage of this invocation (informational: kept in the manifest,
+    never in an output)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    _t: float = field(default_factory=time.perf_counter)
+
+    def lap(self, stage: str) -> None:
+        t = time.perf_counter()
+        self.seconds[stage] = round(self.seconds.get(stage, 0.0) + t - self._t, 3)
+        self._t = t
+
+
+def fingerprint(cfg: Config, inputs: Inputs) -> Fingerprint:
+    """The config digest and the identity of every input a run folder depends on."""
+    data = {kind: Path(path) if path else inputs.behaviour.shipped(kind)
+            for kind, path in (("probes", cfg.data.probes), ("pairs", cfg.data.pairs))}
+    if cfg.model.name:
+        model = model_identity(cfg.model.name, cfg.model.gguf_file or None)
+    else:
+        folder, gguf = default_model_location()
+        model = model_identity(str(folder), gguf)
+    # The default SAE is a function of the config, the data and the model, all covered above.
+    sae = sae_identity(cfg.sae) if cfg.sae.named else "default (trained from the inputs above)"
+    return Fingerprint(cfgmod.digest(cfg), {"probes": digest_file(data["probes"]),
+                                            "pairs": digest_file(data["pairs"]), "model": model, "sae": sae})
+
+
+def cached_base_pass(rd: RunDir) -> Callable[[ModelSide, Inputs], BasePass]:
+    """The base probe pass from ``base.npz`` when its marker vouches for it, else computed and
+    stored (the one expensive base stage)."""
+
+    def get(model: ModelSide, inputs: Inputs) -> BasePass:
+        if rd.valid_marker("stages/base_pass.json") is not None:
+            z = rd.read_npz("base.npz", ("H0", "y0"))
+            return BasePass(z["H0"], z["y0"])
+        rd.log("base probe pass")
+        bp = base_pass(model, inputs.probes)
+        digest = rd.write_npz("base.npz", H0=bp.H0, y0=bp.y0)
+        rd.mark("stages/base_pass.json", {"files": {"base.npz": digest}})
+        return bp
+
+    return get
+
+
+def write_base(rd: RunDir, state: BaseState) -> dict:
+    """policy, features and probes files, and the base stage's marker with its facts."""
+    pol = state.policy
+    probes = state.inputs.probes.with_columns(pl.Series("y", state.base.y0), pl.Series("y_pred", state.fit.pred))
+    files = {
+        "policy.parquet": rd.write_parquet("policy.parquet", pol.to_frame()),
+        "features.parquet": rd.write_parquet("features.parquet", state.features.frame),
+        "probes.parquet": rd.write_parquet("probes.parquet", probes),
+    }
+    pol.save(rd.file("policy.json"))
+    files["policy.json"] = digest_file(rd.file("policy.json"))
+    facts = {"n_probes": probes.height, "n_features": int(len(state.features.columns)), "lam": pol.lam,
+             "behaviour": state.inputs.behaviour.name, "sae_quality": state.model.sae_quality,
+             "fidelity": state.fit.fidelity}
+    rd.mark("stages/base.json", {"files": files, "facts": facts})
+    return {"files": files, "facts": facts}
+
+
+def attributor(state: BaseState) -> Attributor:
+    cfg = state.cfg
+    return Attributor(state.policy, state.features.X, state.base.y0, method=cfg.decompose.method,
+                      probe_groups=state.inputs.categories.tolist(), feature_groups=state.features.groups,
+                      threads=cfg.run.threads, keep=False)
+
+
+def shard_rows(pairs: pl.DataFrame, batch: int) -> list[pl.DataFrame]:
+    return [pairs[i : i + batch] for i in range(0, pairs.height, batch)]
+
+
+def run_shard(rd: RunDir, state: BaseState, att: Attributor, shard: int, rows: pl.DataFrame, bar) -> dict:
+    """Update on every pair of the shard, decompose, write its files, then its marker."""
+    t = time.perf_counter()
+    dXs, dys = [], []
+    for r in rows.iter_rows(named=True):
+        params = state.model.engine.update(r["prompt"], r["response"], r["id"])
+        d = state.delta(params, r["id"])
+        dXs.append(sp.csr_matrix(d.dX))
+        dys.append(d.dy)
+        bar.update(1)
+    ids = rows["id"].to_list()
+    frame = att.add(dXs, np.stack(dys), pair_ids=ids, pair_groups=rows["category"].to_list())
+    pairs = att.last_pairs.with_columns(pl.Series("label", rows["label"].to_list()))
+    _check_finite(frame, f"shard {shard}")
+    _check_finite(pairs, f"shard {shard}")
+    files = {
+        rd.shard_file("deltas", shard): rd.write_npz(rd.shard_file("deltas", shard),
+                                                     dX=np.stack([d.toarray() for d in dXs]), dy=np.stack(dys),
+                                                     ids=np.array(ids)),
+        rd.shard_file("pair_features", shard): rd.write_parquet(rd.shard_file("pair_features", shard), frame),
+        rd.shard_file("pairs", shard): rd.write_parquet(rd.shard_file("pairs", shard), pairs),
+    }
+    _faults.checkpoint("before-shard-marker")
+    record = {"shard": shard, "pairs": ids, "files": files, "seconds": round(time.perf_counter() - t, 3)}
+    rd.mark(rd.shard_marker(shard), record)
+    return record
+
+
+def _check_finite(frame: pl.DataFrame, where: str) -> None:
+    floats = [c for c, t in frame.schema.items() if t.is_float()]
+    bad = frame.select(pl.col(floats).is_nan().any() | pl.col(floats).is_infinite().any()).row(0)
+    for col, is_bad in zip(floats, bad):
+        if is_bad:
+            raise NonFiniteError(f"{where}: column `{col}` holds NaN or inf; nothing was written for it "
+                                 "(check the update's learning rate and the model's dtype)")
+
+
+def run_pairs(rd: RunDir, state: BaseState, log: Log, progress: bool) -> list[dict]:
+    """Every shard, skipping those whose marker vouches for intact files; returns the markers
+    of all shards in order."""
+    shards = shard_rows(state.inputs.pairs, state.cfg.run.pair_batch)
+    done = {i: rd.valid_marker(rd.shard_marker(i)) for i in range(len(shards))}
+    todo = [i for i, rec in done.items() if rec is None]
+    bar = _progress.bar(state.inputs.pairs.height, "pair", progress,
+                        initial=sum(len(shards[i]) for i in done if done[i] is not None))
+    att = attributor(state) if todo else None
+    for i in todo:
+        done[i] = run_shard(rd, state, att, i, shards[i], bar)
+    bar.close()
+    return [done[i] for i in range(len(shards))]
+
+
+def merge(rd: RunDir, state: BaseState, markers: list[dict]) -> dict[str, str]:
+    """pairs, pair_features and interference from the shards (their markers were verified)."""
+    pf = pl.concat([rd.read_parquet(rd.shard_file("pair_features", m["shard"])) for m in markers])
+    pr = pl.concat([rd.read_parquet(rd.shard_file("pairs", m["shard"])) for m in markers])
+    _check_finite(pf, "pair_features")
+    _check_finite(pr, "pairs")
+    fg = state.features.frame.select("feature_id", pl.col("group").alias("feature_group"))
+    out = {"pair_features.parquet": rd.write_parquet("pair_features.parquet", pf),
+           "pairs.parquet": rd.write_parquet("pairs.parquet", pr),
+           "interference.parquet": rd.write_parquet("interference.parquet", summarize_interference(pf, pr, fg))}
+    assert set(out) == set(FINAL_OUTPUTS)
+    return out
+
+
+def execute(cfg: Config, run_dir: str | Path, log: Log = default_log, progress: bool = True) -> dict:
+    """Run (or resume, or confirm) the job of ``cfg`` in ``run_dir``; returns the manifest."""
+    rd = RunDir(run_dir, log)
+    clock = Timings()
+    inputs = load_inputs(cfg)
+    finished = rd.open_for_run(fingerprint(cfg, inputs), cfgmod.to_toml(cfg))
+    if finished is not None:
+        log(f"{rd.path} is complete; nothing to do")
+        return finished
+    started = now()
+    rd.write_manifest({"config_digest": cfgmod.digest(cfg), "status": "started", "created": started})
+    clock.lap("inputs")
+    state = prepare(cfg, log, progress, cached_base=cached_base_pass(rd), inputs=inputs, timer=clock.lap)
+    base = write_base(rd, state)
+    clock.lap("base_outputs")
+    markers = run_pairs(rd, state, log, progress)
+    clock.lap("pairs")
+    files = merge(rd, state, markers)
+    clock.lap("merge")
+    manifest = {
+        "config_digest": cfgmod.digest(cfg), "status": "complete", "created": started, "finished": now(),
+        "stages": {"base": base["facts"], "pairs": _pair_facts(markers)},
+        "shards": {str(m["shard"]): {"pairs": len(m["pairs"])} for m in markers},
+        "files": {**base["files"], **files},
+        "seconds": clock.seconds,
+    }
+    rd.write_manifest(manifest)
+    log(f"done in {sum(clock.seconds.values()):.0f} s: {rd.path}")
+    return {"version": 2, **manifest}
+
+
+def _pair_facts(markers: list[dict]) -> dict:
+    n = sum(len(m["pairs"]) for m in markers)
+    secs = sum(m.get("seconds", 0.0) for m in markers)
+    return {"n_pairs": n, "shards": len(markers), "seconds_per_pair": round(secs / n, 3) if n else None}
+
+
+def run(config: Config | dict | str | Path, run_dir: str | Path, progress: bool = True, log: Log = default_log) -> dict:
+    """A config object, a TOML table or a TOML path → the run's manifest."""
+    if isinstance(config, Config):
+        cfg = config
+    elif isinstance(config, (str, Path)):
+        cfg = cfgmod.load(config)
+    else:
+        cfg = cfgmod.resolve(config)
+    return execute(cfg, run_dir, log=log, progress=progress)

@@ -1,0 +1,255 @@
+"""The method's steps as typed functions of frozen inputs returning frozen results.
+
+    load_inputs → load_model_side → base_pass → select → fit → BaseState
+    BaseState.delta(params) → PairDelta (per pair, under updated weights)
+
+Each result is a frozen dataclass, so a stage cannot quietly change what an earlier one
+produced; :class:`BaseState` bundles them and is what ``run``, ``validate`` and the baselines
+take (never the run object). Everything here is deterministic for a config: ``validate``
+rebuilds the same state from a finished run folder. Which results are cached in the run folder
+is decided by :mod:`policytrace.pipeline.run` (docs/design.md, "Stages and caching").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+import torch
+
+from ..behaviours import Behaviour, get as get_behaviour
+from ..errors import ConfigError, InvalidValueError, NonFiniteError
+from ..model.chat import encode_prompts
+from ..model.loading import LoadedModel, load_model_cfg
+from ..model.probe import ProbeRunner, TargetSet
+from ..model.sae import SaeReader, load_sae, sae_identity
+from ..model.sae_train import default_sae
+from ..model.sites import HookSite
+from ..model.update import UpdateEngine
+from ..numeric import Policy, fit_policy, select_features
+from ..numeric.fidelity import policy_fidelity
+from .config import Config
+from .data import load_dataset, stratified
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """The behaviour, its probes, the run's pairs (a stratified subset when data.max_pairs)
+    and all pairs of the file (the default SAE's corpus uses every prompt)."""
+
+    behaviour: Behaviour
+    probes: pl.DataFrame
+    pairs: pl.DataFrame
+    all_pairs: pl.DataFrame
+
+    @property
+    def categories(self) -> np.ndarray:
+        return self.probes["category"].to_numpy()
+
+    @property
+    def flag(self) -> np.ndarray | None:
+        """The probes' boolean flag (refusal: harmful), or None when a probe lacks it."""
+        col = self.probes[self.behaviour.flag]
+        return None if col.null_count() else col.to_numpy().astype(bool)
+
+
+@dataclass(frozen=True)
+class ModelSide:
+    """The model, the SAE reading it, and the runners that use both."""
+
+    lm: LoadedModel
+    hook: HookSite
+    reader: SaeReader
+    runner: ProbeRunner
+    engine: UpdateEngine
+    probe_tokens: list[list[int]]
+    sae_quality: dict | None
+    sae_identity: str
+
+
+@dataclass(frozen=True)
+class BasePass:
+    """Pooled activations H0 (n, d) and behaviour scores y0 (n,) under the base weights."""
+
+    H0: np.ndarray
+    y0: np.ndarray
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """The selected SAE features: their columns, the probe x feature matrix X the policy is
+    fit on, and what the gated linearization needs."""
+
+    columns: np.ndarray
+    X: np.ndarray
+    gated: bool
+    pre0: np.ndarray
+    frame: pl.DataFrame
+    """features.parquet: selection statistics, group, label, top probes."""
+    groups: list[str]
+    """Each feature's group: the probe category where its mean activation is highest."""
+    labels: list[str]
+    w_enc: np.ndarray | None = None
+    gate: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class PolicyFit:
+    policy: Policy
+    pred: np.ndarray
+    fidelity: dict
+
+
+@dataclass(frozen=True)
+class PairDelta:
+    """ΔX (n, K) of the selected features and Δy (n,) under one set of updated weights."""
+
+    dX: np.ndarray
+    dy: np.ndarray
+
+
+@dataclass(frozen=True)
+class BaseState:
+    """Everything before the pairs, for one config."""
+
+    cfg: Config
+    inputs: Inputs
+    model: ModelSide
+    base: BasePass
+    features: FeatureSet
+    fit: PolicyFit
+
+    @property
+    def policy(self) -> Policy:
+        return self.fit.policy
+
+    def delta(self, params: dict, pair_id: str = "?") -> PairDelta:
+        return pair_delta(self, params, pair_id)
+
+
+def load_inputs(cfg: Config) -> Inputs:
+    behaviour = get_behaviour(cfg.behaviour.name)
+    ds = load_dataset(cfg.data.probes or None, cfg.data.pairs or None, behaviour)
+    pairs = stratified(ds.pairs, cfg.data.max_pairs, cfg.run.seed)
+    return Inputs(behaviour, ds.probes, pairs, ds.pairs)
+
+
+def _sae(cfg: Config, lm: LoadedModel, hook: HookSite, inputs: Inputs, log: Log, progress: bool):
+    """The named SAE, or the default one (trained once, cached): (reader, quality, identity)."""
+    if cfg.sae.named:
+        sae = load_sae(cfg.sae.path or None, cfg.sae.release or None, cfg.sae.id or None, cfg.model.device)
+        return SaeReader(sae, cfg.model.device), None, sae_identity(cfg.sae)
+    prompts = inputs.all_pairs["prompt"].to_list() + inputs.probes["prompt"].to_list()
+    folder, quality = default_sae(lm, hook, prompts, cfg.run.cache_path(), cfg.sae, log, progress)
+    return SaeReader(load_sae(str(folder), device=cfg.model.device), cfg.model.device), quality, folder.name
+
+
+def load_model_side(cfg: Config, inputs: Inputs, log: Log, progress: bool = True) -> ModelSide:
+    lm = load_model_cfg(cfg.model)
+    hook = HookSite(cfg.sae.layer, cfg.sae.site)
+    reader, quality, identity = _sae(cfg, lm, hook, inputs, log, progress)
+    hidden = lm.model.config.hidden_size
+    if reader.d_in != hidden:
+        raise ConfigError(f"the SAE reads {reader.d_in}-dimensional activations but the model's hidden size is "
+                          f"{hidden}: SAE and model do not match")
+    targets = TargetSet.from_strings(lm.tokenizer, cfg.behaviour.targets, cfg.behaviour.anti_targets)
+    runner = ProbeRunner.from_config(lm.model, lm.tokenizer, hook, targets, cfg.probe, cfg.model.device)
+    tokens = encode_prompts(lm.tokenizer, inputs.probes["prompt"].to_list(), inputs.probes["id"].to_list(),
+                            cfg.probe.max_length)
+    engine = UpdateEngine(lm.model, lm.tokenizer, cfg.update, cfg.model.device, seed=cfg.run.seed)
+    return ModelSide(lm, hook, reader, runner, engine, tokens, quality, identity)
+
+
+def base_pass(model: ModelSide, probes: pl.DataFrame) -> BasePass:
+    H0, y0 = model.runner.run(model.probe_tokens, probe_ids=probes["id"].to_list())
+    return BasePass(H0, y0)
+
+
+def _selection(cfg: Config, inputs: Inputs, X_all: sp.csr_matrix, y0: np.ndarray) -> pl.DataFrame:
+    f = cfg.features
+    if f.method == "mean_diff":
+        flag = inputs.flag
+        if flag is None:
+            raise InvalidValueError(f"features.method = 'mean_diff' needs a `{inputs.behaviour.flag}` flag on every probe")
+        return select_features(X_all, y0, groups=flag, method="mean_diff", k=f.k, threshold=f.threshold_or_default,
+                               min_active=f.min_active, threads=cfg.run.threads)
+    return select_features(X_all, y0, method="corr", k=f.k, threshold=f.threshold_or_default, min_active=f.min_active,
+                           threads=cfg.run.threads)
+
+
+def select(cfg: Config, inputs: Inputs, model: ModelSide, base: BasePass) -> FeatureSet:
+    """Encode the base pass with the SAE, select features, and label each by its group (the probe
+    category where it is most active) and its top-activating probe."""
+    codes = model.reader.encode(base.H0)
+    chosen = _selection(cfg, inputs, sp.csr_matrix(codes.astype(np.float64)), base.y0).filter(pl.col("selected"))
+    if chosen.height == 0:
+        raise InvalidValueError("feature selection chose no feature; lower features.threshold or min_active")
+    cols = chosen["column"].to_numpy()
+    pre0 = model.reader.pre(base.H0)[:, cols].astype(np.float64)
+    gated = cfg.decompose.delta_x == "gated"
+    X = np.maximum(pre0, 0.0) if gated else codes[:, cols].astype(np.float64)
+    probes, cats = inputs.probes, inputs.categories
+    levels = sorted(set(cats.tolist()))
+    means = np.stack([X[cats == c].mean(0) for c in levels], axis=1)
+    groups = [levels[i] for i in means.argmax(1)]
+    top = [", ".join(probes["id"][np.argsort(-X[:, j], kind="stable")[:3]].to_list()) for j in range(X.shape[1])]
+    labels = [f"{g}: {probes['prompt'][int(np.argmax(X[:, j]))][:60]}" for j, g in enumerate(groups)]
+    frame = chosen.select("feature_id", "n_active", "frac_active", "mean", "corr", "score", "rank").with_columns(
+        pl.Series("group", groups), pl.Series("label", labels), pl.Series("top_probes", top))
+    return FeatureSet(cols, X, gated, pre0, frame, groups, labels,
+                      w_enc=model.reader.w_enc(cols) if gated else None, gate=(pre0 > 0) if gated else None)
+
+
+def fit(cfg: Config, inputs: Inputs, features: FeatureSet, base: BasePass) -> PolicyFit:
+    """The policy on (X, y0), its fitted values, and its held-out fidelity."""
+    p = cfg.policy
+    policy = fit_policy(features.X, base.y0, lam=p.lam, intercept=p.intercept, standardize=p.standardize,
+                        feature_ids=features.frame["feature_id"].to_numpy(), labels=features.labels,
+                        threads=cfg.run.threads)
+    fidelity = policy_fidelity(features.X, base.y0, inputs.flag, inputs.categories, policy.lam, p.intercept,
+                               p.standardize, seed=cfg.run.seed, flag_name=inputs.behaviour.flag)
+    return PolicyFit(policy, policy.predict(features.X), fidelity)
+
+
+def prepare(cfg: Config, log: Log, progress: bool = True,
+            cached_base: Callable[[ModelSide, Inputs], BasePass] | None = None,
+            inputs: Inputs | None = None, timer: Callable[[str], None] | None = None) -> BaseState:
+    """Every stage before the pairs. ``cached_base`` (the run folder's cache of the base pass)
+    replaces :func:`base_pass` when given; ``timer(stage)`` is called as each stage ends."""
+    lap = timer or (lambda _stage: None)
+    torch.manual_seed(cfg.run.seed)
+    inputs = inputs if inputs is not None else load_inputs(cfg)
+    log(f"{inputs.probes.height} probes, {inputs.pairs.height} of {inputs.all_pairs.height} pairs "
+        f"({inputs.behaviour.name})")
+    model = load_model_side(cfg, inputs, log, progress)
+    lap("model_and_sae")
+    base = cached_base(model, inputs) if cached_base is not None else base_pass(model, inputs.probes)
+    lap("base_pass")
+    features = select(cfg, inputs, model, base)
+    policy_fit = fit(cfg, inputs, features, base)
+    lap("features_and_policy")
+    return BaseState(cfg, inputs, model, base, features, policy_fit)
+
+
+def pair_delta(state: BaseState, params: dict, pair_id: str = "?") -> PairDelta:
+    """ΔX (selected features) and Δy of the probe set under updated weights; non-finite values
+    stop the run with an error naming the pair, never reach an output."""
+    m, f = state.model, state.features
+    H1, y1 = m.runner.run(m.probe_tokens, params=params, probe_ids=state.inputs.probes["id"].to_list())
+    if f.gated:
+        dX = f.gate * ((H1.astype(np.float64) - state.base.H0.astype(np.float64)) @ f.w_enc)
+    else:
+        dX = m.reader.encode(H1)[:, f.columns].astype(np.float64) - f.X
+    dy = y1 - state.base.y0
+    for name, arr in (("ΔX", dX), ("Δy", dy)):
+        if not np.isfinite(arr).all():
+            raise NonFiniteError(
+                f"pair '{pair_id}': {name} holds NaN or inf after the update (update.lr = {state.cfg.update.lr:g}); "
+                "the update diverged or the model overflows in its dtype: lower update.lr or use float32"
+            )
+    return PairDelta(dX, dy)

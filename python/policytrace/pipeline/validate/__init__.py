@@ -1,0 +1,134 @@
+"""Does an attribution predict real retraining? (docs/design.md, "Evaluation".)
+
+* **LDS**: sample ``m`` random subsets of exactly ``round(alpha·P)`` of the run's pairs
+  (seeded), really fine-tune on each (:mod:`.retrain`) and measure the behaviour and policy
+  shifts. LDS is the Spearman correlation, over subsets, between a measured shift and the sum of
+  the subset's per-pair scores; 95 % bootstrap intervals resample subsets.
+* **Top-k removal** (``removal.parquet``, :mod:`.removal`).
+* **Planted pairs** (``planted.parquet``, :mod:`.planted`): mislabeled pairs the behaviour
+  plants; detection AUC and precision@k per method.
+* **Agreement** of the exact and first-order per-pair scores; **aggregates** (z-scores by
+  category and label, ``aggregates.parquet``); **timings** per method.
+
+Methods: the run's SMDA pair score (exact and first order), each pair's own measured and
+policy-predicted mean Δy, random scores, and the gradient and projection baselines of
+:mod:`.baselines`. Every retraining is cached in ``RUN_DIR/validation/``, so an interrupted
+validation resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import polars as pl
+
+from ... import _progress
+from ...errors import InvalidValueError, RunFolderError
+from ...numeric.metrics import auc, lds, precision_at_k, spearman, top_k_overlap
+from .. import config as cfgmod
+from ..rundir import RunDir
+from ..run import cached_base_pass
+from ..stages import BaseState, prepare
+from .baselines import gradient_baselines, probe_gradients, projection_baselines
+from .planted import GRADIENT_COLUMNS, PROJECTION_COLUMNS, planted_test
+from .removal import removal_test
+from .retrain import Retrainer, subset_masks
+from .scores import aggregate_scores, load_deltas, model_free_scores
+
+
+def _baseline_scores(state: BaseState, scores: dict, timings: dict, log: Callable[[str], None]):
+    """Adds the gradient and projection baselines to ``scores``; returns the probe gradients
+    (reused by the planted test)."""
+    P = state.inputs.pairs.height
+    log("gradient baselines (TrackStar-style cosine, Concept Influence)")
+    t = time.perf_counter()
+    probe_grads = probe_gradients(state)
+    timings["gradient_probe_pass_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    gb = gradient_baselines(state, state.cfg.update.lr, probe_grads=probe_grads)
+    timings["gradient_per_100_pairs_s"] = 100 * (time.perf_counter() - t) / P
+    scores |= {col: gb[col].to_numpy() for col in GRADIENT_COLUMNS}
+    t = time.perf_counter()
+    pb = projection_baselines(state)
+    timings["projection_per_100_pairs_s"] = 100 * (time.perf_counter() - t) / P
+    scores |= {col: pb[col].to_numpy() for col in PROJECTION_COLUMNS}
+    return probe_grads
+
+
+def _measure_subsets(retrainer: Retrainer, masks: np.ndarray, progress: bool) -> dict:
+    out: dict = {"policy": [], "behaviour": [], "behaviour_by_category": []}
+    bar = _progress.bar(len(masks), "subset", progress)
+    for mask in masks:
+        rec = retrainer.measure(np.flatnonzero(mask))
+        out["policy"].append(rec["policy_shift"])
+        out["behaviour"].append(rec["behaviour_shift"])
+        out["behaviour_by_category"].append(rec["behaviour_by_category"])
+        bar.update(1)
+    bar.close()
+    return out
+
+
+def _lds_frame(scores: dict, masks: np.ndarray, measured: dict, seed: int, alpha: float) -> list[dict]:
+    rows = []
+    for method, sc in scores.items():
+        for target in ("policy", "behaviour"):
+            rows.append({"method": method, "target": target, **lds(sc, masks, np.array(measured[target]), seed=seed),
+                         "subsets": len(masks), "alpha": alpha})
+    return rows
+
+
+def open_state(run_dir: str | Path, log: Callable[[str], None], progress: bool = False) -> tuple[RunDir, dict, BaseState]:
+    """A finished, intact run folder's manifest and its rebuilt :class:`BaseState`."""
+    rd = RunDir(run_dir, log)
+    manifest = rd.complete()
+    cfg = cfgmod.load(rd.file("config.toml"))
+    return rd, manifest, prepare(cfg, log, progress, cached_base=cached_base_pass(rd))
+
+
+def validate(run_dir: str | Path, subsets: int = 20, alpha: float = 0.5, seed: int = 0, progress: bool = True,
+             log=print, baselines: bool = True, removal_k: int | None = None, planted: int = 0) -> pl.DataFrame:
+    """LDS of the run's attributions against real subset retraining; writes ``validation.parquet``
+    (and ``removal``, ``planted``, ``aggregates`` and ``validation.json``)."""
+    if subsets < 2:
+        raise InvalidValueError(f"subsets = {subsets}: LDS needs at least 2 subsets (20 or more recommended)")
+    rd, manifest, state = open_state(run_dir, log)
+    ids, dX, dy = load_deltas(rd, manifest)
+    if ids != state.inputs.pairs["id"].to_list():
+        raise RunFolderError(f"{rd.path}: stored deltas do not match the run's pairs; run it again")
+    P = len(ids)
+    timings: dict = {}
+    spp = manifest.get("stages", {}).get("pairs", {}).get("seconds_per_pair")
+    if spp:
+        timings["smda_engine_per_100_pairs_s"] = 100 * spp
+    t = time.perf_counter()
+    scores = model_free_scores(state, ids, dX, dy, seed)
+    timings["decomposition_both_methods_per_100_pairs_s"] = 100 * (time.perf_counter() - t) / P
+    probe_grads = _baseline_scores(state, scores, timings, log) if baselines else None
+    masks = subset_masks(P, subsets, alpha, seed)
+    retrainer = Retrainer(state, seed, rd.file("validation"))
+    measured = _measure_subsets(retrainer, masks, progress)
+    rows = _lds_frame(scores, masks, measured, seed, alpha)
+    frame = pl.DataFrame(rows)
+    k = max(1, P // 10)
+    agreement = {"spearman_exact_first_order": spearman(scores["score_exact"], scores["score_first_order"]),
+                 f"top{k}_overlap": top_k_overlap(scores["score_exact"], scores["score_first_order"], k)}
+    rd.write_parquet("validation.parquet", frame)
+    k_rm = max(1, P // 8) if removal_k is None else removal_k
+    if k_rm > 0:
+        log(f"top-{k_rm} removal against category-matched random removal")
+        rd.write_parquet("removal.parquet", removal_test(retrainer, scores, k_rm, seed, progress=progress))
+    if planted > 0:
+        log(f"{planted} planted mislabeled pairs")
+        rd.write_parquet("planted.parquet", planted_test(state, planted, seed, (ids, dX, dy), baselines, progress,
+                                                         probe_grads))
+    rd.write_parquet("aggregates.parquet", aggregate_scores(scores, state.inputs.pairs))
+    rd.write("validation.json", json.dumps({"agreement": agreement, "lds": rows, "timings": timings,
+                                            "measured": measured}, indent=1))
+    return frame
+
+
+__all__ = ["auc", "lds", "precision_at_k", "spearman", "subset_masks", "top_k_overlap", "validate"]

@@ -1,0 +1,58 @@
+"""Planted mislabeled pairs: can a method find them? The behaviour plants them (refusal:
+harmless prompts answered with a refusal, harmful ones with compliance) and says where each
+kind hides; every method ranks the candidates, reported as AUC and precision@k."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+from ... import _progress
+from ...numeric.metrics import auc, precision_at_k
+from ..stages import BaseState
+from .baselines import gradient_baselines, projection_baselines
+from .scores import model_free_scores
+
+GRADIENT_COLUMNS = ("grad_cosine", "concept_influence", "behaviour_first_order")
+PROJECTION_COLUMNS = ("vector_filter", "projection_difference")
+
+
+def planted_deltas(state: BaseState, planted: pl.DataFrame, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    dX, dy = [], []
+    bar = _progress.bar(planted.height, "planted pair", progress)
+    for r in planted.iter_rows(named=True):
+        d = state.delta(state.model.engine.update(r["prompt"], r["response"], r["id"]), r["id"])
+        dX.append(d.dX)
+        dy.append(d.dy)
+        bar.update(1)
+    bar.close()
+    return np.stack(dX), np.stack(dy)
+
+
+def planted_test(state: BaseState, n: int, seed: int, deltas: tuple, baselines: bool, progress: bool = True,
+                 probe_grads=None) -> pl.DataFrame:
+    """Detection of ``n`` planted pairs by each method: for every planted kind, AUC and
+    precision@k of ``sign`` × score among the kind's candidate pool."""
+    behaviour = state.inputs.behaviour
+    planted = behaviour.plant_pairs(state.inputs.pairs, n, seed)
+    ids, dX, dy = deltas
+    pdX, pdy = planted_deltas(state, planted, progress)
+    both = pl.concat([state.inputs.pairs, planted])
+    sc = model_free_scores(state, ids + planted["id"].to_list(), np.concatenate([dX, pdX]),
+                           np.concatenate([dy, pdy]), seed)
+    if baselines:
+        gb = gradient_baselines(state, state.cfg.update.lr, both, probe_grads)
+        pb = projection_baselines(state, both)
+        sc |= {col: gb[col].to_numpy() for col in GRADIENT_COLUMNS}
+        sc |= {col: pb[col].to_numpy() for col in PROJECTION_COLUMNS}
+    label = np.array(both["label"].to_list(), dtype=object)
+    rows = []
+    for method, s_ in sc.items():
+        for kind in behaviour.planted_kinds(both):
+            lab = (label == kind.name)[kind.pool]
+            score = kind.sign * np.asarray(s_)[kind.pool]
+            k = int(lab.sum())
+            rows.append({"method": method, "kind": kind.name, "auc": auc(score, lab),
+                         "precision_at_k": precision_at_k(score, lab, k) if k else float("nan"),
+                         "n_planted": k, "n_candidates": int(kind.pool.sum())})
+    return pl.DataFrame(rows)

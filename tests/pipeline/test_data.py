@@ -1,0 +1,300 @@
+"""Probe and pair files: the shipped dataset, row validation with line numbers, duplicate ids,
+probe/pair leaks, and Parquet read the same as JSONL."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from policytrace.pipeline import data
+from policytrace.errors import ConfigError, DataError, EmptyInputError, InvalidValueError
+
+PROBE = {"id": "p1", "prompt": "Tell me a story.", "category": "benign", "harmful": False}
+PAIR = {
+    "id": "q1",
+    "prompt": "Write a poem.",
+    "response": "Roses are red.",
+    "category": "benign",
+    "label": "compliance",
+    "harmful": False,
+}
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    lines = [r if isinstance(r, str) else json.dumps(r) for r in rows]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def probe(i: int, **kw) -> dict:
+    return {**PROBE, "id": f"p{i}", "prompt": f"Probe prompt number {i}.", **kw}
+
+
+def pair(i: int, **kw) -> dict:
+    return {**PAIR, "id": f"q{i}", "prompt": f"Pair prompt number {i}.", **kw}
+
+
+def expect(cls, fn, *patterns):
+    """fn raises cls; the message matches every regex pattern."""
+    with pytest.raises(cls) as info:
+        fn()
+    msg = str(info.value)
+    for pat in patterns:
+        assert re.search(pat, msg), f"{pat!r} not found in {msg!r}"
+    return info.value
+
+
+def at_line(n: int) -> str:
+    return rf"(line {n}\b|:{n}:)"
+
+
+# --------------------------------------------------------------------------------------
+# the shipped dataset
+# --------------------------------------------------------------------------------------
+
+
+def test_shipped_dataset_loads():
+    ds = data.load_dataset()
+    p, q = ds.probes, ds.pairs
+    assert p.height >= 120 and q.height >= 200
+    assert p.columns == ["id", "prompt", "category", "harmful"]
+    assert q.columns == ["id", "prompt", "response", "category", "label", "harmful"]
+    assert p["id"].n_unique() == p.height and q["id"].n_unique() == q.height
+    cats = set(p["category"]) | set(q["category"])
+    assert len(cats) >= 6 and "religious_stereotyping" in cats
+    assert "religious_stereotyping" in set(p["category"]) and "religious_stereotyping" in set(q["category"])
+    assert set(p["harmful"].drop_nulls()) == {True, False}
+    assert {"refusal", "compliance"} <= set(q["label"])
+    for frame, cols in ((p, ("id", "prompt", "category")), (q, ("id", "prompt", "response", "category", "label"))):
+        for c in cols:
+            assert frame[c].null_count() == 0
+            assert all(s.strip() for s in frame[c])
+
+
+def test_shipped_dataset_has_no_probe_pair_overlap():
+    ds = data.load_dataset()
+    fold = lambda s: " ".join(s.lower().split())  # noqa: E731
+    probes = {fold(s) for s in ds.probes["prompt"]}
+    pairs = {fold(s) for s in ds.pairs["prompt"]}
+    assert not probes & pairs
+    data.check_overlap(ds.probes, ds.pairs)  # does not raise
+
+
+def test_shipped_paths_and_explicit_paths_agree():
+    ds = data.load_dataset()
+    p = data.load_probes(data.shipped_path("probes.jsonl"))
+    q = data.load_pairs(str(data.shipped_path("pairs.jsonl")))
+    assert p.equals(ds.probes) and q.equals(ds.pairs)
+
+
+# --------------------------------------------------------------------------------------
+# malformed rows
+# --------------------------------------------------------------------------------------
+
+
+def test_bad_json_reports_line(tmp_path):
+    f = write_jsonl(tmp_path / "probes.jsonl", [probe(1), probe(2), '{"id": "p3", "prompt": '])
+    e = expect(DataError, lambda: data.load_probes(f), at_line(3), "probes.jsonl", "JSON")
+    assert isinstance(e, InvalidValueError) and isinstance(e, ValueError)
+
+
+def test_line_numbers_count_blank_lines(tmp_path):
+    f = write_jsonl(tmp_path / "probes.jsonl", [probe(1), "", "   ", probe(2), "not json"])
+    expect(DataError, lambda: data.load_probes(f), at_line(5))
+    f = write_jsonl(tmp_path / "pairs.jsonl", [pair(1), "", {k: v for k, v in pair(2).items() if k != "label"}])
+    expect(DataError, lambda: data.load_pairs(f), at_line(3), "label")
+
+
+def test_non_object_row(tmp_path):
+    f = write_jsonl(tmp_path / "probes.jsonl", [probe(1), "[1, 2, 3]"])
+    expect(DataError, lambda: data.load_probes(f), at_line(2))
+
+
+@pytest.mark.parametrize("field", ["id", "prompt", "category"])
+def test_probe_missing_field(tmp_path, field):
+    bad = {k: v for k, v in probe(2).items() if k != field}
+    f = write_jsonl(tmp_path / "probes.jsonl", [probe(1), bad])
+    expect(DataError, lambda: data.load_probes(f), at_line(2), field)
+    f = write_jsonl(tmp_path / "probes.jsonl", [probe(1), {**probe(2), field: None}])
+    expect(DataError, lambda: data.load_probes(f), at_line(2), field)
+
+
+@pytest.mark.parametrize("field", ["id", "prompt", "response", "category", "label"])
+def test_pair_missing_field(tmp_path, field):
+    bad = {k: v for k, v in pair(2).items() if k != field}
+    f = write_jsonl(tmp_path / "pairs.jsonl", [pair(1), pair(3), bad])
+    expect(DataError, lambda: data.load_pairs(f), at_line(3), field)
+
+
+@pytest.mark.parametrize("value", [5, 1.5, True, ["a"], {"a": 1}])
+@pytest.mark.parametrize("field", ["id", "prompt"])
+def test_non_string_field(tmp_path, field, value):
+    f = write_jsonl(tmp_path / "probes.jsonl", [probe(1), probe(2), {**probe(3), field: value}])
+    expect(DataError, lambda: data.load_probes(f), at_line(3), field)
+    f = write_jsonl(tmp_path / "pairs.jsonl", [{**pair(1), field: value}])
+    expect(DataError, lambda: data.load_pairs(f), at_line(1), field)
+
+
+@pytest.mark.parametrize("value", ["yes", "true", 1, 0, [True]])
+def test_non_bool_harmful(tmp_path, value):
+    f = write_jsonl(tmp_path / "probes.jsonl", [probe(1), {**probe(2), "harmful": value}])
+    expect(DataError, lambda: data.load_probes(f), at_line(2), "harmful")
+    f = write_jsonl(tmp_path / "pairs.jsonl", [pair(1), {**pair(2), "harmful": value}])
+    expect(DataError, lambda: data.load_pairs(f), at_line(2), "harmful")
+
+
+def test_harmful_optional(tmp_path):
+    rows = [probe(1), {k: v for k, v in probe(2).items() if k != "harmful"}, {**probe(3), "harmful": None}, probe(4, harmful=True)]
+    p = data.load_probes(write_jsonl(tmp_path / "probes.jsonl", rows))
+    assert p["harmful"].to_list() == [False, None, None, True]
+    assert p.schema["harmful"] == pl.Boolean
+
+
+@pytest.mark.parametrize("value", ["", "   ", "\n\t"])
+@pytest.mark.parametrize("field", ["prompt", "id", "category"])
+def test_empty_string_field(tmp_path, field, value):
+    f = write_jsonl(tmp_path / "probes.jsonl", [probe(1), {**probe(2), field: value}])
+    expect(DataError, lambda: data.load_probes(f), at_line(2), field)
+
+
+def test_empty_response(tmp_path):
+    f = write_jsonl(tmp_path / "pairs.jsonl", [pair(1), {**pair(2), "response": " "}])
+    expect(DataError, lambda: data.load_pairs(f), at_line(2), "response")
+
+
+def test_extra_fields_are_ignored(tmp_path):
+    f = write_jsonl(tmp_path / "probes.jsonl", [{**probe(1), "source": "x", "n": 3}])
+    assert data.load_probes(f).columns == ["id", "prompt", "category", "harmful"]
+
+
+# --------------------------------------------------------------------------------------
+# duplicate ids, empty and missing files
+# --------------------------------------------------------------------------------------
+
+
+def test_duplicate_ids_name_both_lines(tmp_path):
+    rows = [probe(1), probe(2), probe(3), {**probe(4), "id": "p2"}]
+    f = write_jsonl(tmp_path / "probes.jsonl", rows)
+    e = expect(DataError, lambda: data.load_probes(f), "p2", at_line(2), at_line(4))
+    assert "duplicate" in str(e)
+    rows = [pair(1), pair(7), "", {**pair(9), "id": "q7"}]
+    f = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    expect(DataError, lambda: data.load_pairs(f), "q7", at_line(2), at_line(4))
+
+
+def test_empty_file(tmp_path):
+    for content in ("", "\n\n  \n"):
+        f = tmp_path / "probes.jsonl"
+        f.write_text(content)
+        expect(EmptyInputError, lambda: data.load_probes(f), "probes.jsonl")
+        g = tmp_path / "pairs.jsonl"
+        g.write_text(content)
+        expect(EmptyInputError, lambda: data.load_pairs(g), "pairs.jsonl")
+
+
+def test_missing_file(tmp_path):
+    expect(ConfigError, lambda: data.load_probes(tmp_path / "nope.jsonl"), "nope.jsonl")
+    expect(ConfigError, lambda: data.load_pairs(tmp_path / "nope.parquet"), "nope.parquet")
+    expect(ConfigError, lambda: data.load_dataset(probes=tmp_path / "nope.jsonl"), "nope.jsonl")
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".txt", ""])
+def test_wrong_suffix(tmp_path, suffix):
+    f = write_jsonl(tmp_path / f"probes{suffix}", [probe(1)])
+    expect(ConfigError, lambda: data.load_probes(f), ".jsonl", ".parquet")
+
+
+def test_json_suffix_reads_as_jsonl(tmp_path):
+    f = write_jsonl(tmp_path / "probes.JSON", [probe(1), probe(2)])
+    assert data.load_probes(f)["id"].to_list() == ["p1", "p2"]
+
+
+# --------------------------------------------------------------------------------------
+# probe / pair leaks
+# --------------------------------------------------------------------------------------
+
+
+def test_overlap_case_and_space_folded(tmp_path):
+    probes = [probe(1, prompt="Tell me a story about dragons."), probe(2), probe(3, prompt="How do I bake bread?")]
+    pairs = [
+        pair(1),
+        pair(2, prompt="  tell ME a   story\tabout\ndragons. "),
+        pair(3),
+        pair(4, prompt="HOW DO I BAKE BREAD?"),
+    ]
+    fp = write_jsonl(tmp_path / "probes.jsonl", probes)
+    fq = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    for fn in (
+        lambda: data.load_dataset(fp, fq),
+        lambda: data.check_overlap(data.load_probes(fp), data.load_pairs(fq)),
+    ):
+        e = expect(DataError, fn, r"\bq2\b", r"\bp1\b", r"\bq4\b", r"\bp3\b", r"\b2\b")
+        assert "q1" not in str(e) and "q3" not in str(e)
+
+
+def test_no_overlap_for_near_misses(tmp_path):
+    fp = write_jsonl(tmp_path / "probes.jsonl", [probe(1, prompt="Tell me a story.")])
+    fq = write_jsonl(tmp_path / "pairs.jsonl", [pair(1, prompt="Tell me a story!"), pair(2, prompt="Tell me a storyy.")])
+    ds = data.load_dataset(fp, fq)
+    assert ds.probes.height == 1 and ds.pairs.height == 2
+
+
+def test_overlap_with_shipped_files(tmp_path):
+    shipped = data.load_probes(data.shipped_path("probes.jsonl"))
+    leaked = shipped["prompt"][5]
+    fq = write_jsonl(tmp_path / "pairs.jsonl", [pair(1), pair(2, prompt=leaked.upper())])
+    expect(DataError, lambda: data.load_dataset(pairs=fq), r"\bq2\b", re.escape(shipped["id"][5]))
+
+
+# --------------------------------------------------------------------------------------
+# Parquet
+# --------------------------------------------------------------------------------------
+
+
+def test_parquet_same_as_jsonl(tmp_path):
+    for kind, loader in (("probes", data.load_probes), ("pairs", data.load_pairs)):
+        src = data.shipped_path(f"{kind}.jsonl")
+        rows = [json.loads(line) for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
+        pq = tmp_path / f"{kind}.parquet"
+        pl.DataFrame(rows).write_parquet(pq)
+        assert loader(pq).equals(loader(src)), kind
+    ds_pq = data.load_dataset(tmp_path / "probes.parquet", tmp_path / "pairs.parquet")
+    ds = data.load_dataset()
+    assert ds_pq.probes.equals(ds.probes) and ds_pq.pairs.equals(ds.pairs)
+
+
+def test_parquet_small_roundtrip_and_optional_harmful(tmp_path):
+    rows = [probe(1), probe(2, harmful=True), probe(3, harmful=None)]
+    pq = tmp_path / "p.parquet"
+    pl.DataFrame(rows).write_parquet(pq)
+    js = write_jsonl(tmp_path / "p.jsonl", rows)
+    assert data.load_probes(pq).equals(data.load_probes(js))
+    pq2 = tmp_path / "nh.PARQUET"
+    pl.DataFrame([{k: v for k, v in r.items() if k != "harmful"} for r in rows]).write_parquet(pq2)
+    assert data.load_probes(pq2)["harmful"].to_list() == [None, None, None]
+
+
+def test_parquet_errors_name_rows(tmp_path):
+    pq = tmp_path / "probes.parquet"
+    pl.DataFrame([probe(1), probe(2), {**probe(3), "id": "p1"}]).write_parquet(pq)
+    expect(DataError, lambda: data.load_probes(pq), "p1", r"row 0\b", r"row 2\b", "probes.parquet")
+    pl.DataFrame([probe(1), {**probe(2), "prompt": None}]).write_parquet(pq)
+    expect(DataError, lambda: data.load_probes(pq), r"row 1\b", "prompt")
+    pl.DataFrame([probe(1), {**probe(2), "prompt": "  "}]).write_parquet(pq)
+    expect(DataError, lambda: data.load_probes(pq), r"row 1\b", "prompt")
+    pl.DataFrame({"id": ["p1"], "prompt": ["x"], "category": ["c"], "harmful": [1]}).write_parquet(pq)
+    expect(DataError, lambda: data.load_probes(pq), r"row 0\b", "harmful")
+    pl.DataFrame({"id": [1], "prompt": ["x"], "category": ["c"]}).write_parquet(pq)
+    expect(DataError, lambda: data.load_probes(pq), r"row 0\b", "id")
+    pl.DataFrame({"id": ["p1"], "prompt": ["x"]}).write_parquet(pq)
+    expect(DataError, lambda: data.load_probes(pq), "category")
+
+
+def test_parquet_empty(tmp_path):
+    pq = tmp_path / "pairs.parquet"
+    pl.DataFrame(schema={k: pl.Utf8 for k in ("id", "prompt", "response", "category", "label")}).write_parquet(pq)
+    expect(EmptyInputError, lambda: data.load_pairs(pq), "pairs.parquet")

