@@ -337,8 +337,8 @@ def case_decomp(cfg: Config, work: Path, method: str, side: str) -> dict:
             times, out = _timed(lambda: core.run(dxt, dy, method, cfg.threads), cfg.repeats)
         res.update(core_times_s=times, core_s=statistics.median(times), core_peak_mib=mem.mib)
         res["memory_method"] = mem.method
-        res["n_fallback"] = int(out["n_fallback"])
-        d_t, d_x, d_y = (np.asarray(out[key])[:bsub] for key in ("d_total", "d_x", "d_y"))
+        res["n_fallback"] = int(out.n_fallback)
+        d_t, d_x, d_y = (np.asarray(getattr(out, key))[:bsub] for key in ("d_total", "d_x", "d_y"))
         flops = n_pairs * _flops_per_pair(method, n, k, shape["nnz_x"], shape["sum_row_nnz_sq"])
         res["flops"] = flops
         res["api_gflops"] = flops / res["api_s"] / 1e9

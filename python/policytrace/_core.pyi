@@ -1,8 +1,10 @@
-"""Type stubs of the compiled core (rust/py/src/lib.rs). Matrices are either a C-contiguous
-float64 2-D array or a CSR tuple ``(indptr int64, indices int64, data float64, (nrows, ncols))``
-with canonical rows (sorted, no duplicate column indices)."""
+"""Type stubs of the compiled core (rust/py/src). Matrices are either a C-contiguous float64 2-D
+array or a CSR tuple ``(indptr int64, indices int64, data float64, (nrows, ncols))`` with
+canonical rows (sorted, no duplicate column indices). Every function raises the classes of
+:mod:`policytrace.errors` (ShapeError, NonFiniteError, SparseFormatError, DTypeError, ...).
+``tests/numeric/test_stubs.py`` runs ``mypy.stubtest`` so this file cannot drift."""
 
-from typing import Union
+from typing import Union, final
 
 import numpy as np
 import numpy.typing as npt
@@ -10,11 +12,93 @@ import numpy.typing as npt
 _F64 = npt.NDArray[np.float64]
 _I64 = npt.NDArray[np.int64]
 _I32 = npt.NDArray[np.int32]
+_U64 = npt.NDArray[np.uint64]
 _Csr = tuple[_I64, _I64, _F64, tuple[int, int]]
 _Csr32or64 = Union[_Csr, tuple[_I32, _I32, _F64, tuple[int, int]]]
 _Matrix = Union[_F64, _Csr]
 
+__all__ = [
+    "feature_stats",
+    "fit_policy",
+    "interference",
+    "Decomposer",
+    "FeatureStats",
+    "FitResult",
+    "SplitResult",
+    "InterferenceResult",
+    "__version__",
+]
+
 __version__: str
+
+@final
+class FeatureStats:
+    """Per-feature statistics of :func:`feature_stats`."""
+
+    @property
+    def n_active(self) -> _U64: ...
+    @property
+    def mean(self) -> _F64: ...
+    @property
+    def std(self) -> _F64: ...
+    @property
+    def corr(self) -> _F64:
+        """Pearson correlation with y; NaN where undefined."""
+    @property
+    def group_means(self) -> _F64:
+        """(F, G) means within each probe group."""
+    @property
+    def group_counts(self) -> _U64: ...
+
+@final
+class FitResult:
+    """A fitted ridge policy (:func:`fit_policy`)."""
+
+    @property
+    def coef(self) -> _F64: ...
+    @property
+    def intercept(self) -> float: ...
+    @property
+    def lam(self) -> float: ...
+    @property
+    def scale(self) -> _F64: ...
+    @property
+    def solver(self) -> str:
+        """'cholesky' or 'eigh-pinv'."""
+    @property
+    def dual(self) -> bool: ...
+    @property
+    def df(self) -> float: ...
+    @property
+    def gcv_grid(self) -> _F64: ...
+    @property
+    def gcv_score(self) -> _F64: ...
+
+@final
+class SplitResult:
+    """Per-pair coefficient shifts of :meth:`Decomposer.run`, (P, K) each."""
+
+    @property
+    def d_total(self) -> _F64: ...
+    @property
+    def d_x(self) -> _F64: ...
+    @property
+    def d_y(self) -> _F64: ...
+    @property
+    def pred_dy(self) -> _F64: ...
+    @property
+    def n_fallback(self) -> int: ...
+
+@final
+class InterferenceResult:
+    """Dominant feature (-1 when nothing moved), off-target share and flag per pair."""
+
+    @property
+    def dominant(self) -> _I64: ...
+    @property
+    def off_target_share(self) -> _F64: ...
+    @property
+    def flag(self) -> npt.NDArray[np.bool_]: ...
 
 def feature_stats(
     x: _Matrix,
@@ -22,10 +106,7 @@ def feature_stats(
     groups: npt.NDArray[np.uint32] | None = None,
     n_groups: int = 0,
     threads: int = 0,
-) -> dict[str, np.ndarray]:
-    """Keys: n_active (uint64), mean, std, corr (NaN where undefined),
-    group_means (F, G), group_counts (uint64)."""
-
+) -> FeatureStats: ...
 def fit_policy(
     x: _Matrix,
     y: _F64,
@@ -34,17 +115,14 @@ def fit_policy(
     intercept: bool = True,
     standardize: bool = True,
     threads: int = 0,
-) -> dict[str, object]:
-    """Keys: coef, intercept, lam, scale, solver ('cholesky' | 'eigh-pinv'), dual, df,
-    gcv_grid, gcv_score. ``lam=None`` selects lambda by GCV."""
+) -> FitResult:
+    """``lam=None`` selects lambda by GCV over ``lam_grid`` (or the default grid)."""
 
-def interference(
-    d_coef: _F64, feature_group: _I64, pair_group: _I64
-) -> tuple[_I64, _F64, npt.NDArray[np.bool_]]: ...
-
+def interference(d_coef: _F64, feature_group: _I64, pair_group: _I64) -> InterferenceResult: ...
+@final
 class Decomposer:
-    def __init__(
-        self,
+    def __new__(
+        cls,
         coef: _F64,
         intercept: float,
         lam: float,
@@ -53,11 +131,9 @@ class Decomposer:
         x: _Matrix,
         y: _F64,
         threads: int = 0,
-    ) -> None: ...
+    ) -> Decomposer: ...
     @property
     def shape(self) -> tuple[int, int]: ...
-    def run(
-        self, dx: _Csr32or64, dy: _F64, method: str = "exact", threads: int | None = None
-    ) -> dict[str, object]:
+    def run(self, dx: _Csr32or64, dy: _F64, method: str = "exact", threads: int | None = None) -> SplitResult:
         """``dx``: pair-major stacked CSR (P*n, K) with int32 or int64 indices (used without
-        copying); ``dy``: (P, n). Keys: d_total, d_x, d_y (P, K), pred_dy (P,), n_fallback."""
+        copying); ``dy``: (P, n)."""

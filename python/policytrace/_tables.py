@@ -106,7 +106,8 @@ def describe(hint: Any) -> str:
     if origin in (Union, types.UnionType):
         return " or ".join(describe(h) for h in get_args(hint))
     if origin is tuple:
-        return f"a list of {describe(get_args(hint)[0])}s"
+        item = get_args(hint)[0]
+        return "a list of " + {str: "strings", int: "integers", float: "numbers"}.get(item, describe(item))
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
 
 

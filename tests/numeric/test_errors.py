@@ -1030,7 +1030,7 @@ def test_core_malformed_csr(name):
     small_x = np.ascontiguousarray(np.eye(nrows, 4) + 1.0)
     small_y = np.arange(float(nrows))
     r = _core.fit_policy(small_x, small_y, 1.0)
-    D = _core.Decomposer(r["coef"], r["intercept"], r["lam"], r["scale"], True, small_x, small_y)
+    D = _core.Decomposer(r.coef, r.intercept, r.lam, r.scale, True, small_x, small_y)
     expect(SparseFormatError, lambda: D.run(T, np.zeros((1, nrows))), "`dX`")
 
 
@@ -1199,7 +1199,7 @@ def _small_decomposer():
     x = np.ascontiguousarray([[1.0, 0.0, 2.0], [0.0, 3.0, 1.0]])
     y = np.array([1.0, -1.0])
     r = _core.fit_policy(x, y, 0.5, None, True, True, 1)
-    return _core.Decomposer(r["coef"], r["intercept"], r["lam"], r["scale"], True, x, y, 1)
+    return _core.Decomposer(r.coef, r.intercept, r.lam, r.scale, True, x, y, 1)
 
 
 @settings(max_examples=150)

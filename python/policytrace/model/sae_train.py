@@ -202,9 +202,9 @@ def default_sae(lm: LoadedModel, site: HookSite, prompts: Sequence[str], cache_d
     cache_dir = Path(cache_dir)
     folder = cache_dir / f"sae-{cache_key(lm.name, site, chats, docs, spec)}"
     report_path = folder / "quality.json"
+    remove_stale_temporaries(cache_dir, ".sae.*.tmp")
     if report_path.exists():
         return folder, json.loads(report_path.read_text())
-    remove_stale_temporaries(cache_dir, ".sae.*.tmp")
     log(f"training the default TopK SAE (layer {site.layer}, {spec.d_sae} latents, k={spec.k}); cached at {folder}")
     torch.manual_seed(spec.seed)
     acts = collect_activations(lm, site, chats, docs, spec.max_tokens, progress=progress)

@@ -184,10 +184,10 @@ class Attributor:
                 self._behaviour.append(self._behaviour_frame(pair_ids, dya))
         return frame
 
-    def _pair_feature_frame(self, pair_ids: list, res: dict) -> pl.DataFrame:
+    def _pair_feature_frame(self, pair_ids: list, res: Any) -> pl.DataFrame:
         pol = self.policy
         p, k = len(pair_ids), pol.n_features
-        d, dx, dyp = res["d_total"], res["d_x"], res["d_y"]
+        d, dx, dyp = res.d_total, res.d_x, res.d_y
         # First order is additive by construction: its interaction is exactly zero.
         dxy = d - dx - dyp if self.method == "exact" else np.zeros_like(d)
         coef = np.broadcast_to(pol.coef, (p, k))
@@ -206,24 +206,24 @@ class Attributor:
             }
         )
 
-    def _pair_frame(self, pair_ids: list, groups: list | None, res: dict, dy: np.ndarray) -> pl.DataFrame:
+    def _pair_frame(self, pair_ids: list, groups: list | None, res: Any, dy: np.ndarray) -> pl.DataFrame:
         pol = self.policy
-        d = res["d_total"]
+        d = res.d_total
         cols: dict[str, Any] = {
             "pair_id": list(pair_ids),
             "group": groups if groups is not None else [None] * len(pair_ids),
             "score": d @ pol.coef,
-            "score_x": res["d_x"] @ pol.coef,
-            "score_y": res["d_y"] @ pol.coef,
+            "score_x": res.d_x @ pol.coef,
+            "score_y": res.d_y @ pol.coef,
             "dy_mean": dy.mean(axis=1),
-            "pred_dy_mean": np.asarray(res["pred_dy"]),
+            "pred_dy_mean": np.asarray(res.pred_dy),
         }
         if self._feature_codes is not None and groups is not None:
             pcodes = group_codes(groups, self._labels)
-            dom, share, flag = _backend.backend(self._backend_name).interference(
+            res_i = _backend.backend(self._backend_name).interference(
                 np.ascontiguousarray(d), self._feature_codes, pcodes
             )
-            dom = np.asarray(dom)
+            dom, share, flag = np.asarray(res_i.dominant), res_i.off_target_share, res_i.flag
             cols["dominant_feature"] = [int(pol.feature_ids[j]) if j >= 0 else None for j in dom]
             cols["dominant_group"] = [self.feature_group_labels[j] if j >= 0 else None for j in dom]
             cols["off_target_share"] = np.asarray(share)

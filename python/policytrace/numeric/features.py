@@ -49,16 +49,16 @@ def _feature_stats(X, y, groups, feature_ids, backend, threads):
     res = _backend.backend(backend).feature_stats(
         xa, ya, codes, len(levels) if codes is not None else 0, _backend.threads(threads)
     )
-    gm = np.asarray(res["group_means"]).reshape(f, -1)
+    gm = np.asarray(res.group_means).reshape(f, -1)
     frame = pl.DataFrame(
         {
             "feature_id": ids,
             "column": np.arange(f, dtype=np.int64),
-            "n_active": np.asarray(res["n_active"], dtype=np.int64),
-            "frac_active": np.asarray(res["n_active"], dtype=np.float64) / n,
-            "mean": res["mean"],
-            "std": res["std"],
-            "corr": res["corr"],
+            "n_active": np.asarray(res.n_active, dtype=np.int64),
+            "frac_active": np.asarray(res.n_active, dtype=np.float64) / n,
+            "mean": res.mean,
+            "std": res.std,
+            "corr": res.corr,
         }
     ).with_columns(pl.col("corr").fill_nan(None))
     if codes is not None:

@@ -57,5 +57,5 @@ def interference(
     table: dict = {}
     fg = group_codes(list(feature_groups), table)
     pg = group_codes(list(pair_groups), table)
-    dom, share, flag = _backend.backend(backend).interference(d, fg, pg)
-    return np.asarray(dom), np.asarray(share), np.asarray(flag, dtype=bool)
+    res = _backend.backend(backend).interference(d, fg, pg)
+    return np.asarray(res.dominant), np.asarray(res.off_target_share), np.asarray(res.flag, dtype=bool)

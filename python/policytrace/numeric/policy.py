@@ -171,17 +171,17 @@ def fit_policy(
         xa, ya, lam_value, grid, intercept, standardize, _backend.threads(threads)
     )
     return Policy(
-        coef=np.asarray(res["coef"]),
-        intercept=float(res["intercept"]),
-        lam=float(res["lam"]),
-        scale=np.asarray(res["scale"]),
+        coef=np.asarray(res.coef),
+        intercept=float(res.intercept),
+        lam=float(res.lam),
+        scale=np.asarray(res.scale),
         feature_ids=ids,
         labels=list(labels) if labels is not None else None,
         fit_intercept=intercept,
         standardize=standardize,
-        solver=str(res["solver"]),
-        dual=bool(res["dual"]),
-        df=float(res["df"]),
-        gcv_grid=np.asarray(res["gcv_grid"]),
-        gcv_score=np.asarray(res["gcv_score"]),
+        solver=str(res.solver),
+        dual=bool(res.dual),
+        df=float(res.df),
+        gcv_grid=np.asarray(res.gcv_grid),
+        gcv_score=np.asarray(res.gcv_score),
     )

@@ -9,6 +9,8 @@ Function signatures mirror ``policytrace._core``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import scipy.sparse as sp
 
@@ -22,6 +24,53 @@ GCV_GRID_HI = 1e3
 REFIT_TOLERANCE = 1e-6
 
 
+@dataclass(frozen=True)
+class FeatureStats:
+    """Twin of ``_core.FeatureStats``."""
+
+    n_active: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+    corr: np.ndarray
+    group_means: np.ndarray
+    group_counts: np.ndarray
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """Twin of ``_core.FitResult``."""
+
+    coef: np.ndarray
+    intercept: float
+    lam: float
+    scale: np.ndarray
+    solver: str
+    dual: bool
+    df: float
+    gcv_grid: np.ndarray
+    gcv_score: np.ndarray
+
+
+@dataclass(frozen=True)
+class SplitResult:
+    """Twin of ``_core.SplitResult``."""
+
+    d_total: np.ndarray
+    d_x: np.ndarray
+    d_y: np.ndarray
+    pred_dy: np.ndarray
+    n_fallback: int
+
+
+@dataclass(frozen=True)
+class InterferenceResult:
+    """Twin of ``_core.InterferenceResult``."""
+
+    dominant: np.ndarray
+    off_target_share: np.ndarray
+    flag: np.ndarray
+
+
 def _dense(x) -> np.ndarray:
     if isinstance(x, tuple):
         indptr, indices, data, shape = x
@@ -29,7 +78,7 @@ def _dense(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def feature_stats(x, y=None, groups=None, n_groups=0, threads=0) -> dict:
+def feature_stats(x, y=None, groups=None, n_groups=0, threads=0) -> FeatureStats:
     """Column statistics with scipy.sparse: sums by matrix products, variances about the mean."""
     if isinstance(x, tuple):
         Xs = sp.csr_matrix((x[2], x[1], x[0]), shape=x[3])
@@ -65,14 +114,7 @@ def feature_stats(x, y=None, groups=None, n_groups=0, threads=0) -> dict:
         raise InvalidValueError(f"group {int(np.flatnonzero(counts == 0)[0])} has no probes")
     onehot = sp.csr_matrix((np.ones(n), (np.arange(n), codes)), shape=(n, g))
     gm = np.asarray((Xs.T @ onehot).todense()) / counts
-    return {
-        "n_active": n_active,
-        "mean": mean,
-        "std": std,
-        "corr": corr,
-        "group_means": gm,
-        "group_counts": counts.astype(np.uint64),
-    }
+    return FeatureStats(n_active, mean, std, corr, gm, counts.astype(np.uint64))
 
 
 def column_scale(X: np.ndarray) -> np.ndarray:
@@ -143,7 +185,7 @@ def gcv_curve(Zc: np.ndarray, yc: np.ndarray, grid, intercept: bool):
     return np.array(scores), np.array(dfs)
 
 
-def fit_policy(x, y, lam=None, lam_grid=None, intercept=True, standardize=True, threads=0) -> dict:
+def fit_policy(x, y, lam=None, lam_grid=None, intercept=True, standardize=True, threads=0) -> FitResult:
     X = _dense(x)
     y = np.asarray(y, dtype=np.float64)
     n, k = X.shape
@@ -175,17 +217,8 @@ def fit_policy(x, y, lam=None, lam_grid=None, intercept=True, standardize=True, 
         raise InvalidValueError(f"`lam` = {lam} is not a finite non-negative number")
     b, b0, solver = ridge(X, y, lam, scale, intercept)
     _, dfs = gcv_curve(Zc, yc, [lam], intercept)
-    return {
-        "coef": b,
-        "intercept": float(b0),
-        "lam": float(lam),
-        "scale": scale,
-        "solver": solver,
-        "dual": n < k,
-        "df": float(dfs[0]),
-        "gcv_grid": grid,
-        "gcv_score": scores,
-    }
+    return FitResult(coef=b, intercept=float(b0), lam=float(lam), scale=scale, solver=solver, dual=n < k,
+                     df=float(dfs[0]), gcv_grid=grid, gcv_score=scores)
 
 
 class Decomposer:
@@ -219,7 +252,7 @@ class Decomposer:
     def shape(self):
         return self.X.shape
 
-    def run(self, dx, dy, method="exact", threads=None) -> dict:
+    def run(self, dx, dy, method="exact", threads=None) -> SplitResult:
         n, k = self.X.shape
         D = sp.csr_matrix((dx[2], dx[1], dx[0]), shape=dx[3]) if isinstance(dx, tuple) else dx
         P = D.shape[0] // n
@@ -249,9 +282,7 @@ class Decomposer:
                 out["d_total"][p] = out["d_x"][p] + out["d_y"][p]
             else:
                 raise InvalidValueError(f"`method` '{method}' is not 'exact' or 'first_order'")
-        out["pred_dy"] = pred
-        out["n_fallback"] = fallback
-        return out
+        return SplitResult(out["d_total"], out["d_x"], out["d_y"], pred, fallback)
 
 
 def interference(d_coef, feature_group, pair_group):
@@ -274,4 +305,4 @@ def interference(d_coef, feature_group, pair_group):
     share = np.divide(off, total, out=np.zeros_like(total), where=total > 0)
     dom = np.where(total > 0, d.argmax(axis=1), -1)
     flag = np.array([dm >= 0 and not intended[i, dm] for i, dm in enumerate(dom)], dtype=bool)
-    return dom.astype(np.int64), share, flag
+    return InterferenceResult(dom.astype(np.int64), share, flag)

@@ -235,18 +235,21 @@ def to_toml(cfg: Config) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
 def markdown_table() -> str:
     """The README's configuration table, generated from the tables' field docstrings."""
-    rows = ["| key | default | meaning |", "|---|---|---|",
-            f"| `preset` | `\"default\"` | {'; '.join(f'`{k}`: {v}' for k, v in PRESET_DOCS.items())} |"]
+    presets = "; ".join(f"`{k}`: {v}" for k, v in PRESET_DOCS.items())
+    choices = " | ".join(f"`{p}`" for p in PRESETS)
+    rows = ["| key | default | type | meaning |", "|---|---|---|---|",
+            f"| `preset` | `\"default\"` | {_cell(choices)} | {_cell(presets)} |"]
     for name, cls in TABLES.items():
-        docs = field_docs(cls)
-        hints = typing.get_type_hints(cls)
+        docs, hints, defaults = field_docs(cls), typing.get_type_hints(cls), to_mapping(cls())
         for f in dataclasses.fields(cls):
-            default = _toml_value(to_mapping(cls())[f.name])
-            kind = describe(hints[f.name])
-            doc = docs.get(f.name, "").replace("|", "\\|")
-            rows.append(f"| `{name}.{f.name}` | `{default.replace('|', chr(92) + '|')}` | {doc} ({kind.replace('|', chr(92) + '|')}) |")
+            rows.append(f"| `{name}.{f.name}` | `{_cell(_toml_value(defaults[f.name]))}` | "
+                        f"{_cell(describe(hints[f.name]))} | {_cell(docs.get(f.name, ''))} |")
     return "\n".join(rows) + "\n"
 
 

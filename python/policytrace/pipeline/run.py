@@ -91,6 +91,7 @@ def write_base(rd: RunDir, state: BaseState) -> dict:
     }
     pol.save(rd.file("policy.json"))
     files["policy.json"] = digest_file(rd.file("policy.json"))
+    files |= (rd.marker("stages/base_pass.json") or {}).get("files", {})
     facts = {"n_probes": probes.height, "n_features": int(len(state.features.columns)), "lam": pol.lam,
              "behaviour": state.inputs.behaviour.name, "sae_quality": state.model.sae_quality,
              "fidelity": state.fit.fidelity}

@@ -38,8 +38,40 @@ pub struct Base {
 /// to be the data the policy was fit on.
 const REFIT_TOLERANCE: f64 = 1e-6;
 
+/// What the decomposition needs of a fitted policy (a full [`Policy`] converts into it).
+#[derive(Debug, Clone, Copy)]
+pub struct BaseSpec<'a> {
+    pub coef: &'a [f64],
+    pub intercept: f64,
+    pub lam: f64,
+    pub scale: &'a [f64],
+    pub fit_intercept: bool,
+}
+
+impl<'a> From<&'a Policy> for BaseSpec<'a> {
+    fn from(p: &'a Policy) -> Self {
+        Self {
+            coef: &p.coef,
+            intercept: p.intercept,
+            lam: p.lam,
+            scale: &p.scale,
+            fit_intercept: p.fit_intercept,
+        }
+    }
+}
+
 impl Base {
     pub fn new(policy: &Policy, x: &Matrix<'_>, y: &[f64], par: Par) -> Result<Self> {
+        Self::from_spec(policy.into(), x, y, par)
+    }
+
+    pub fn from_spec(policy: BaseSpec<'_>, x: &Matrix<'_>, y: &[f64], par: Par) -> Result<Self> {
+        if !(policy.lam.is_finite() && policy.lam >= 0.0) {
+            return Err(CoreError::value(
+                "lam",
+                format!("{} is not a finite non-negative number", policy.lam),
+            ));
+        }
         let k = policy.coef.len();
         if x.ncols() != k {
             return Err(CoreError::shape(
@@ -48,9 +80,9 @@ impl Base {
                 format!("{} columns", x.ncols()),
             ));
         }
-        check_finite("coef", &policy.coef, 1)?;
+        check_finite("coef", policy.coef, 1)?;
         check_finite("intercept", &[policy.intercept], 1)?;
-        let design = Design::new(x, y, Some(&policy.scale), true, policy.fit_intercept)?;
+        let design = Design::new(x, y, Some(policy.scale), true, policy.fit_intercept)?;
         let a = add_ridge(&design.gram(par), policy.lam);
         let solver = SpdSolver::new(a.as_ref())?;
         let b = solver.solve_vec(&design.zt_vec(&design.y_c));
@@ -60,7 +92,7 @@ impl Base {
         for row in design.z.chunks_exact(k) {
             let diff: f64 = row
                 .iter()
-                .zip(b.iter().zip(&policy.coef))
+                .zip(b.iter().zip(policy.coef))
                 .map(|(z, (p, q))| z * (p - q))
                 .sum();
             worst = worst.max(diff.abs());
@@ -113,6 +145,30 @@ pub struct Split {
 }
 
 impl Split {
+    /// No pairs yet, for `k` features (the start of an [`Split::append`] accumulation).
+    pub fn empty(k: usize) -> Self {
+        Self {
+            n_pairs: 0,
+            k,
+            d_total: Vec::new(),
+            d_x: Vec::new(),
+            d_y: Vec::new(),
+            pred_dy: Vec::new(),
+            n_fallback: 0,
+        }
+    }
+
+    /// Append the pairs of a later batch (same features), in order.
+    pub fn append(&mut self, other: Split) {
+        debug_assert_eq!(self.k, other.k);
+        self.n_pairs += other.n_pairs;
+        self.d_total.extend(other.d_total);
+        self.d_x.extend(other.d_x);
+        self.d_y.extend(other.d_y);
+        self.pred_dy.extend(other.pred_dy);
+        self.n_fallback += other.n_fallback;
+    }
+
     pub fn d_xy(&self) -> Vec<f64> {
         (0..self.d_total.len())
             .map(|i| self.d_total[i] - self.d_x[i] - self.d_y[i])

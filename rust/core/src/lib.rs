@@ -15,7 +15,7 @@ pub mod matrix;
 pub mod ridge;
 pub mod stats;
 
-pub use decompose::{decompose, Base, Method, Split};
+pub use decompose::{decompose, Base, BaseSpec, Method, Split};
 pub use error::{CoreError, Result};
 pub use interference::{interference, Interference, NO_GROUP};
 pub use linalg::{pool, with_pool, SolverKind};

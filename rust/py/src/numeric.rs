@@ -1,0 +1,318 @@
+//! The numeric entry points: convert, release the GIL (`py.detach`), call the core on a private
+//! thread pool, return a typed, frozen result object.
+
+use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyUntypedArrayMethods};
+use policytrace_core as core;
+use pyo3::prelude::*;
+use pyo3::types::PyTuple;
+
+use crate::convert::{self, slice, CsrArg, MatArg};
+use crate::errors::{self, Result};
+
+fn vec1<T: numpy::Element>(py: Python<'_>, v: Vec<T>) -> Py<PyArray1<T>> {
+    PyArray1::from_vec(py, v).unbind()
+}
+
+fn mat2(py: Python<'_>, v: Vec<f64>, rows: usize, cols: usize) -> Result<Py<PyArray2<f64>>> {
+    Ok(PyArray1::from_vec(py, v).reshape([rows, cols])?.unbind())
+}
+
+/// Per-feature statistics (`feature_stats`).
+#[pyclass(frozen, get_all, module = "policytrace._core")]
+pub struct FeatureStats {
+    /// Probes with a non-zero activation, per feature.
+    n_active: Py<PyArray1<u64>>,
+    mean: Py<PyArray1<f64>>,
+    /// Population standard deviation.
+    std: Py<PyArray1<f64>>,
+    /// Pearson correlation with y (NaN where undefined).
+    corr: Py<PyArray1<f64>>,
+    /// Means within each probe group, (F, G).
+    group_means: Py<PyArray2<f64>>,
+    group_counts: Py<PyArray1<u64>>,
+}
+
+/// A fitted ridge policy (`fit_policy`).
+#[pyclass(frozen, get_all, module = "policytrace._core")]
+pub struct FitResult {
+    coef: Py<PyArray1<f64>>,
+    intercept: f64,
+    lam: f64,
+    scale: Py<PyArray1<f64>>,
+    /// "cholesky" or "eigh-pinv".
+    solver: String,
+    dual: bool,
+    df: f64,
+    gcv_grid: Py<PyArray1<f64>>,
+    gcv_score: Py<PyArray1<f64>>,
+}
+
+/// Per-pair coefficient shifts of one decomposition call, (P, K) each.
+#[pyclass(frozen, get_all, module = "policytrace._core")]
+pub struct SplitResult {
+    d_total: Py<PyArray2<f64>>,
+    d_x: Py<PyArray2<f64>>,
+    d_y: Py<PyArray2<f64>>,
+    /// Mean over probes of the base policy's predicted change, (P,).
+    pred_dy: Py<PyArray1<f64>>,
+    /// Pairs whose perturbed system needed the eigendecomposition fallback.
+    n_fallback: usize,
+}
+
+/// Dominant feature, off-target share and flag per pair (`interference`).
+#[pyclass(frozen, get_all, module = "policytrace._core")]
+pub struct InterferenceResult {
+    dominant: Py<PyArray1<i64>>,
+    off_target_share: Py<PyArray1<f64>>,
+    flag: Py<PyArray1<bool>>,
+}
+
+/// Per-feature statistics in one pass over the non-zeros.
+#[pyfunction]
+#[pyo3(signature = (x, y=None, groups=None, n_groups=0, threads=0))]
+pub fn feature_stats<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    y: Option<&Bound<'py, PyAny>>,
+    groups: Option<&Bound<'py, PyAny>>,
+    n_groups: usize,
+    threads: usize,
+) -> Result<FeatureStats> {
+    let xa = MatArg::extract("X", x)?;
+    let ya = y.map(|y| convert::vector("y", y)).transpose()?;
+    let ga: Option<PyReadonlyArray1<u32>> = groups
+        .map(|g| convert::array("groups", g, "1-D uint32 array of codes"))
+        .transpose()?;
+    let ys = ya.as_ref().map(slice);
+    let gs = ga.as_ref().map(|g| (slice(g), n_groups));
+    let xv = xa.view()?;
+    let stats = py.detach(|| core::with_pool(threads, |_| core::feature_stats(&xv, ys, gs)))??;
+    let (f, g) = (stats.n_features, stats.n_groups);
+    Ok(FeatureStats {
+        n_active: vec1(py, stats.n_active),
+        mean: vec1(py, stats.mean),
+        std: vec1(py, stats.std),
+        corr: vec1(py, stats.corr),
+        group_means: mat2(py, stats.group_means, f, g)?,
+        group_counts: vec1(py, stats.group_counts),
+    })
+}
+
+/// Fit the ridge policy. `lam=None` selects lambda by GCV over `lam_grid` (or the default grid).
+#[pyfunction]
+#[pyo3(signature = (x, y, lam=None, lam_grid=None, intercept=true, standardize=true, threads=0))]
+#[allow(clippy::too_many_arguments)]
+pub fn fit_policy<'py>(
+    py: Python<'py>,
+    x: &Bound<'py, PyAny>,
+    y: &Bound<'py, PyAny>,
+    lam: Option<f64>,
+    lam_grid: Option<Vec<f64>>,
+    intercept: bool,
+    standardize: bool,
+    threads: usize,
+) -> Result<FitResult> {
+    let xa = MatArg::extract("X", x)?;
+    let ya = convert::vector("y", y)?;
+    let opts = core::FitOptions {
+        lam: match lam {
+            Some(l) => core::Lam::Fixed(l),
+            None => core::Lam::Gcv(lam_grid),
+        },
+        intercept,
+        standardize,
+    };
+    let xv = xa.view()?;
+    let ys = slice(&ya);
+    let pol =
+        py.detach(|| core::with_pool(threads, |par| core::ridge::fit(&xv, ys, &opts, par)))??;
+    Ok(FitResult {
+        coef: vec1(py, pol.coef),
+        intercept: pol.intercept,
+        lam: pol.lam,
+        scale: vec1(py, pol.scale),
+        solver: pol.solver.name().to_string(),
+        dual: pol.dual,
+        df: pol.df,
+        gcv_grid: vec1(py, pol.gcv_grid),
+        gcv_score: vec1(py, pol.gcv_score),
+    })
+}
+
+/// The base fit prepared for decomposing batches of pairs.
+#[pyclass(frozen, module = "policytrace._core")]
+pub struct Decomposer {
+    base: core::Base,
+    threads: usize,
+}
+
+/// Pairs per chunk between two checks for Ctrl-C.
+const PAIRS_PER_CHUNK: usize = 256;
+
+fn method(name: &str) -> Result<core::Method> {
+    match name {
+        "exact" => Ok(core::Method::Exact),
+        "first_order" => Ok(core::Method::FirstOrder),
+        other => Err(core::CoreError::value(
+            "method",
+            format!("'{other}' is not 'exact' or 'first_order'"),
+        )
+        .into()),
+    }
+}
+
+#[pymethods]
+impl Decomposer {
+    #[new]
+    #[pyo3(signature = (coef, intercept, lam, scale, fit_intercept, x, y, threads=0))]
+    #[allow(clippy::too_many_arguments)]
+    fn new<'py>(
+        py: Python<'py>,
+        coef: &Bound<'py, PyAny>,
+        intercept: f64,
+        lam: f64,
+        scale: &Bound<'py, PyAny>,
+        fit_intercept: bool,
+        x: &Bound<'py, PyAny>,
+        y: &Bound<'py, PyAny>,
+        threads: usize,
+    ) -> Result<Self> {
+        let (coef, scale) = (
+            convert::vector("coef", coef)?,
+            convert::vector("scale", scale)?,
+        );
+        let xa = MatArg::extract("X", x)?;
+        let ya = convert::vector("y", y)?;
+        let spec = core::BaseSpec {
+            coef: slice(&coef),
+            intercept,
+            lam,
+            scale: slice(&scale),
+            fit_intercept,
+        };
+        let (xv, ys) = (xa.view()?, slice(&ya));
+        let base = py.detach(|| {
+            core::with_pool(threads, |par| core::Base::from_spec(spec, &xv, ys, par))
+        })??;
+        Ok(Self { base, threads })
+    }
+
+    /// Probes and features of the base design.
+    #[getter]
+    fn shape(&self) -> (usize, usize) {
+        (self.base.design.n, self.base.design.k)
+    }
+
+    /// Decompose P pairs. `dx`: CSR tuple of shape (P*n, K), pair-major, int32 or int64
+    /// indices; `dy`: (P, n).
+    #[pyo3(signature = (dx, dy, method="exact", threads=None))]
+    fn run<'py>(
+        &self,
+        py: Python<'py>,
+        dx: &Bound<'py, PyAny>,
+        dy: &Bound<'py, PyAny>,
+        method: &str,
+        threads: Option<usize>,
+    ) -> Result<SplitResult> {
+        let method = self::method(method)?;
+        let dya = convert::matrix("dy", dy)?;
+        let (n, p) = (self.base.design.n, dya.shape()[0]);
+        if dya.shape()[1] != n {
+            return Err(core::CoreError::shape(
+                "dy",
+                format!("(P, {n})"),
+                format!("{:?}", dya.shape()),
+            )
+            .into());
+        }
+        let t = dx
+            .cast::<PyTuple>()
+            .map_err(|_| errors::sparse("`dX` must be given to the core as a CSR tuple"))?;
+        let arg = CsrArg::extract("dX", t)?;
+        if arg.nrows != p * n {
+            let want = format!("{} rows ({p} pairs x {n} probes)", p * n);
+            return Err(core::CoreError::shape("dX", want, format!("{} rows", arg.nrows)).into());
+        }
+        let dys = dya.as_slice().expect("checked contiguous");
+        let threads = threads.unwrap_or(self.threads);
+        let split = crate::with_indices!(arg, |ip, ix| self
+            .run_chunks(py, &arg, ip, ix, dys, p, method, threads))?;
+        let k = self.base.design.k;
+        Ok(SplitResult {
+            d_total: mat2(py, split.d_total, p, k)?,
+            d_x: mat2(py, split.d_x, p, k)?,
+            d_y: mat2(py, split.d_y, p, k)?,
+            pred_dy: vec1(py, split.pred_dy),
+            n_fallback: split.n_fallback,
+        })
+    }
+}
+
+impl Decomposer {
+    /// Validate the stacked ΔX (in parallel) and decompose it chunk by chunk, checking for
+    /// Ctrl-C between chunks.
+    #[allow(clippy::too_many_arguments)]
+    fn run_chunks<I: core::matrix::Index>(
+        &self,
+        py: Python<'_>,
+        arg: &CsrArg<'_>,
+        indptr: &[I],
+        indices: &[I],
+        dys: &[f64],
+        p: usize,
+        method: core::Method,
+        threads: usize,
+    ) -> Result<core::Split> {
+        let (n, k) = (self.base.design.n, self.base.design.k);
+        let (pool, par) = core::pool(threads)?;
+        let (data, nrows, ncols) = (slice(&arg.data), arg.nrows, arg.ncols);
+        let dxc = py.detach(|| {
+            pool.install(|| core::Csr::new("dX", nrows, ncols, indptr, indices, data))
+        })?;
+        let mut acc = core::Split::empty(k);
+        let mut start = 0;
+        while start < p {
+            let end = (start + PAIRS_PER_CHUNK).min(p);
+            let chunk = dxc.slice_rows(start * n, end * n);
+            let dyc = &dys[start * n..end * n];
+            acc.append(py.detach(|| {
+                pool.install(|| core::decompose(&self.base, &chunk, dyc, method, par))
+            })?);
+            start = end;
+            py.check_signals()?;
+        }
+        Ok(acc)
+    }
+}
+
+/// Dominant feature, off-target share and interference flag per pair.
+#[pyfunction]
+pub fn interference<'py>(
+    py: Python<'py>,
+    d_coef: &Bound<'py, PyAny>,
+    feature_group: &Bound<'py, PyAny>,
+    pair_group: &Bound<'py, PyAny>,
+) -> Result<InterferenceResult> {
+    let d = convert::matrix("d_coef", d_coef)?;
+    let fg = convert::index("feature_group", feature_group)?;
+    let pg = convert::index("pair_group", pair_group)?;
+    if d.shape()[0] != pg.len() {
+        return Err(core::CoreError::shape(
+            "pair_group",
+            format!("length {}", d.shape()[0]),
+            pg.len(),
+        )
+        .into());
+    }
+    let res = core::interference(
+        d.as_slice().expect("checked contiguous"),
+        d.shape()[1],
+        slice(&fg),
+        slice(&pg),
+    )?;
+    Ok(InterferenceResult {
+        dominant: vec1(py, res.dominant),
+        off_target_share: vec1(py, res.off_target_share),
+        flag: vec1(py, res.flag),
+    })
+}

@@ -1,0 +1,104 @@
+"""Configuration tables: documented once, strict, typed; the README table is generated."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from policytrace._tables import field_docs, undocumented
+from policytrace.errors import ConfigError
+from policytrace.pipeline import config as cfgmod
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_every_field_has_a_docstring():
+    for name, cls in cfgmod.TABLES.items():
+        assert not undocumented(cls), f"[{name}] fields without a docstring: {undocumented(cls)}"
+        assert all(len(d) > 10 for d in field_docs(cls).values())
+
+
+def test_readme_table_is_generated_from_the_tables():
+    text = README.read_text()
+    begin, end = "<!-- config-table:begin -->", "<!-- config-table:end -->"
+    assert begin in text and end in text, "README lacks the generated configuration table markers"
+    table = text.split(begin, 1)[1].split(end, 1)[0].strip()
+    assert table == cfgmod.markdown_table().strip(), (
+        "README's configuration table is stale: paste `python -m policytrace.pipeline.config --markdown`")
+
+
+def test_presets_are_configs_and_resolve():
+    for name, preset in cfgmod.PRESETS.items():
+        assert isinstance(preset, cfgmod.Config)
+        cfg = cfgmod.resolve({"preset": name})
+        assert cfg.preset == name
+    paper = cfgmod.resolve({"preset": "smda-paper"})
+    assert paper.policy.lam == 5.0 and paper.policy.intercept is False and paper.behaviour.targets == ("I can't",)
+    assert paper.decompose.method == "first_order" and paper.decompose.delta_x == "gated"
+
+
+def test_behaviour_targets_are_filled_in():
+    assert cfgmod.resolve({}).behaviour.targets == ("I can't", "I'm sorry", "I cannot")
+    syc = cfgmod.resolve({"behaviour": {"name": "sycophancy"}}).behaviour
+    assert "You're right" in syc.targets and "Actually" in syc.anti_targets
+    own = cfgmod.resolve({"behaviour": {"targets": ["Sorry"]}}).behaviour
+    assert own.targets == ("Sorry",)
+
+
+@pytest.mark.parametrize("user,key", [
+    ({"modle": {}}, "modle"),
+    ({"update": {"lrate": 1}}, "update.lrate"),
+    ({"update": {"lr": 0}}, "update.lr"),
+    ({"update": {"lr": float("nan")}}, "update.lr"),
+    ({"update": {"optimizer": "rmsprop"}}, "update.optimizer"),
+    ({"update": {"params": 3}}, "update.params"),
+    ({"probe": {"batch_size": "8"}}, "probe.batch_size"),
+    ({"probe": {"pooling": "median"}}, "probe.pooling"),
+    ({"probe": {"pooling": "eot"}}, "probe.eot_token"),
+    ({"policy": {"lam": -1}}, "policy.lam"),
+    ({"policy": {"lam": "GCV"}}, "policy.lam"),
+    ({"features": {"threshold": float("nan")}}, "features.threshold"),
+    ({"features": {"k": 0}}, "features.k"),
+    ({"sae": {"train_d_sae": 0}}, "sae.train_d_sae"),
+    ({"sae": {"train_k": 65, "train_d_sae": 64}}, "sae.train_k"),
+    ({"sae": {"release": "x"}}, "sae.id"),
+    ({"data": {"max_pairs": -1}}, "data.max_pairs"),
+    ({"run": {"threads": 2**70}}, "run.threads"),
+    ({"run": {"pair_batch": 0}}, "run.pair_batch"),
+    ({"behaviour": {"name": "flattery"}}, "behaviour.name"),
+    ({"behaviour": {"targets": "I can't"}}, "behaviour.targets"),
+    ({"preset": "nope"}, "preset"),
+    ({"update": 5}, "update"),
+])
+def test_bad_config_names_the_key(user, key):
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        cfgmod.resolve(user)
+
+
+def test_toml_round_trip(tmp_path):
+    cfg = cfgmod.resolve({"preset": "smda-paper", "update": {"params": ["model.layers.1*"]}, "data": {"max_pairs": 3}})
+    path = tmp_path / "c.toml"
+    path.write_text(cfgmod.to_toml(cfg))
+    assert cfgmod.load(path) == cfg
+    assert cfgmod.digest(cfgmod.load(path)) == cfgmod.digest(cfg)
+    # threads and the cache location do not change outputs, so not the digest either
+    other = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, threads=3, cache_dir="/x"))
+    assert cfgmod.digest(other) == cfgmod.digest(cfg)
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        cfgmod.load(tmp_path / "absent.toml")
+    with pytest.raises(ConfigError, match="is a directory"):
+        cfgmod.load(tmp_path)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[update\nlr = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        cfgmod.load(bad)
+    bin_ = tmp_path / "bin.toml"
+    bin_.write_bytes(b"\xff\xfe[update]")
+    with pytest.raises(ConfigError, match="UTF-8"):
+        cfgmod.load(bin_)
