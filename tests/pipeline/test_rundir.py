@@ -188,10 +188,11 @@ def test_stale_temporaries_and_sae_folders_are_removed(setup, tmp_path):
     from policytrace._files import temp_prefix
 
     out = _finished_copy(setup, tmp_path)
+    (out / "manifest.json").unlink()  # as if killed before the merge: the resume passes the SAE cache
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)
     mine = temp_prefix("pairs.parquet")
-    stale = out / mine.replace(f".{os.getpid()}.", f".{dead_pid}.") + "abc.tmp"
+    stale = out / (mine.replace(f".{os.getpid()}.", f".{dead_pid}.") + "abc.tmp")
     live = out / (mine + "def.tmp")
     stale.write_bytes(b"half")
     live.write_bytes(b"in progress")
