@@ -21,6 +21,8 @@ import socket
 import tempfile
 from pathlib import Path
 
+from . import _faults
+
 _TMP_SUFFIX = ".tmp"
 
 
@@ -70,8 +72,6 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, file_mode())
-        from . import _faults
-
         _faults.checkpoint("before-rename")
         os.replace(tmp, path)
         fsync_dir(path.parent)

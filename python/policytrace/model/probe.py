@@ -11,6 +11,7 @@ positions whose next-token probability is needed.
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -61,6 +62,32 @@ class TargetSet:
     @property
     def all(self) -> tuple[tuple[int, ...], ...]:
         return self.targets + self.anti_targets
+
+    @functools.cached_property
+    def continuation(self) -> "Continuation":
+        return Continuation.plan(self.all)
+
+
+@dataclass(frozen=True)
+class Continuation:
+    """How the tokens after the first are scored: ``rows`` are the distinct continuation inputs
+    (each sequence minus its last token, dropping any that is a prefix of another row), and
+    ``reads`` say, per sequence ``j`` and continuation token, which row and column hold the
+    next-token distribution and which token to read: ``(row, column, token, j)``."""
+
+    rows: tuple[tuple[int, ...], ...]
+    reads: tuple[tuple[int, int, int, int], ...]
+
+    @classmethod
+    def plan(cls, seqs: Sequence[tuple[int, ...]]) -> "Continuation":
+        inputs = list(dict.fromkeys(s[:-1] for s in seqs if len(s) > 1))
+        rows = tuple(a for a in inputs if not any(b != a and b[: len(a)] == a for b in inputs))
+        reads = []
+        for j, s in enumerate(seqs):
+            for t in range(1, len(s)):
+                r = next(i for i, row in enumerate(rows) if row[:t] == s[:t])
+                reads.append((r, t - 1, s[t], j))
+        return cls(rows, tuple(reads))
 
 
 def _eot_position(ids: list[int], eot_id: int) -> int:
@@ -235,40 +262,33 @@ class ProbeRunner:
     def _score(self, logp_first, cache, mask, pos, params):
         seqs = self.targets.all
         B = logp_first.shape[0]
-        L = len(seqs)
         # log P of every sequence: first token from the prompt's last position ...
         seq_logp = torch.stack([logp_first[:, s[0]] for s in seqs], dim=1)  # (B, L)
-        longest = max(len(s) for s in seqs)
-        if longest > 1:
-            # ... the rest from one continuation batch of B·L rows on the repeated prompt cache.
-            Tc = longest - 1
-            cont = torch.full((B * L, Tc), self.pad_id, dtype=torch.long, device=mask.device)
-            cmask = torch.zeros((B * L, Tc), dtype=torch.long, device=mask.device)
-            for j, s in enumerate(seqs):
-                if len(s) > 1:
-                    cont[j::L, : len(s) - 1] = torch.tensor(s[:-1], device=mask.device)
-                    cmask[j::L, : len(s) - 1] = 1
-            cache.batch_repeat_interleave(L)
-            full_mask = torch.cat([mask.repeat_interleave(L, 0), cmask], dim=1)
-            cpos = pos[:, -1:].repeat_interleave(L, 0) + 1 + torch.arange(Tc, device=mask.device)
-            hid = self._call(params, self._cont_fn, cont, full_mask, cpos, cache)  # (B·L, Tc, d)
-            rows, cols, toks, owner = [], [], [], []
-            for j, s in enumerate(seqs):
-                for t in range(1, len(s)):
-                    for b in range(B):
-                        rows.append(b * L + j)
-                        cols.append(t - 1)
-                        toks.append(s[t])
-                        owner.append((b, j))
-            if rows:
-                h = hid[torch.tensor(rows), torch.tensor(cols)]
-                lp = torch.log_softmax(upcast(self._call(params, self._head_fn, h)), dim=-1)
-                picked = lp[torch.arange(len(rows)), torch.tensor(toks)]
-                add = torch.zeros_like(seq_logp)
-                bi = torch.tensor([o[0] for o in owner])
-                ji = torch.tensor([o[1] for o in owner])
-                add.index_put_((bi, ji), picked, accumulate=True)
-                seq_logp = seq_logp + add
+        plan = self.targets.continuation
+        if plan.rows:
+            # ... the rest from one continuation batch of B·R rows on the repeated prompt cache,
+            # one row per distinct continuation input (sequences sharing a prefix share a row).
+            R, Tc = len(plan.rows), max(len(r) for r in plan.rows)
+            cont = torch.full((B * R, Tc), self.pad_id, dtype=torch.long, device=mask.device)
+            cmask = torch.zeros((B * R, Tc), dtype=torch.long, device=mask.device)
+            for r, row in enumerate(plan.rows):
+                cont[r::R, : len(row)] = torch.tensor(row, device=mask.device)
+                cmask[r::R, : len(row)] = 1
+            cache.batch_repeat_interleave(R)
+            full_mask = torch.cat([mask.repeat_interleave(R, 0), cmask], dim=1)
+            cpos = pos[:, -1:].repeat_interleave(R, 0) + 1 + torch.arange(Tc, device=mask.device)
+            hid = self._call(params, self._cont_fn, cont, full_mask, cpos, cache)  # (B·R, Tc, d)
+            # One (row, column, token) per continuation token of every sequence and probe.
+            rows = torch.tensor([b * R + r for r, _, _, _ in plan.reads for b in range(B)])
+            cols = torch.tensor([c for _, c, _, _ in plan.reads for _ in range(B)])
+            toks = torch.tensor([t for _, _, t, _ in plan.reads for _ in range(B)])
+            lp = torch.log_softmax(upcast(self._call(params, self._head_fn, hid[rows, cols])), dim=-1)
+            picked = lp[torch.arange(len(rows)), toks]
+            add = torch.zeros_like(seq_logp)
+            bi = torch.tensor([b for _ in plan.reads for b in range(B)])
+            ji = torch.tensor([j for _, _, _, j in plan.reads for _ in range(B)])
+            add.index_put_((bi, ji), picked, accumulate=True)
+            seq_logp = seq_logp + add
         nt = len(self.targets.targets)
         y = torch.logsumexp(seq_logp[:, :nt].double(), dim=1)
         if self.targets.anti_targets:

@@ -45,7 +45,9 @@ class SaeReader:
             return (sae_in @ self.sae.W_enc + self.sae.b_enc).float().cpu().numpy()
 
     def w_enc(self, columns: np.ndarray) -> np.ndarray:
-        return self.sae.W_enc[:, columns].detach().double().cpu().numpy()
+        # A copy: polars hands out read-only arrays, which torch warns about when indexing.
+        index = torch.as_tensor(np.array(columns, dtype=np.int64), device=self.sae.W_enc.device)
+        return self.sae.W_enc[:, index].detach().double().cpu().numpy()
 
     def encode_torch(self, H: torch.Tensor, columns: torch.Tensor, gated: bool) -> torch.Tensor:
         """Differentiable codes of the selected ``columns``: the SAE's own (``gated=False``) or

@@ -88,66 +88,79 @@ def _checked_csr(name: str, m: sp.spmatrix) -> sp.csr_matrix:
     return csr
 
 
+def _csr_from_triple(name: str, x: tuple, ncols: int | None) -> sp.csr_matrix:
+    """A scipy CSR from ``(indptr, indices, data[, shape])``, its structure checked."""
+    if len(x) == 4:
+        indptr, indices, data, shape = x
+    else:
+        indptr, indices, data = x
+        if ncols is None:
+            raise ShapeError(f"`{name}` given as (indptr, indices, data) needs a 4th item, the shape")
+        shape = (len(indptr) - 1, ncols)
+    indptr, indices = np.asarray(indptr), np.asarray(indices)
+    try:
+        shape = (int(shape[0]), int(shape[1]))
+    except (TypeError, ValueError, IndexError) as e:
+        raise SparseFormatError(f"`{name}` CSR shape must be two integers, got {shape!r}") from e
+    if shape[0] < 0 or shape[1] < 0:
+        raise SparseFormatError(f"`{name}` CSR shape {shape} is negative")
+    _check_structure(name, indptr, indices, shape)
+    _check_dtype(name, np.asarray(data).dtype)
+    try:
+        m = sp.csr_matrix((np.asarray(data), indices, indptr), shape=shape)
+        m.check_format(full_check=True)
+    except (ValueError, TypeError, IndexError, OverflowError) as e:
+        raise SparseFormatError(f"`{name}` is not a valid CSR triple: {e}") from e
+    return m
+
+
+def _sparse_arg(name: str, x: sp.spmatrix) -> MatrixArg:
+    _check_dtype(name, x.dtype)
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise EmptyInputError(f"`{name}` has shape {x.shape}; it needs probes and features")
+    csr = _checked_csr(name, x)
+    return (
+        np.ascontiguousarray(csr.indptr, dtype=np.int64),
+        np.ascontiguousarray(csr.indices, dtype=np.int64),
+        np.ascontiguousarray(csr.data, dtype=np.float64),
+        (int(csr.shape[0]), int(csr.shape[1])),
+    )
+
+
+def _dense_arg(name: str, x: Any) -> np.ndarray:
+    try:
+        a = np.asarray(x)
+    except (ValueError, TypeError) as e:
+        raise ShapeError(f"`{name}` is not a rectangular array: {e}") from e
+    _check_dtype(name, a.dtype)
+    if a.ndim != 2:
+        raise ShapeError(f"`{name}` must be 2-D (probes x features), got shape {a.shape}")
+    if a.shape[0] == 0 or a.shape[1] == 0:
+        raise EmptyInputError(f"`{name}` has shape {a.shape}; it needs probes and features")
+    return np.ascontiguousarray(a, dtype=np.float64)
+
+
+def _check_finite_matrix(name: str, arr: MatrixArg) -> None:
+    data = arr[2] if isinstance(arr, tuple) else arr
+    if np.isfinite(data).all():
+        return
+    if isinstance(arr, tuple):
+        bad = int(np.flatnonzero(~np.isfinite(data))[0])
+        row = int(np.searchsorted(arr[0], bad, side="right") - 1)
+        where = f"row {row}, column {int(arr[1][bad])}"
+    else:
+        r, c = np.argwhere(~np.isfinite(data))[0]
+        where = f"row {r}, column {c}"
+    raise NonFiniteError(f"`{name}` holds a non-finite value (NaN or inf) at {where}")
+
+
 def as_matrix(name: str, x: Any, ncols: int | None = None, nrows: int | None = None) -> MatrixArg:
     """Dense 2-D float64 array or canonical CSR tuple, shape-checked."""
     if _is_csr_triple(x):
-        if len(x) == 4:
-            indptr, indices, data, shape = x
-        else:
-            indptr, indices, data = x
-            if ncols is None:
-                raise ShapeError(
-                    f"`{name}` given as (indptr, indices, data) needs a 4th item, the shape"
-                )
-            shape = (len(indptr) - 1, ncols)
-        indptr, indices = np.asarray(indptr), np.asarray(indices)
-        try:
-            shape = (int(shape[0]), int(shape[1]))
-        except (TypeError, ValueError, IndexError) as e:
-            raise SparseFormatError(f"`{name}` CSR shape must be two integers, got {shape!r}") from e
-        if shape[0] < 0 or shape[1] < 0:
-            raise SparseFormatError(f"`{name}` CSR shape {shape} is negative")
-        _check_structure(name, indptr, indices, shape)
-        _check_dtype(name, np.asarray(data).dtype)
-        try:
-            x = sp.csr_matrix((np.asarray(data), indices, indptr), shape=shape)
-            x.check_format(full_check=True)
-        except (ValueError, TypeError, IndexError, OverflowError) as e:
-            raise SparseFormatError(f"`{name}` is not a valid CSR triple: {e}") from e
-    if sp.issparse(x):
-        _check_dtype(name, x.dtype)
-        if x.shape[0] == 0 or x.shape[1] == 0:
-            raise EmptyInputError(f"`{name}` has shape {x.shape}; it needs probes and features")
-        csr = _checked_csr(name, x)
-        arr: MatrixArg = (
-            np.ascontiguousarray(csr.indptr, dtype=np.int64),
-            np.ascontiguousarray(csr.indices, dtype=np.int64),
-            np.ascontiguousarray(csr.data, dtype=np.float64),
-            (int(csr.shape[0]), int(csr.shape[1])),
-        )
-        shape = csr.shape
-    else:
-        try:
-            a = np.asarray(x)
-        except (ValueError, TypeError) as e:
-            raise ShapeError(f"`{name}` is not a rectangular array: {e}") from e
-        _check_dtype(name, a.dtype)
-        if a.ndim != 2:
-            raise ShapeError(f"`{name}` must be 2-D (probes x features), got shape {a.shape}")
-        if a.shape[0] == 0 or a.shape[1] == 0:
-            raise EmptyInputError(f"`{name}` has shape {a.shape}; it needs probes and features")
-        arr = np.ascontiguousarray(a, dtype=np.float64)
-        shape = a.shape
-    data = arr[2] if isinstance(arr, tuple) else arr
-    if not np.isfinite(data).all():
-        if isinstance(arr, tuple):
-            bad = int(np.flatnonzero(~np.isfinite(data))[0])
-            row = int(np.searchsorted(arr[0], bad, side="right") - 1)
-            where = f"row {row}, column {int(arr[1][bad])}"
-        else:
-            r, c = np.argwhere(~np.isfinite(data))[0]
-            where = f"row {r}, column {c}"
-        raise NonFiniteError(f"`{name}` holds a non-finite value (NaN or inf) at {where}")
+        x = _csr_from_triple(name, x, ncols)
+    arr = _sparse_arg(name, x) if sp.issparse(x) else _dense_arg(name, x)
+    shape = arr[3] if isinstance(arr, tuple) else arr.shape
+    _check_finite_matrix(name, arr)
     if ncols is not None and shape[1] != ncols:
         raise ShapeError(f"`{name}` must have {ncols} columns (features), got {shape[1]}")
     if nrows is not None and shape[0] != nrows:

@@ -252,7 +252,7 @@ class Attributor:
         return pl.concat(parts, how="vertical_relaxed")
 
     def pair_features(self) -> pl.DataFrame:
-        """One row per (pair, feature): the columns of DESIGN §3."""
+        """One row per (pair, feature): the columns of README "What the numbers mean"."""
         return self._kept(self._pair_features, "frames")
 
     def pairs(self) -> pl.DataFrame:

@@ -1,8 +1,9 @@
 """Feature statistics over the probe x SAE-latent activation matrix and feature selection
-(DESIGN §1 step 2)."""
+(method step 2, docs/design.md)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import numpy as np
@@ -96,27 +97,10 @@ def select_features(
     ``|score|`` among eligible features, null otherwise) and ``selected``, sorted by rank.
     The paper's rule is ``select_features(X, groups=harmful, threshold=0.1)``.
     """
-    if method not in METHODS:
-        raise InvalidValueError(f"`method` '{method}' is not one of {METHODS}")
-    if min_active < 0:
-        raise InvalidValueError(f"`min_active` = {min_active} must be >= 0")
-    if k is not None and k < 1:
-        raise InvalidValueError(f"`k` = {k} must be >= 1")
+    _check_selection_args(method, k, threshold, min_active)
     frame, levels, gm = _feature_stats(X, y, groups, feature_ids, backend, threads)
     if method == "mean_diff":
-        if groups is None:
-            raise InvalidValueError("method 'mean_diff' needs `groups` (e.g. the harmful flag)")
-        if len(levels) != 2:
-            raise InvalidValueError(
-                f"method 'mean_diff' needs exactly two probe groups, got {len(levels)}: {levels[:6]}"
-            )
-        if positive not in levels:
-            raise InvalidValueError(f"`positive` = {positive!r} is not a group; groups: {levels}")
-        pi = levels.index(positive)
-        score = gm[:, pi] - gm[:, 1 - pi]
-        frame = frame.with_columns(
-            pl.Series("mean_pos", gm[:, pi]), pl.Series("mean_neg", gm[:, 1 - pi])
-        )
+        frame, score = _mean_diff_scores(frame, groups, levels, gm, positive)
         threshold = 0.1 if threshold is None else threshold
     else:
         if y is None:
@@ -125,20 +109,7 @@ def select_features(
             raise InvalidValueError("method 'corr' needs `k` (top-K) or a `threshold` on |corr|")
         score = frame["corr"].fill_null(0.0).to_numpy()
         threshold = 0.0 if threshold is None else threshold
-    if threshold < 0:
-        raise InvalidValueError(f"`threshold` = {threshold} must be >= 0")
-    eligible = frame["n_active"].to_numpy() >= min_active
-    mag = np.abs(score)
-    order = np.lexsort((np.arange(len(mag)), -mag))
-    order = order[eligible[order]]
-    rank = np.full(len(mag), -1, dtype=np.int64)
-    rank[order] = np.arange(1, len(order) + 1)
-    selected = eligible & (mag > threshold)
-    if k is not None:
-        # The cap applies to eligible features above the threshold, best first.
-        passing = order[mag[order] > threshold][:k]
-        selected = np.zeros(len(mag), dtype=bool)
-        selected[passing] = True
+    rank, selected = _rank_and_select(score, frame["n_active"].to_numpy() >= min_active, threshold, k)
     return (
         frame.with_columns(
             pl.Series("score", score),
@@ -147,6 +118,47 @@ def select_features(
         )
         .sort("rank", nulls_last=True)
     )
+
+
+def _check_selection_args(method: str, k: int | None, threshold: float | None, min_active: int) -> None:
+    if method not in METHODS:
+        raise InvalidValueError(f"`method` '{method}' is not one of {METHODS}")
+    if min_active < 0:
+        raise InvalidValueError(f"`min_active` = {min_active} must be >= 0")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1):
+        raise InvalidValueError(f"`k` = {k!r} must be an integer >= 1")
+    if threshold is not None and not (math.isfinite(threshold) and threshold >= 0):
+        # NaN would compare False everywhere and silently select nothing.
+        raise InvalidValueError(f"`threshold` = {threshold} must be a finite number >= 0")
+
+
+def _mean_diff_scores(frame: pl.DataFrame, groups: Any, levels: list, gm: np.ndarray, positive: Any):
+    """mean(X | positive group) − mean(X | the other), with both means added to the frame."""
+    if groups is None:
+        raise InvalidValueError("method 'mean_diff' needs `groups` (e.g. the harmful flag)")
+    if len(levels) != 2:
+        raise InvalidValueError(f"method 'mean_diff' needs exactly two probe groups, got {len(levels)}: {levels[:6]}")
+    if positive not in levels:
+        raise InvalidValueError(f"`positive` = {positive!r} is not a group; groups: {levels}")
+    pi = levels.index(positive)
+    frame = frame.with_columns(pl.Series("mean_pos", gm[:, pi]), pl.Series("mean_neg", gm[:, 1 - pi]))
+    return frame, gm[:, pi] - gm[:, 1 - pi]
+
+
+def _rank_and_select(score: np.ndarray, eligible: np.ndarray, threshold: float, k: int | None):
+    """Rank eligible features by |score| (ties by column) and select those above the threshold,
+    at most ``k``, best first."""
+    mag = np.abs(score)
+    order = np.lexsort((np.arange(len(mag)), -mag))
+    order = order[eligible[order]]
+    rank = np.full(len(mag), -1, dtype=np.int64)
+    rank[order] = np.arange(1, len(order) + 1)
+    selected = eligible & (mag > threshold)
+    if k is not None:
+        passing = order[mag[order] > threshold][:k]
+        selected = np.zeros(len(mag), dtype=bool)
+        selected[passing] = True
+    return rank, selected
 
 
 def selected_columns(X: Any, selection: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:

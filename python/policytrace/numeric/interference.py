@@ -1,4 +1,4 @@
-"""Interference (DESIGN step 6, docs/design.md): which feature dominates each pair's policy
+"""Interference (method step 6, docs/design.md): which feature dominates each pair's policy
 shift, how much of the shift lands on features not intended for the pair's group, and the
 pair-group x feature aggregate."""
 

@@ -1,7 +1,7 @@
 """The symbolic policy: a ridge regression of the behaviour score on SAE features.
 
 ``fit_policy`` solves ``argmin ||y − b0 − Z b||² + lam ||b||²`` with ``Z = X / scale``
-(DESIGN §1 step 3). ``coef`` is in the policy's own (scaled) units; ``coef_raw = coef / scale``
+(method step 3, docs/design.md). ``coef`` is in the policy's own (scaled) units; ``coef_raw = coef / scale``
 is per unit of raw activation.
 """
 
@@ -104,6 +104,29 @@ class Policy:
         return load_policy(path, feature_ids)
 
 
+def _lam_value(lam: Any) -> float | None:
+    """A fixed λ as a float, or None for "gcv"."""
+    if isinstance(lam, str):
+        if lam != "gcv":
+            raise InvalidValueError(f"`lam` must be a number or 'gcv', got '{lam}'")
+        return None
+    if isinstance(lam, (bool, complex)) or not isinstance(lam, (int, float, np.integer, np.floating)):
+        raise InvalidValueError(f"`lam` must be a number >= 0 or 'gcv', got {lam!r}")
+    value = float(lam)
+    if not math.isfinite(value) or value < 0:
+        raise InvalidValueError(f"`lam` = {lam} must be a finite number >= 0")
+    return value
+
+
+def _lam_grid(lam_grid: Any) -> list[float] | None:
+    if lam_grid is None:
+        return None
+    try:
+        return [float(v) for v in np.asarray(lam_grid, dtype=np.float64).ravel()]
+    except (TypeError, ValueError) as e:
+        raise InvalidValueError(f"`lam_grid` must be numbers: {e}") from e
+
+
 def _feature_ids(feature_ids: Any, k: int) -> np.ndarray:
     if feature_ids is None:
         return np.arange(k, dtype=np.int64)
@@ -151,22 +174,7 @@ def fit_policy(
     ids = _feature_ids(feature_ids, k)
     if labels is not None and len(labels) != k:
         raise ShapeError(f"`labels` must have one label per feature ({k}), got {len(labels)}")
-    if isinstance(lam, str):
-        if lam != "gcv":
-            raise InvalidValueError(f"`lam` must be a number or 'gcv', got '{lam}'")
-        lam_value = None
-    else:
-        if isinstance(lam, (bool, complex)) or not isinstance(lam, (int, float, np.integer, np.floating)):
-            raise InvalidValueError(f"`lam` must be a number >= 0 or 'gcv', got {lam!r}")
-        lam_value = float(lam)
-        if not math.isfinite(lam_value) or lam_value < 0:
-            raise InvalidValueError(f"`lam` = {lam} must be a finite number >= 0")
-    grid = None
-    if lam_grid is not None:
-        try:
-            grid = [float(v) for v in np.asarray(lam_grid, dtype=np.float64).ravel()]
-        except (TypeError, ValueError) as e:
-            raise InvalidValueError(f"`lam_grid` must be numbers: {e}") from e
+    lam_value, grid = _lam_value(lam), _lam_grid(lam_grid)
     res = _backend.backend(backend).fit_policy(
         xa, ya, lam_value, grid, intercept, standardize, _backend.threads(threads)
     )

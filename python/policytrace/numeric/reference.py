@@ -1,6 +1,6 @@
 """A plain float64 numpy transcription of the numeric core, for cross-checking.
 
-This module is deliberately the obvious implementation of DESIGN §1 steps 2, 3, 5 and 6:
+This module is deliberately the obvious implementation of the method's steps 2, 3, 5 and 6 (docs/design.md §1):
 statistics column by column, the policy by solving the normal equations, the exact
 decomposition by three literal refits per pair, the first-order split by the paper's formula
 pair by pair. Select it at run time with ``backend="numpy"``; the tests hold the Rust core to it.
@@ -156,7 +156,7 @@ def _design(X, y, scale, intercept):
 
 
 def ridge(X: np.ndarray, y: np.ndarray, lam: float, scale: np.ndarray, intercept: bool):
-    """β(X, y) with fixed scales: the literal normal equations of DESIGN §1 step 3."""
+    """β(X, y) with fixed scales: the literal normal equations of the method's step 3."""
     Zc, yc, zm, ym = _design(X, y, scale, intercept)
     k = Zc.shape[1]
     b, solver = spd_solve(Zc.T @ Zc + lam * np.eye(k), Zc.T @ yc)
