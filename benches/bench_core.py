@@ -505,7 +505,7 @@ def _agreement(work: Path, method: str, other: str) -> dict | None:
     fa, fb = work / f"decomp-{method}-rust.npz", work / f"decomp-{method}-{other}.npz"
     if not (fa.exists() and fb.exists()):
         return None
-    a, b = np.load(fa), np.load(fb)
+    a, b = np.load(fa, allow_pickle=False), np.load(fb, allow_pickle=False)
     m = min(a["d_total"].shape[0], b["d_total"].shape[0])
     out = {key: _rel_diff(a[key][:m], b[key][:m]) for key in ("d_total", "d_x", "d_y")}
     return out | {"pairs": m}
@@ -517,7 +517,7 @@ def _fit_agreement(work: Path) -> dict | None:
     fa, fb = work / "fit-rust.npz", work / "fit-numpy.npz"
     if not (fa.exists() and fb.exists()):
         return None
-    a, b = np.load(fa), np.load(fb)
+    a, b = np.load(fa, allow_pickle=False), np.load(fb, allow_pickle=False)
     ia, ib = a["feature_ids"], b["feature_ids"]
     same = ia.shape == ib.shape and bool((ia == ib).all())
     out = {"same_features": same, "lam_rust": float(a["lam"][0]), "lam_numpy": float(b["lam"][0])}

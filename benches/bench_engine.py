@@ -28,10 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from policytrace.data import load_dataset
-from policytrace.engine import UpdateConfig, UpdateEngine, pair_tokens
-from policytrace.model import capture_block_output, load_model
-from policytrace.probe import ProbeRunner, TargetSet, encode_prompts
+from policytrace.model.chat import encode_prompts, pair_tokens
+from policytrace.model.loading import load_model
+from policytrace.model.probe import ProbeRunner, TargetSet
+from policytrace.model.sites import capture_block_output
+from policytrace.model.update import UpdateEngine
+from policytrace.pipeline.data import load_dataset
 
 HERE = Path(__file__).parent
 LAYER = 10
@@ -139,7 +141,7 @@ def main() -> None:
     prompt_ids = encode_prompts(tok, probes["prompt"].to_list(), probes["id"].to_list(), 512)
     ts = TargetSet.from_strings(tok, TARGETS)
     runner = ProbeRunner(model, tok, LAYER, ts, "last", batch_size=args.batch_size)
-    engine = UpdateEngine(model, tok, UpdateConfig())
+    engine = UpdateEngine(model, tok)
     H0, y0 = runner.run(prompt_ids)
     H0p, y0p = paper_probe_pass(model, tok, prompt_ids, ts.targets, args.batch_size)
 
@@ -165,9 +167,12 @@ def main() -> None:
     lens = [len(p) for p in prompt_ids]
     prefix = len(runner._common_prefix(prompt_ids, [l - 1 for l in lens]))
     n_upd = np.mean([len(pair_tokens(tok, p["prompt"], p["response"], p["id"], 512)[0]) for p in pairs])
-    cont = sum(len(t) - 1 for t in ts.targets)
+    # per probe: continuation tokens (one row per distinct continuation input, probe.py) and
+    # vocabulary projections (the first token, then one per continuation token read)
+    plan = ts.continuation
+    cont, reads = sum(len(r) for r in plan.rows), len(plan.reads)
     f_ours = model_flops(model, prefix + sum(l - prefix for l in lens) + len(lens) * cont,
-                         len(lens) * (1 + cont), n_upd)
+                         len(lens) * (1 + reads), n_upd)
     f_paper = model_flops(model, sum(lens) * (1 + len(ts.targets)) + len(lens) * sum(len(t) for t in ts.targets),
                           sum(lens) * len(ts.targets) + len(lens) * sum(len(t) for t in ts.targets), n_upd)
     res = {

@@ -206,3 +206,32 @@ def test_stale_temporaries_and_sae_folders_are_removed(setup, tmp_path):
     assert digests(out) == digests(setup["whole"])
     # The damaged npz reader says allow_pickle=False and closes the archive.
     np.load(out / "base.npz", allow_pickle=False).close()
+
+
+def test_notebook_like_process_reproduces_the_cli_bytes(setup, tmp_path, monkeypatch):
+    """The default SAE's corpus is a shipped file: IPython's `get_ipython` in builtins and a
+    wrapped os.replace (what notebooks and profilers do) change nothing."""
+    import builtins
+
+    real_replace = os.replace
+    monkeypatch.setattr(builtins, "get_ipython", lambda: None, raising=False)
+    monkeypatch.setattr(os, "replace", lambda a, b: real_replace(a, b))
+    cfg = setup["cfg"]
+    fresh_cache = dataclasses_replace_cache(cfg, tmp_path / "cache")
+    resume_in_process(fresh_cache, tmp_path / "nb")
+    assert digests(tmp_path / "nb") == digests(setup["whole"]) | {"config.toml": digests(tmp_path / "nb")["config.toml"]}
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(
+        p.name for p in cfg.run.cache_path().iterdir() if p.name.startswith("sae-"))
+
+
+def dataclasses_replace_cache(cfg, cache: Path):
+    import dataclasses
+
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, cache_dir=str(cache)))
+
+
+def test_files_follow_the_umask(setup):
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in OUTPUTS + ["manifest.json", "fingerprint.json", "shards/done-00000.json"]:
+        assert (setup["whole"] / name).stat().st_mode & 0o777 == 0o666 & ~mask, name

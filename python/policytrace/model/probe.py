@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .. import _progress
 from ..errors import ConfigError, InvalidValueError
 from .chat import encode_prompts, format_prompt
 from .config import POOLINGS, ProbeCfg
@@ -154,8 +155,10 @@ class ProbeRunner:
             return pos
         return len(ids) - 1
 
-    def run(self, prompt_ids: Sequence[list[int]], params: dict | None = None, probe_ids: Sequence[str] | None = None):
-        """Pooled block outputs ``H`` (n, d) as float32 numpy and scores ``y`` (n,) float64."""
+    def run(self, prompt_ids: Sequence[list[int]], params: dict | None = None, probe_ids: Sequence[str] | None = None,
+            progress: bool = False):
+        """Pooled block outputs ``H`` (n, d) as float32 numpy and scores ``y`` (n,) float64
+        (``progress``: a bar over probes, for the one-off base pass)."""
         n = len(prompt_ids)
         probe_ids = list(probe_ids) if probe_ids is not None else [str(i) for i in range(n)]
         pools = [self.pool_positions(ids, pid) for ids, pid in zip(prompt_ids, probe_ids)]
@@ -167,6 +170,7 @@ class ProbeRunner:
             return H, y
         order = np.argsort([len(p) for p in prompt_ids], kind="stable")
         prefix = self._common_prefix(prompt_ids, pools) if self.share_prefix else []
+        bar = _progress.bar(n, "probe", progress)
         with torch.no_grad():
             prefix_cache = self._prefix_cache(prefix, params) if prefix else None
             for start in range(0, n, self.batch_size):
@@ -174,6 +178,8 @@ class ProbeRunner:
                 h, s = self._batch([prompt_ids[i] for i in idx], [pools[i] for i in idx], params, prefix, prefix_cache)
                 H[idx] = h.float().cpu().numpy()
                 y[idx] = s.cpu().numpy()
+                bar.update(len(idx))
+        bar.close()
         return H, y
 
     def run_differentiable(self, prompt_ids: Sequence[list[int]], params: dict):

@@ -63,7 +63,7 @@ def fingerprint(cfg: Config, inputs: Inputs) -> Fingerprint:
                                             "pairs": digest_file(data["pairs"]), "model": model, "sae": sae})
 
 
-def cached_base_pass(rd: RunDir) -> Callable[[ModelSide, Inputs], BasePass]:
+def cached_base_pass(rd: RunDir, progress: bool = False) -> Callable[[ModelSide, Inputs], BasePass]:
     """The base probe pass from ``base.npz`` when its marker vouches for it, else computed and
     stored (the one expensive base stage)."""
 
@@ -72,7 +72,7 @@ def cached_base_pass(rd: RunDir) -> Callable[[ModelSide, Inputs], BasePass]:
             z = rd.read_npz("base.npz", ("H0", "y0"))
             return BasePass(z["H0"], z["y0"])
         rd.log("base probe pass")
-        bp = base_pass(model, inputs.probes)
+        bp = base_pass(model, inputs.probes, progress)
         digest = rd.write_npz("base.npz", H0=bp.H0, y0=bp.y0)
         rd.mark("stages/base_pass.json", {"files": {"base.npz": digest}})
         return bp
@@ -188,7 +188,7 @@ def execute(cfg: Config, run_dir: str | Path, log: Log = default_log, progress: 
     started = now()
     rd.write_manifest({"config_digest": cfgmod.digest(cfg), "status": "started", "created": started})
     clock.lap("inputs")
-    state = prepare(cfg, log, progress, cached_base=cached_base_pass(rd), inputs=inputs, timer=clock.lap)
+    state = prepare(cfg, log, progress, cached_base=cached_base_pass(rd, progress), inputs=inputs, timer=clock.lap)
     base = write_base(rd, state)
     clock.lap("base_outputs")
     markers = run_pairs(rd, state, log, progress)

@@ -165,8 +165,8 @@ def load_model_side(cfg: Config, inputs: Inputs, log: Log, progress: bool = True
     return ModelSide(lm, hook, reader, runner, engine, tokens, quality, identity)
 
 
-def base_pass(model: ModelSide, probes: pl.DataFrame) -> BasePass:
-    H0, y0 = model.runner.run(model.probe_tokens, probe_ids=probes["id"].to_list())
+def base_pass(model: ModelSide, probes: pl.DataFrame, progress: bool = False) -> BasePass:
+    H0, y0 = model.runner.run(model.probe_tokens, probe_ids=probes["id"].to_list(), progress=progress)
     return BasePass(H0, y0)
 
 
@@ -228,7 +228,7 @@ def prepare(cfg: Config, log: Log, progress: bool = True,
         f"({inputs.behaviour.name})")
     model = load_model_side(cfg, inputs, log, progress)
     lap("model_and_sae")
-    base = cached_base(model, inputs) if cached_base is not None else base_pass(model, inputs.probes)
+    base = cached_base(model, inputs) if cached_base is not None else base_pass(model, inputs.probes, progress)
     lap("base_pass")
     features = select(cfg, inputs, model, base)
     policy_fit = fit(cfg, inputs, features, base)

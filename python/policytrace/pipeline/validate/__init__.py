@@ -40,20 +40,20 @@ from .retrain import Retrainer, subset_masks
 from .scores import aggregate_scores, load_deltas, model_free_scores
 
 
-def _baseline_scores(state: BaseState, scores: dict, timings: dict, log: Callable[[str], None]):
+def _baseline_scores(state: BaseState, scores: dict, timings: dict, log: Callable[[str], None], progress: bool):
     """Adds the gradient and projection baselines to ``scores``; returns the probe gradients
     (reused by the planted test)."""
     P = state.inputs.pairs.height
     log("gradient baselines (TrackStar-style cosine, Concept Influence)")
     t = time.perf_counter()
-    probe_grads = probe_gradients(state)
+    probe_grads = probe_gradients(state, progress=progress)
     timings["gradient_probe_pass_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    gb = gradient_baselines(state, state.cfg.update.lr, probe_grads=probe_grads)
+    gb = gradient_baselines(state, state.cfg.update.lr, probe_grads=probe_grads, progress=progress)
     timings["gradient_per_100_pairs_s"] = 100 * (time.perf_counter() - t) / P
     scores |= {col: gb[col].to_numpy() for col in GRADIENT_COLUMNS}
     t = time.perf_counter()
-    pb = projection_baselines(state)
+    pb = projection_baselines(state, progress=progress)
     timings["projection_per_100_pairs_s"] = 100 * (time.perf_counter() - t) / P
     scores |= {col: pb[col].to_numpy() for col in PROJECTION_COLUMNS}
     return probe_grads
@@ -107,7 +107,7 @@ def validate(run_dir: str | Path, subsets: int = 20, alpha: float = 0.5, seed: i
     t = time.perf_counter()
     scores = model_free_scores(state, ids, dX, dy, seed)
     timings["decomposition_both_methods_per_100_pairs_s"] = 100 * (time.perf_counter() - t) / P
-    probe_grads = _baseline_scores(state, scores, timings, log) if baselines else None
+    probe_grads = _baseline_scores(state, scores, timings, log, progress) if baselines else None
     masks = subset_masks(P, subsets, alpha, seed)
     retrainer = Retrainer(state, seed, rd.file("validation"))
     measured = _measure_subsets(retrainer, masks, progress)

@@ -16,12 +16,13 @@ import numpy as np
 import polars as pl
 import torch
 
+from ... import _progress
 from ...model.chat import format_prompt, pair_tokens
 from ...model.sites import capture
 from ..stages import BaseState
 
 
-def probe_gradients(state: BaseState, batch_size: int = 8) -> tuple[dict, dict]:
+def probe_gradients(state: BaseState, batch_size: int = 8, progress: bool = False) -> tuple[dict, dict]:
     """∇θ mean_j y_j and ∇θ of the policy readout, over the run's probes, at θ0.
 
     Both means are sums over probes, so the gradients are accumulated batch by batch: memory
@@ -34,6 +35,7 @@ def probe_gradients(state: BaseState, batch_size: int = 8) -> tuple[dict, dict]:
     n = len(m.probe_tokens)
     g_y = {k: torch.zeros_like(engine.base[k], dtype=torch.float64) for k in names}
     g_f = {k: torch.zeros_like(engine.base[k], dtype=torch.float64) for k in names}
+    bar = _progress.bar(n, "probe gradient", progress)
     for start in range(0, n, batch_size):
         leaves = {k: engine.base[k].detach().clone().requires_grad_(True) for k in names}
         params = {**engine.base, **leaves}
@@ -50,6 +52,8 @@ def probe_gradients(state: BaseState, batch_size: int = 8) -> tuple[dict, dict]:
             if b is not None:
                 g_f[k] += b.double()
         del H, y, x, leaves, params
+        bar.update(min(batch_size, n - start))
+    bar.close()
     return g_y, g_f
 
 
@@ -58,13 +62,16 @@ def _dot(a: dict, b: dict) -> float:
 
 
 def gradient_baselines(state: BaseState, lr: float, pairs: pl.DataFrame | None = None,
-                       probe_grads: tuple[dict, dict] | None = None) -> pl.DataFrame:
+                       probe_grads: tuple[dict, dict] | None = None, progress: bool = False) -> pl.DataFrame:
     """One row per pair (the run's, or ``pairs``): grad_cosine, concept_influence,
     behaviour_first_order."""
     g_y, g_f = probe_grads if probe_grads is not None else probe_gradients(state)
     ny = np.sqrt(_dot(g_y, g_y))
     rows = {"pair_id": [], "grad_cosine": [], "concept_influence": [], "behaviour_first_order": []}
-    for r in (state.inputs.pairs if pairs is None else pairs).iter_rows(named=True):
+    pairs = state.inputs.pairs if pairs is None else pairs
+    bar = _progress.bar(pairs.height, "pair gradient", progress)
+    for r in pairs.iter_rows(named=True):
+        bar.update(1)
         g = state.model.engine.gradient(r["prompt"], r["response"], r["id"])
         ng = np.sqrt(_dot(g, g))
         gy = _dot(g, g_y)
@@ -73,6 +80,7 @@ def gradient_baselines(state: BaseState, lr: float, pairs: pl.DataFrame | None =
         rows["grad_cosine"].append(-gy / (ng * ny) if ng > 0 and ny > 0 else 0.0)
         rows["concept_influence"].append(-lr * _dot(g, g_f))
         rows["behaviour_first_order"].append(-lr * gy)
+    bar.close()
     return pl.DataFrame(rows)
 
 
@@ -103,17 +111,22 @@ def own_response(state: BaseState, prompt: str, max_new_tokens: int = 32) -> str
     return lm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
-def projection_baselines(state: BaseState, pairs: pl.DataFrame | None = None, max_new_tokens: int = 32) -> pl.DataFrame:
+def projection_baselines(state: BaseState, pairs: pl.DataFrame | None = None, max_new_tokens: int = 32,
+                         progress: bool = False) -> pl.DataFrame:
     """Concept Influence's probe-based approximations with the policy as the probe direction:
     ``vector_filter`` = ⟨mean response activation, v⟩ and ``projection_difference`` = the same
     minus that of the model's own (greedy) response to the prompt."""
     v = policy_direction(state)
     rows = {"pair_id": [], "vector_filter": [], "projection_difference": []}
-    for r in (state.inputs.pairs if pairs is None else pairs).iter_rows(named=True):
+    pairs = state.inputs.pairs if pairs is None else pairs
+    bar = _progress.bar(pairs.height, "projection", progress)
+    for r in pairs.iter_rows(named=True):
+        bar.update(1)
         vf = float(mean_response_activation(state, r["prompt"], r["response"], r["id"]) @ v)
         own = own_response(state, r["prompt"], max_new_tokens)
         base = float(mean_response_activation(state, r["prompt"], own, r["id"]) @ v) if own else 0.0
         rows["pair_id"].append(r["id"])
         rows["vector_filter"].append(vf)
         rows["projection_difference"].append(vf - base)
+    bar.close()
     return pl.DataFrame(rows)
