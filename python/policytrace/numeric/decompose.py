@@ -17,6 +17,7 @@ from . import _backend
 from ._inputs import as_dy, as_matrix, as_vector, csr_tuple, stack_pairs
 from ..errors import InvalidValueError, NonFiniteError, ShapeError, SparseFormatError
 from .interference import group_codes, summarize_interference
+from .mediation import Mediation, mediation
 from .policy import Policy
 
 METHODS = ("exact", "first_order")
@@ -32,6 +33,7 @@ PAIR_FEATURE_COLUMNS = (
     "shapley_x",
     "shapley_y",
     "alignment",
+    "mediated_dy",
 )
 
 
@@ -174,17 +176,19 @@ class Attributor:
         ints = [i for i in pair_ids if isinstance(i, (int, np.integer)) and not isinstance(i, bool)]
         if ints:
             self._next_default = max(self._next_default, int(max(ints)) + 1)
-        frame = self._pair_feature_frame(pair_ids, res)
-        pairs = self._pair_frame(pair_ids, pair_groups, res, dya)
+        med = mediation(stacked, dya, self.policy.coef, self.policy.scale, res.pred_dy)
+        frame = self._pair_feature_frame(pair_ids, res, med)
+        pairs = self._pair_frame(pair_ids, pair_groups, res, dya, med)
         self.last_pairs = pairs  # this batch's one-row-per-pair summary (kept or not)
+        self.last_behaviour = self._behaviour_frame(pair_ids, dya, med) if self.probe_groups is not None else None
         if self.keep:
             self._pair_features.append(frame)
             self._pairs.append(pairs)
-            if self.probe_groups is not None:
-                self._behaviour.append(self._behaviour_frame(pair_ids, dya))
+            if self.last_behaviour is not None:
+                self._behaviour.append(self.last_behaviour)
         return frame
 
-    def _pair_feature_frame(self, pair_ids: list, res: Any) -> pl.DataFrame:
+    def _pair_feature_frame(self, pair_ids: list, res: Any, med: Mediation) -> pl.DataFrame:
         pol = self.policy
         p, k = len(pair_ids), pol.n_features
         d, dx, dyp = res.d_total, res.d_x, res.d_y
@@ -203,10 +207,11 @@ class Attributor:
                 "shapley_x": (dx + dxy / 2).ravel(),
                 "shapley_y": (dyp + dxy / 2).ravel(),
                 "alignment": (d * coef).ravel(),
+                "mediated_dy": med.per_feature.ravel(),
             }
         )
 
-    def _pair_frame(self, pair_ids: list, groups: list | None, res: Any, dy: np.ndarray) -> pl.DataFrame:
+    def _pair_frame(self, pair_ids: list, groups: list | None, res: Any, dy: np.ndarray, med: Mediation) -> pl.DataFrame:
         pol = self.policy
         d = res.d_total
         cols: dict[str, Any] = {
@@ -217,6 +222,9 @@ class Attributor:
             "score_y": res.d_y @ pol.coef,
             "dy_mean": dy.mean(axis=1),
             "pred_dy_mean": np.asarray(res.pred_dy),
+            "direct_dy": med.direct,
+            "mediated_share": _nullable(med.share),
+            "mediated_r2": _nullable(med.r2),
         }
         if self._feature_codes is not None and groups is not None:
             pcodes = group_codes(groups, self._labels)
@@ -233,15 +241,18 @@ class Attributor:
             cols["dominant_feature"] = [int(pol.feature_ids[j]) if j >= 0 else None for j in dom]
         return pl.DataFrame(cols, strict=False)
 
-    def _behaviour_frame(self, pair_ids: list, dy: np.ndarray) -> pl.DataFrame:
+    def _behaviour_frame(self, pair_ids: list, dy: np.ndarray, med: Mediation) -> pl.DataFrame:
+        """Per pair and probe group: mean Δy, the part the policy's features mediate, the rest."""
         levels = sorted(set(self.probe_groups.tolist()), key=str)
-        rows = {"pair_id": [], "probe_group": [], "dy_mean": []}
+        rows: dict[str, list] = {"pair_id": [], "probe_group": [], "dy_mean": [], "mediated_dy": [], "direct_dy": []}
         for lv in levels:
             mask = self.probe_groups == lv
-            means = dy[:, mask].mean(axis=1)
+            means, mediated = dy[:, mask].mean(axis=1), med.predicted[:, mask].mean(axis=1)
             rows["pair_id"] += list(pair_ids)
             rows["probe_group"] += [lv] * len(pair_ids)
             rows["dy_mean"] += means.tolist()
+            rows["mediated_dy"] += mediated.tolist()
+            rows["direct_dy"] += (means - mediated).tolist()
         return pl.DataFrame(rows, strict=False)
 
     def _kept(self, parts: list[pl.DataFrame], what: str) -> pl.DataFrame:
@@ -278,6 +289,13 @@ class Attributor:
             strict=False,
         )
         return summarize_interference(self.pair_features(), self.pairs(), fg)
+
+
+def _nullable(values: np.ndarray) -> pl.Series:
+    """Floats with NaN (undefined) stored as null: NaN never reaches an output. Built from a
+    list, not with a polars expression: expressions use polars' thread pool, which deadlocks
+    in a forked child (the core must keep working under fork)."""
+    return pl.Series([None if np.isnan(v) else float(v) for v in values], dtype=pl.Float64)
 
 
 def decompose(
