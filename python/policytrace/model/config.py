@@ -66,6 +66,8 @@ class SaeCfg:
             raise fail(self, "train_k", f"must be between 1 and sae.train_d_sae = {self.train_d_sae}")
         if self.train_steps < 1:
             raise fail(self, "train_steps", "must be >= 1")
+        if not 0 <= self.train_seed < 2**63:
+            raise fail(self, "train_seed", "must be between 0 and 2**63 - 1")
         if bool(self.release) != bool(self.id):
             raise fail(self, "release" if self.id else "id", "needs both sae.release and sae.id")
 

@@ -57,8 +57,10 @@ def check_device(device: str) -> torch.device:
             raise ConfigError(
                 f"model.device = {device!r} but only {torch.cuda.device_count()} CUDA device(s) exist"
             )
-    elif dev.type not in ("cpu", "mps", "xpu"):
-        raise ConfigError(f"model.device = {device!r}: device type '{dev.type}' is not supported (cpu or cuda)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"model.device = {device!r} but this machine has no usable MPS device; use \"cpu\"")
+    elif dev.type not in ("cpu", "mps"):
+        raise ConfigError(f"model.device = {device!r}: device type '{dev.type}' is not supported (cpu, cuda or mps)")
     return dev
 
 
@@ -85,6 +87,19 @@ class LoadedModel:
     name: str
     identity: str = ""
     """A digest of what the model is (config and sampled weight bytes), for run fingerprints."""
+
+
+def check_weight_files(folder: Path) -> None:
+    """Open the header of every safetensors file of a local model, so a truncated or damaged one
+    is named instead of failing deep in transformers."""
+    from safetensors import safe_open
+
+    for f in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                list(fh.keys())
+        except Exception as e:  # SafetensorError, OSError
+            raise ConfigError(f"{f} is not a readable safetensors file ({e}); the model folder is damaged") from e
 
 
 def model_identity(name_or_path: str, gguf_file: str | None) -> str:
@@ -126,14 +141,16 @@ def load_model(
     kwargs: dict[str, Any] = {}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
+    elif Path(name_or_path).is_dir():
+        check_weight_files(Path(name_or_path))
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch_dtype(dtype), **kwargs)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # transformers, safetensors and gguf raise many unrelated types
         raise ConfigError(
-            f"could not load model '{name_or_path}'{f' ({gguf_file})' if gguf_file else ''}: {e}. "
-            "Check model.name (a hub id needs network access; a local folder needs config.json "
-            "and weights, or gguf_file)"
+            f"could not load model '{name_or_path}'{f' ({gguf_file})' if gguf_file else ''}: "
+            f"{type(e).__name__}: {e}. Check model.name (a hub id needs network access; a local folder "
+            "needs config.json and intact weights, or gguf_file)"
         ) from e
     if chat_template is not None:
         tokenizer.chat_template = chat_template

@@ -98,12 +98,28 @@ def load_sae(path: str | None = None, release: str | None = None, sae_id: str | 
     from sae_lens import SAE
 
     if path is not None:
-        check_sae_folder(Path(path))
-        return SAE.load_from_disk(path, device=device)
+        cfg = check_sae_folder(Path(path))
+        try:
+            sae = SAE.load_from_disk(path, device=device)
+        except Exception as e:  # sae-lens: KeyError (architecture), RuntimeError (state dict), ...
+            raise ConfigError(f"sae.path '{path}' does not load with sae-lens ({type(e).__name__}: {e}); "
+                              "the SAE folder is damaged or of an architecture this sae-lens lacks") from e
+        check_sae(sae, str(path), cfg)
+        return sae
     if release is not None and sae_id is not None:
         out = SAE.from_pretrained(release, sae_id, device=device)
         return out[0] if isinstance(out, tuple) else out
     raise ConfigError("name an SAE: sae.path, or sae.release and sae.id")
+
+
+def check_sae(sae: Any, where: str, cfg: dict | None = None) -> None:
+    """Refuse an SAE that loads but cannot encode: k above d_sae, non-finite weights."""
+    k = (cfg or {}).get("k", getattr(sae.cfg, "k", None))
+    if isinstance(k, int) and k > int(sae.cfg.d_sae):
+        raise ConfigError(f"{where}: its cfg.json says k = {k} active latents but d_sae = {sae.cfg.d_sae}")
+    for name, p in sae.named_parameters():
+        if not torch.isfinite(p).all():
+            raise ConfigError(f"{where}: the SAE's {name} holds NaN or inf; the weights are damaged")
 
 
 def sae_identity(cfg: SaeCfg) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from types import ModuleType
 
+import numpy as np
+
 from ..errors import InvalidValueError
 
 BACKENDS = ("rust", "numpy")
@@ -22,16 +24,23 @@ def backend(name: str) -> ModuleType:
     raise InvalidValueError(f"`backend` '{name}' is not one of {BACKENDS}")
 
 
+MAX_THREADS = 4096
+
+
 def threads(n: int | None) -> int:
     """Thread budget for the core: explicit, else POLICYTRACE_NUM_THREADS, else all cores (0)."""
+    name = "`threads`"
     if n is None:
         env = os.environ.get("POLICYTRACE_NUM_THREADS")
         if env is None:
             return 0
+        name = "POLICYTRACE_NUM_THREADS"
         try:
             n = int(env)
         except ValueError as e:
             raise InvalidValueError(f"POLICYTRACE_NUM_THREADS={env!r} is not an integer") from e
-    if n < 0:
-        raise InvalidValueError(f"`threads` = {n} must be >= 0 (0 = all cores)")
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise InvalidValueError(f"{name} = {n!r} must be an integer (0 = all cores)")
+    if not 0 <= n <= MAX_THREADS:
+        raise InvalidValueError(f"{name} = {n} must be between 0 (all cores) and {MAX_THREADS}")
     return int(n)

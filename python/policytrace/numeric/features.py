@@ -123,10 +123,12 @@ def select_features(
 def _check_selection_args(method: str, k: int | None, threshold: float | None, min_active: int) -> None:
     if method not in METHODS:
         raise InvalidValueError(f"`method` '{method}' is not one of {METHODS}")
-    if min_active < 0:
-        raise InvalidValueError(f"`min_active` = {min_active} must be >= 0")
+    if isinstance(min_active, bool) or not isinstance(min_active, (int, np.integer)) or min_active < 0:
+        raise InvalidValueError(f"`min_active` = {min_active!r} must be an integer >= 0")
     if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1):
         raise InvalidValueError(f"`k` = {k!r} must be an integer >= 1")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float, np.number))):
+        raise InvalidValueError(f"`threshold` = {threshold!r} must be a number >= 0")
     if threshold is not None and not (math.isfinite(threshold) and threshold >= 0):
         # NaN would compare False everywhere and silently select nothing.
         raise InvalidValueError(f"`threshold` = {threshold} must be a finite number >= 0")

@@ -122,9 +122,15 @@ def _lam_grid(lam_grid: Any) -> list[float] | None:
     if lam_grid is None:
         return None
     try:
-        return [float(v) for v in np.asarray(lam_grid, dtype=np.float64).ravel()]
+        grid = np.asarray(lam_grid, dtype=np.float64)
     except (TypeError, ValueError) as e:
         raise InvalidValueError(f"`lam_grid` must be numbers: {e}") from e
+    if grid.ndim != 1:
+        raise InvalidValueError(f"`lam_grid` must be a flat list of numbers, got shape {grid.shape}")
+    bad = np.flatnonzero(~(np.isfinite(grid) & (grid >= 0)))
+    if bad.size:
+        raise InvalidValueError(f"`lam_grid`[{bad[0]}] = {grid[bad[0]]} must be a finite number >= 0")
+    return [float(v) for v in grid]
 
 
 def _feature_ids(feature_ids: Any, k: int) -> np.ndarray:
@@ -175,6 +181,8 @@ def fit_policy(
     if labels is not None and len(labels) != k:
         raise ShapeError(f"`labels` must have one label per feature ({k}), got {len(labels)}")
     lam_value, grid = _lam_value(lam), _lam_grid(lam_grid)
+    if grid is not None and lam_value is not None:
+        raise InvalidValueError("`lam_grid` is only used with lam='gcv'; drop it or set lam='gcv'")
     res = _backend.backend(backend).fit_policy(
         xa, ya, lam_value, grid, intercept, standardize, _backend.threads(threads)
     )

@@ -126,10 +126,10 @@ def _read(path: Path) -> Policy:
         )
     pol = Policy(
         coef=np.asarray(coef, dtype=np.float64),
+        feature_ids=_ids(ids, path),
         intercept=float(meta["intercept"]),
         lam=float(meta["lam"]),
         scale=np.asarray(scale, dtype=np.float64),
-        feature_ids=np.asarray(ids, dtype=np.int64),
         labels=labels,
         fit_intercept=bool(meta["fit_intercept"]),
         standardize=bool(meta["standardize"]),
@@ -141,6 +141,17 @@ def _read(path: Path) -> Policy:
     )
     check_loaded(pol, str(path))
     return pol
+
+
+def _ids(ids: Any, path: Path) -> np.ndarray:
+    """Feature ids as int64, refusing fractions and out-of-range values (never truncated)."""
+    values = list(ids)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        bad = next(v for v in values if not (isinstance(v, int) and not isinstance(v, bool)))
+        raise InvalidValueError(f"{path}: `feature_ids` holds {bad!r}; feature ids are integers (SAE latent indices)")
+    if any(not -(2**63) <= v < 2**63 for v in values):
+        raise InvalidValueError(f"{path}: `feature_ids` holds a value outside int64; the file is damaged")
+    return np.asarray(values, dtype=np.int64)
 
 
 def check_loaded(pol: Policy, where: str) -> None:

@@ -91,14 +91,18 @@ def feature_stats(x, y=None, groups=None, n_groups=0, threads=0) -> FeatureStats
     mean = np.asarray(Xs.sum(axis=0)).ravel() / n
     stored = np.bincount(cols, minlength=f)
     n_active = np.bincount(cols, weights=(Xs.data != 0), minlength=f).astype(np.uint64)
-    ss = np.bincount(cols, weights=(Xs.data - mean[cols]) ** 2, minlength=f)
-    var = np.maximum((ss + (n - stored) * mean**2) / n, 0.0)
-    std = np.sqrt(var)
+    # second moments in power-of-two units of each column's largest |x| (no overflow at 1e200)
+    unit = pow2_unit(_col_max_abs(Xs, f))
+    ss = np.bincount(cols, weights=((Xs.data - mean[cols]) / unit[cols]) ** 2, minlength=f)
+    var_u = np.maximum((ss + (n - stored) * (mean / unit) ** 2) / n, 0.0)
+    std = np.sqrt(var_u) * unit
     if y is not None:
         yc = y - y.mean()
-        sy = np.sqrt((yc**2).mean())
-        cov = (Xs.T @ yc) / n
-        denom = std * sy
+        yu = pow2_unit(np.abs(y).max(initial=0.0))
+        sy_u = np.sqrt(((yc / yu) ** 2).mean())
+        sy = sy_u * yu
+        cov = (Xs.T @ (yc / yu)) / unit / n  # in units of (unit * yu)
+        denom = np.sqrt(var_u) * sy_u
         flat = _is_constant(std, mean) | bool(_is_constant(np.array([sy]), np.array([y.mean()]))[0])
         with np.errstate(invalid="ignore", divide="ignore"):
             corr = np.where((denom > 0) & np.isfinite(denom) & ~flat, cov / denom, np.nan)
@@ -117,15 +121,41 @@ def feature_stats(x, y=None, groups=None, n_groups=0, threads=0) -> FeatureStats
     return FeatureStats(n_active, mean, std, corr, gm, counts.astype(np.uint64))
 
 
+def _col_max_abs(Xs: sp.csr_matrix, f: int) -> np.ndarray:
+    out = np.zeros(f)
+    np.maximum.at(out, Xs.indices, np.abs(Xs.data))
+    return out
+
+
+def pow2_unit(max_abs: np.ndarray) -> np.ndarray:
+    """The power of two at or below each |value| (1 for 0 and non-finite): squares are summed in
+    this unit so 1e200 or 1e-200 neither overflows nor underflows (as in the core)."""
+    m = np.asarray(max_abs, dtype=np.float64)
+    ok = np.isfinite(m) & (m >= np.finfo(float).tiny)
+    _, e = np.frexp(np.where(ok, m, 1.0))
+    return np.where(ok, np.ldexp(1.0, e - 1), 1.0)
+
+
+def robust_std(X: np.ndarray, axis: int = 0) -> np.ndarray:
+    u = pow2_unit(np.abs(X).max(axis=axis, initial=0.0))
+    return (X / u).std(axis=axis) * u
+
+
+def robust_rms(X: np.ndarray) -> np.ndarray:
+    u = pow2_unit(np.abs(X).max(axis=0, initial=0.0))
+    return np.sqrt(((X / u) ** 2).mean(axis=0)) * u
+
+
 def column_scale(X: np.ndarray) -> np.ndarray:
-    sd = X.std(axis=0)
+    sd = robust_std(X)
     return np.where(_is_constant(sd, X.mean(axis=0)), 1.0, sd)
 
 
 def spd_solve(A: np.ndarray, B: np.ndarray) -> tuple[np.ndarray, str]:
     """Cholesky when the pivots are healthy, else the eigendecomposition pseudo-inverse."""
     if not np.isfinite(A).all():
-        raise SolverError("the normal equations hold a non-finite value")
+        raise SolverError("the normal equations hold a non-finite value; the inputs overflow float64 "
+                          "(rescale X or y, or standardize)")
     k = A.shape[0]
     try:
         L = np.linalg.cholesky(A)
@@ -150,7 +180,7 @@ def _design(X, y, scale, intercept):
         zm, ym = Z.mean(axis=0), y.mean()
         Zc = Z - zm
         # Columns constant up to rounding are exactly zero once centred (as in the core).
-        Zc[:, _is_constant(np.sqrt((Zc**2).mean(axis=0)), zm)] = 0.0
+        Zc[:, _is_constant(robust_rms(Zc), zm)] = 0.0
         return Zc, y - ym, zm, ym
     return Z, y, np.zeros(Z.shape[1]), 0.0
 
@@ -159,7 +189,9 @@ def ridge(X: np.ndarray, y: np.ndarray, lam: float, scale: np.ndarray, intercept
     """β(X, y) with fixed scales: the literal normal equations of the method's step 3."""
     Zc, yc, zm, ym = _design(X, y, scale, intercept)
     k = Zc.shape[1]
-    b, solver = spd_solve(Zc.T @ Zc + lam * np.eye(k), Zc.T @ yc)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported by spd_solve
+        A, rhs = Zc.T @ Zc + lam * np.eye(k), Zc.T @ yc
+    b, solver = spd_solve(A, rhs)
     b0 = ym - zm @ b if intercept else 0.0
     return b, b0, solver
 

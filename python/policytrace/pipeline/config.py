@@ -100,6 +100,8 @@ class RunCfg:
     """Where the default SAE is cached; "" = $POLICYTRACE_CACHE or ~/.cache/policytrace."""
 
     def __post_init__(self) -> None:
+        if not 0 <= self.seed < 2**63:
+            raise fail(self, "seed", "must be between 0 and 2**63 - 1")
         if self.pair_batch < 1:
             raise fail(self, "pair_batch", "must be >= 1")
         if not 0 <= self.threads <= 4096:

@@ -54,6 +54,8 @@ def _jsonl_rows(path: Path) -> tuple[list[dict], list[str]]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from e
+            except RecursionError as e:
+                raise DataError(f"{path}:{lineno}: nested too deeply to be a probe or pair row") from e
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             rows.append(row)

@@ -176,11 +176,21 @@ class RunDir:
         return f"shards/done-{shard:05d}.json"
 
     # --- fingerprint, manifest ------------------------------------------------------------
+    def make(self) -> None:
+        """Create the folder, or say why it cannot be one."""
+        blocker = next((p for p in [self.path, *self.path.parents] if p.exists() and not p.is_dir()), None)
+        if blocker is not None:
+            raise RunFolderError(f"cannot use {self.path} as a run folder: {blocker} is a file; choose another --out")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunFolderError(f"cannot create the run folder {self.path} ({e.strerror}); choose another --out") from e
+
     def open_for_run(self, fp: Fingerprint, config_toml: str) -> dict | None:
         """Check the folder belongs to this config and these inputs, clean temporaries of
         killed writers, and write config/fingerprint when new. Returns the manifest when the
         run is complete and intact (nothing to do), else None."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.make()
         self._check_version()
         fp_path = self.file("fingerprint.json")
         if fp_path.exists():

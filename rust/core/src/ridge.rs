@@ -10,6 +10,7 @@ use faer::{Mat, MatRef, Par};
 
 use crate::error::{CoreError, Result};
 use crate::linalg::{at_b, SolverKind, SpdSolver};
+use crate::stats::pow2_unit;
 use crate::matrix::{check_vec, Matrix};
 
 /// How lambda is chosen.
@@ -162,12 +163,28 @@ fn column_mean(z: &[f64], n: usize, k: usize) -> Vec<f64> {
     m
 }
 
+/// Largest |z| per column, as the exact power-of-two unit its squares are summed in.
+fn column_units(z: &[f64], k: usize) -> Vec<f64> {
+    let mut m = vec![0.0f64; k];
+    for row in z.chunks_exact(k) {
+        m.iter_mut().zip(row).for_each(|(a, b)| *a = a.max(b.abs()));
+    }
+    m.into_iter().map(pow2_unit).collect()
+}
+
 fn column_rms(z: &[f64], n: usize, k: usize) -> Vec<f64> {
+    let unit = column_units(z, k);
     let mut ss = vec![0.0; k];
     for row in z.chunks_exact(k) {
-        ss.iter_mut().zip(row).for_each(|(a, b)| *a += b * b);
+        for j in 0..k {
+            let d = row[j] / unit[j];
+            ss[j] += d * d;
+        }
     }
-    ss.iter().map(|s| (s / n as f64).sqrt()).collect()
+    ss.iter()
+        .zip(&unit)
+        .map(|(s, u)| (s / n as f64).sqrt() * u)
+        .collect()
 }
 
 /// A spread at the rounding level of the column's mean (or exactly zero) means constant.
@@ -178,17 +195,19 @@ pub(crate) fn is_constant(sd: f64, mean: f64) -> bool {
 /// Population std per column (two-pass); 1 for a constant column so it stays as it is.
 pub fn column_std(z: &[f64], n: usize, k: usize) -> Vec<f64> {
     let m = column_mean(z, n, k);
+    let unit = column_units(z, k);
     let mut ss = vec![0.0; k];
     for row in z.chunks_exact(k) {
         for j in 0..k {
-            let d = row[j] - m[j];
+            let d = (row[j] - m[j]) / unit[j];
             ss[j] += d * d;
         }
     }
     ss.iter()
         .zip(&m)
-        .map(|(s, mj)| {
-            let sd = (s / n as f64).sqrt();
+        .zip(&unit)
+        .map(|((s, mj), u)| {
+            let sd = (s / n as f64).sqrt() * u;
             if is_constant(sd, *mj) {
                 1.0
             } else {

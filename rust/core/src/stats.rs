@@ -30,6 +30,17 @@ struct Acc {
     stored: Vec<u64>,
     active: Vec<u64>,
     gsum: Vec<f64>,
+    /// Largest |x| per feature: second moments are summed in units of a power of two near it.
+    max_abs: Vec<f64>,
+}
+
+/// The power of two at or below `max_abs` (1 for 0, subnormals and non-finite values): dividing
+/// by it is exact, so it moves sums of squares into range without changing their rounding.
+pub(crate) fn pow2_unit(max_abs: f64) -> f64 {
+    if !(max_abs.is_finite() && max_abs >= f64::MIN_POSITIVE) {
+        return 1.0;
+    }
+    f64::from_bits(max_abs.to_bits() & 0x7ff0_0000_0000_0000)
 }
 
 fn rows_of(x: &Matrix<'_>, r: usize, mut f: impl FnMut(usize, f64)) {
@@ -123,6 +134,7 @@ pub fn feature_stats(
         stored: vec![0; f],
         active: vec![0; f],
         gsum: vec![0.0; f * g],
+        max_abs: vec![0.0; f],
     };
     let acc = chunks
         .par_iter()
@@ -135,6 +147,7 @@ pub fn feature_stats(
                     a.stored[j] += 1;
                     a.active[j] += (v != 0.0) as u64;
                     a.gsum[j * g + gr] += v;
+                    a.max_abs[j] = a.max_abs[j].max(v.abs());
                 });
             }
             a
@@ -152,11 +165,19 @@ pub fn feature_stats(
                 .zip(&b.active)
                 .for_each(|(p, q)| *p += q);
             a.gsum.iter_mut().zip(&b.gsum).for_each(|(p, q)| *p += q);
+            a.max_abs
+                .iter_mut()
+                .zip(&b.max_abs)
+                .for_each(|(p, q)| *p = p.max(*q));
             a
         });
     let nf = n as f64;
     let mean: Vec<f64> = acc.sum.iter().map(|s| s / nf).collect();
     let y_mean = y.map(|y| y.iter().sum::<f64>() / nf);
+    // Exact power-of-two units: squares of 1e200 or 1e-200 neither overflow nor underflow, and
+    // in the normal range every result keeps its bits (scaling by 2^e rounds nothing).
+    let unit: Vec<f64> = acc.max_abs.iter().map(|&m| pow2_unit(m)).collect();
+    let y_unit = y.map_or(1.0, |y| pow2_unit(y.iter().fold(0.0f64, |m, v| m.max(v.abs()))));
 
     // Pass 2: centred second moments. For a sparse column, the stored entries contribute
     // (x - mean)^2 and the implicit zeros (n - stored) * mean^2; cov needs only sum x * (y - ybar).
@@ -167,13 +188,13 @@ pub fn feature_stats(
             let (mut ss, mut sxy) = zero2();
             for r in s..e {
                 let yc = match (y, y_mean) {
-                    (Some(y), Some(m)) => y[r] - m,
+                    (Some(y), Some(m)) => (y[r] - m) / y_unit,
                     _ => 0.0,
                 };
                 rows_of(x, r, |j, v| {
-                    let d = v - mean[j];
+                    let d = (v - mean[j]) / unit[j];
                     ss[j] += d * d;
-                    sxy[j] += v * yc;
+                    sxy[j] += v / unit[j] * yc;
                 });
             }
             (ss, sxy)
@@ -185,21 +206,28 @@ pub fn feature_stats(
             b.iter_mut().zip(&d).for_each(|(p, q)| *p += q);
             (a, b)
         });
-    let var: Vec<f64> = (0..f)
+    // Standard deviations in each feature's unit (std_u), then in the data's own units.
+    let std_u: Vec<f64> = (0..f)
         .map(|j| {
             let implicit = (n as u64 - acc.stored[j]) as f64;
-            ((ss[j] + implicit * mean[j] * mean[j]) / nf).max(0.0)
+            let m = mean[j] / unit[j];
+            ((ss[j] + implicit * m * m) / nf).max(0.0).sqrt()
         })
         .collect();
-    let std: Vec<f64> = var.iter().map(|v| v.sqrt()).collect();
+    let std: Vec<f64> = std_u.iter().zip(&unit).map(|(s, u)| s * u).collect();
     let corr = match (y, y_mean) {
         (Some(y), Some(m)) => {
-            let syy: f64 = y.iter().map(|v| (v - m) * (v - m)).sum::<f64>() / nf;
+            let syy: f64 = y
+                .iter()
+                .map(|v| (v - m) / y_unit)
+                .map(|d| d * d)
+                .sum::<f64>()
+                / nf;
             let sy = syy.sqrt();
-            let y_constant = crate::ridge::is_constant(sy, m);
+            let y_constant = crate::ridge::is_constant(sy * y_unit, m);
             (0..f)
                 .map(|j| {
-                    let denom = std[j] * sy;
+                    let denom = std_u[j] * sy;
                     // A spread at rounding level is no spread: its correlation would be noise.
                     if y_constant || crate::ridge::is_constant(std[j], mean[j]) {
                         f64::NAN

@@ -151,7 +151,8 @@ def _sections(v: RunView) -> str:
     topp = pairs.sort("score", descending=True).select("pair_id", "group", "label", "score", "score_x", "score_y",
                                                        "dy_mean", "pred_dy_mean").head(15)
     fid_rows = "".join(f"<tr><td>{esc(k)}</td><td class=num>{x:.3f}</td></tr>" for k, x in fid.items() if isinstance(x, float))
-    fid_cats = "".join(f"<tr><td>{esc(k)}</td><td class=num>{x:.3f}</td></tr>" for k, x in fid.get("r2_by_category", {}).items())
+    fid_cats = "".join(f"<tr><td>{esc(k)}</td><td class=num>{'–' if x is None else f'{x:.3f}'}</td></tr>"
+                       for k, x in fid.get("r2_by_category", {}).items())
     pos, neg = b.sides
     return f"""<h2>The policy</h2>
 <p class=muted>Top {pol.height} features by |coef| (standardized units); red {esc(b.raise_word)}. Label: the feature's group (probe category where it is most active) and its top-activating probe.</p>
