@@ -10,8 +10,8 @@ use faer::{Mat, MatRef, Par};
 
 use crate::error::{CoreError, Result};
 use crate::linalg::{at_b, SolverKind, SpdSolver};
-use crate::stats::pow2_unit;
 use crate::matrix::{check_vec, Matrix};
+use crate::stats::pow2_unit;
 
 /// How lambda is chosen.
 #[derive(Debug, Clone)]

@@ -177,7 +177,9 @@ pub fn feature_stats(
     // Exact power-of-two units: squares of 1e200 or 1e-200 neither overflow nor underflow, and
     // in the normal range every result keeps its bits (scaling by 2^e rounds nothing).
     let unit: Vec<f64> = acc.max_abs.iter().map(|&m| pow2_unit(m)).collect();
-    let y_unit = y.map_or(1.0, |y| pow2_unit(y.iter().fold(0.0f64, |m, v| m.max(v.abs()))));
+    let y_unit = y.map_or(1.0, |y| {
+        pow2_unit(y.iter().fold(0.0f64, |m, v| m.max(v.abs())))
+    });
 
     // Pass 2: centred second moments. For a sparse column, the stored entries contribute
     // (x - mean)^2 and the implicit zeros (n - stored) * mean^2; cov needs only sum x * (y - ybar).
