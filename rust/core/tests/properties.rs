@@ -1958,3 +1958,31 @@ fn feature_stats_constant_column_corr_is_nan() {
     }
     assert!(bad.is_empty(), "{}", bad.join("\n"));
 }
+
+proptest! {
+    #![proptest_config(cfg(64))]
+
+    /// Statistics and the fitted policy are equivariant under scaling the data by a power of two
+    /// up to 2^±660: the same bits, scaled exactly, where squares of the raw values would
+    /// overflow or underflow float64.
+    #[test]
+    fn second_moments_survive_extreme_scales(
+        vals in vec(-4.0f64..4.0, 24),
+        ys in vec(-2.0f64..2.0, 8),
+        e in prop_oneof![Just(-660i32), Just(-200), Just(0), Just(200), Just(660)],
+    ) {
+        let (n, k) = (8, 3);
+        let s = 2f64.powi(e);
+        let scaled: Vec<f64> = vals.iter().map(|v| v * s).collect();
+        let base = feature_stats(&Matrix::Dense(Dense::new("X", n, k, &vals).unwrap()), Some(&ys), None).unwrap();
+        let big = feature_stats(&Matrix::Dense(Dense::new("X", n, k, &scaled).unwrap()), Some(&ys), None).unwrap();
+        for j in 0..k {
+            prop_assert_eq!(big.std[j].to_bits(), (base.std[j] * s).to_bits());
+            prop_assert!(big.corr[j].to_bits() == base.corr[j].to_bits() || (big.corr[j].is_nan() && base.corr[j].is_nan()));
+        }
+        let o = opts(Lam::Fixed(0.5), true, true);
+        let p0 = ridge::fit(&Matrix::Dense(Dense::new("X", n, k, &vals).unwrap()), &ys, &o, Par::Seq).unwrap();
+        let p1 = ridge::fit(&Matrix::Dense(Dense::new("X", n, k, &scaled).unwrap()), &ys, &o, Par::Seq).unwrap();
+        prop_assert_eq!(bits(&p0.coef), bits(&p1.coef));
+    }
+}
