@@ -95,20 +95,20 @@ def test_validate_tiny_run(tmp_path):
     assert set(agg["by"]) == {"category", "label"} and agg["mean_z"].is_finite().all()
     assert "decomposition_both_methods_per_100_pairs_s" in json.loads((tmp_path / "run" / "validation.json").read_text())["timings"]
     planted = pl.read_parquet(tmp_path / "run" / "planted.parquet")
-    assert planted.height == 20 and set(planted["kind"]) == {"planted_refusal", "planted_compliance"}
-    assert planted["n_planted"].to_list() == [2] * 20
+    assert planted.height == 22 and set(planted["kind"]) == {"planted_refusal", "planted_compliance"}
+    assert planted["n_planted"].to_list() == [2] * 22
     assert planted["auc"].is_between(0, 1).all()
-    assert set(frame["method"]) == {"score_exact", "score_first_order", "dy_mean", "pred_dy_mean", "random",
+    assert set(frame["method"]) == {"score_exact", "score_first_order", "dy_mean", "pred_dy_mean", "suspicion", "random",
                                     "grad_cosine", "concept_influence", "behaviour_first_order",
                                     "vector_filter", "projection_difference"}
     assert set(frame["target"]) == {"policy", "behaviour"}
-    assert frame.height == 20
+    assert frame.height == 22
     doc = json.loads((tmp_path / "run" / "validation.json").read_text())
     assert -1 <= doc["agreement"]["spearman_exact_first_order"] <= 1
     cached = sorted((tmp_path / "run" / "validation").glob("retrain-*.json"))
     assert len(cached) >= 6
     rem = pl.read_parquet(tmp_path / "run" / "removal.parquet")
-    assert rem.height == 10 and set(rem["k"]) == {1}
+    assert rem.height == 11 and set(rem["k"]) == {1}
     assert {"behaviour_drop", "behaviour_drop_random", "policy_drop", "policy_drop_random", "removed"} <= set(rem.columns)
     # Resuming reuses the cached subsets and reproduces the same table.
     before = frame

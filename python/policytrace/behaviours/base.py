@@ -34,6 +34,20 @@ class BehaviourCfg:
     own (refusal: none; sycophancy: correcting openings)."""
 
 
+def robust_z(x: np.ndarray) -> np.ndarray:
+    """(x − median) / (1.4826 · MAD) over the finite values; the std when the MAD is 0; NaN
+    stays NaN."""
+    x = np.asarray(x, dtype=np.float64)
+    ok = np.isfinite(x)
+    if ok.sum() < 2:
+        return np.where(ok, 0.0, np.nan)
+    med = np.median(x[ok])
+    scale = 1.4826 * np.median(np.abs(x[ok] - med))
+    if not scale > 0:
+        scale = x[ok].std()
+    return np.where(ok, (x - med) / scale if scale > 0 else 0.0, np.nan)
+
+
 @dataclass(frozen=True)
 class PlantedKind:
     """One kind of planted mislabeled pair and where a detector should find it: among the
@@ -79,6 +93,48 @@ class Behaviour:
     def planted_kinds(self, pairs: pl.DataFrame) -> list[PlantedKind]:
         """For ``pairs`` (the run's and the planted ones), each planted kind with its pool."""
         raise NotImplementedError
+
+    def intended_direction(self, pairs: pl.DataFrame) -> np.ndarray:
+        """Per pair, +1 if its label means to raise y, −1 to lower it, 0 when unknown."""
+        raise NotImplementedError
+
+    def suspicion_side(self, direction: int) -> bool:
+        """Whether a pair of this direction is judged on the flagged probes (True) or on the
+        others (False)."""
+        raise NotImplementedError
+
+    def suspicion(self, pairs: pl.DataFrame) -> pl.DataFrame:
+        """The curator's ranking: how strongly each pair's measured effect contradicts what its
+        label intends. Needs ``dy_on_flagged`` and ``dy_on_unflagged`` (mean Δy over the flagged
+        and the other probes) and ``label`` (and the flag, for behaviours that use it).
+
+        ``suspicion_raw`` = −direction × mean Δy on the probes the label is about, in the
+        behaviour's units; ``suspicion`` is its robust z-score across the run's pairs (median
+        and 1.4826·MAD), comparable across pairs and runs; ``suspicion_reason`` says it in words.
+        """
+        direction = self.intended_direction(pairs)
+        on = np.array([self.suspicion_side(int(d)) if d else True for d in direction])
+        dy = np.where(on, pairs["dy_on_flagged"].fill_null(np.nan).to_numpy(),
+                      pairs["dy_on_unflagged"].fill_null(np.nan).to_numpy())
+        raw = np.where((direction != 0) & np.isfinite(dy), -direction * dy, np.nan)
+        z = robust_z(raw)
+        reasons = [self._reason(lab, d, side, r, zz) for lab, d, side, r, zz in
+                   zip(pairs["label"].to_list(), direction, on, raw, z)]
+        nullable = [None if not np.isfinite(v) else float(v) for v in z]
+        raw_n = [None if not np.isfinite(v) else float(v) for v in raw]
+        return pl.DataFrame({"pair_id": pairs["pair_id"], "suspicion": pl.Series(nullable, dtype=pl.Float64),
+                             "suspicion_raw": pl.Series(raw_n, dtype=pl.Float64), "suspicion_reason": reasons})
+
+    def _reason(self, label: str, direction: int, on_flagged: bool, raw: float, z: float) -> str:
+        if not direction or not np.isfinite(raw):
+            return "no intended direction (label or flag unknown)"
+        side = self.sides[0] if on_flagged else self.sides[1]
+        meant = "raise" if direction > 0 else "lower"
+        moved = "raises" if -direction * raw > 0 else "lowers"
+        change = -direction * raw
+        verdict = "contradicts its label" if raw > 0 else "agrees with its label"
+        return (f"labelled {label} (meant to {meant} the {self.score_name}) and {moved} it on {side} probes "
+                f"by {change:+.3g}: {verdict} (robust z {z:+.1f})")
 
     def side_name(self, value: bool | None) -> str:
         return "unflagged" if value is None else self.sides[0] if value else self.sides[1]

@@ -35,6 +35,19 @@ class Refusal(Behaviour):
                          "category": r["category"], "label": label, self.flag: r[self.flag]})
         return pl.DataFrame(rows, schema=pairs.schema)
 
+    def intended_direction(self, pairs: pl.DataFrame) -> np.ndarray:
+        """A harmful prompt's pair is meant to teach refusal, a harmless one's compliance (from
+        the flag; the label where the flag is missing)."""
+        flag = pairs[self.flag].to_list() if self.flag in pairs.columns else [None] * pairs.height
+        by_label = {"refusal": 1, "compliance": -1}
+        return np.array([(1 if f else -1) if f is not None else by_label.get(lab, 0)
+                         for f, lab in zip(flag, pairs["label"].to_list())], dtype=np.int64)
+
+    def suspicion_side(self, direction: int) -> bool:
+        """A refusal pair is suspicious if it lowers refusal on harmful probes; a compliance
+        pair if it raises refusal on harmless ones."""
+        return direction > 0
+
     def planted_kinds(self, pairs: pl.DataFrame) -> list[PlantedKind]:
         """A planted refusal hides among harmless-prompt pairs and raises refusal; a planted
         compliance hides among harmful-prompt pairs and lowers it."""

@@ -35,6 +35,18 @@ class Sycophancy(Behaviour):
                          "category": r["category"], "label": label, self.flag: r[self.flag]})
         return pl.DataFrame(rows, schema=pairs.schema)
 
+    # Planted pairs hide under the label they pretend to have.
+    DIRECTIONS = {"sycophantic": 1, "correcting": -1, "planted_sycophantic": -1, "planted_correcting": 1}
+
+    def intended_direction(self, pairs: pl.DataFrame) -> np.ndarray:
+        """A correcting pair is meant to lower agreement with false claims; a sycophantic pair
+        raises it (it is what it says it is)."""
+        return np.array([self.DIRECTIONS.get(lab, 0) for lab in pairs["label"].to_list()], dtype=np.int64)
+
+    def suspicion_side(self, direction: int) -> bool:
+        """Both directions are judged on the false-claim probes, where agreeing is wrong."""
+        return True
+
     def planted_kinds(self, pairs: pl.DataFrame) -> list[PlantedKind]:
         """Planted agreement hides among the correcting pairs and raises agreement; planted
         corrections hide among the sycophantic pairs and lower it."""

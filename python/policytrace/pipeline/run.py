@@ -23,6 +23,7 @@ from ..model.sae import sae_identity
 from ..numeric import Attributor, summarize_interference
 from . import config as cfgmod
 from .config import Config
+from .findings import interference_findings, side_means, suspicion_findings
 from .rundir import FINAL_OUTPUTS, Fingerprint, RunDir, now
 from .stages import BasePass, BaseState, Inputs, ModelSide, base_pass, load_inputs, prepare
 
@@ -122,16 +123,15 @@ def run_shard(rd: RunDir, state: BaseState, att: Attributor, shard: int, rows: p
         bar.update(1)
     ids = rows["id"].to_list()
     frame = att.add(dXs, np.stack(dys), pair_ids=ids, pair_groups=rows["category"].to_list())
-    pairs = att.last_pairs.with_columns(pl.Series("label", rows["label"].to_list()))
-    _check_finite(frame, f"shard {shard}")
-    _check_finite(pairs, f"shard {shard}")
-    files = {
-        rd.shard_file("deltas", shard): rd.write_npz(rd.shard_file("deltas", shard),
-                                                     dX=np.stack([d.toarray() for d in dXs]), dy=np.stack(dys),
-                                                     ids=np.array(ids)),
-        rd.shard_file("pair_features", shard): rd.write_parquet(rd.shard_file("pair_features", shard), frame),
-        rd.shard_file("pairs", shard): rd.write_parquet(rd.shard_file("pairs", shard), pairs),
-    }
+    pairs = att.last_pairs.with_columns(pl.Series("label", rows["label"].to_list()),
+                                        **side_means(np.stack(dys), state.inputs.flag))
+    frames = {"pair_features": frame, "pairs": pairs, "pair_behaviour": att.last_behaviour}
+    for name, f in frames.items():
+        _check_finite(f, f"shard {shard} ({name})")
+    files = {rd.shard_file("deltas", shard): rd.write_npz(rd.shard_file("deltas", shard),
+                                                          dX=np.stack([d.toarray() for d in dXs]), dy=np.stack(dys),
+                                                          ids=np.array(ids))}
+    files |= {rd.shard_file(name, shard): rd.write_parquet(rd.shard_file(name, shard), f) for name, f in frames.items()}
     _faults.checkpoint("before-shard-marker")
     record = {"shard": shard, "pairs": ids, "files": files, "seconds": round(time.perf_counter() - t, 3)}
     rd.mark(rd.shard_marker(shard), record)
@@ -163,15 +163,20 @@ def run_pairs(rd: RunDir, state: BaseState, log: Log, progress: bool) -> list[di
 
 
 def merge(rd: RunDir, state: BaseState, markers: list[dict]) -> dict[str, str]:
-    """pairs, pair_features and interference from the shards (their markers were verified)."""
-    pf = pl.concat([rd.read_parquet(rd.shard_file("pair_features", m["shard"])) for m in markers])
-    pr = pl.concat([rd.read_parquet(rd.shard_file("pairs", m["shard"])) for m in markers])
-    _check_finite(pf, "pair_features")
-    _check_finite(pr, "pairs")
+    """The final files from the shards (their markers were verified), with the findings that
+    need every pair: interference against chance, suspicion."""
+    frames = {name: pl.concat([rd.read_parquet(rd.shard_file(name, m["shard"])) for m in markers])
+              for name in ("pair_features", "pairs", "pair_behaviour")}
+    for name, f in frames.items():
+        _check_finite(f, name)
+    pf = frames["pair_features"]
     fg = state.features.frame.select("feature_id", pl.col("group").alias("feature_group"))
-    out = {"pair_features.parquet": rd.write_parquet("pair_features.parquet", pf),
-           "pairs.parquet": rd.write_parquet("pairs.parquet", pr),
-           "interference.parquet": rd.write_parquet("interference.parquet", summarize_interference(pf, pr, fg))}
+    summary = summarize_interference(pf, frames["pairs"], fg)
+    pairs, groups = interference_findings(state, pf, frames["pairs"], state.cfg.run.seed)
+    pairs = suspicion_findings(state, pairs)
+    out = {f"{name}.parquet": rd.write_parquet(f"{name}.parquet", f)
+           for name, f in (("pair_features", pf), ("pairs", pairs), ("pair_behaviour", frames["pair_behaviour"]),
+                           ("interference", summary), ("interference_groups", groups))}
     assert set(out) == set(FINAL_OUTPUTS)
     return out
 

@@ -36,8 +36,9 @@ from .._files import digest_bytes, digest_file, remove_stale_temporaries, write_
 from ..errors import RunFolderError
 
 MANIFEST_VERSION = 2
-FINAL_OUTPUTS = ("pairs.parquet", "pair_features.parquet", "interference.parquet")
-SHARD_KINDS = {"deltas": "npz", "pair_features": "parquet", "pairs": "parquet"}
+FINAL_OUTPUTS = ("pairs.parquet", "pair_features.parquet", "pair_behaviour.parquet", "interference.parquet",
+                 "interference_groups.parquet")
+SHARD_KINDS = {"deltas": "npz", "pair_features": "parquet", "pairs": "parquet", "pair_behaviour": "parquet"}
 
 
 @dataclass(frozen=True)

@@ -105,7 +105,7 @@ def validate(run_dir: str | Path, subsets: int = 20, alpha: float = 0.5, seed: i
     if spp:
         timings["smda_engine_per_100_pairs_s"] = 100 * spp
     t = time.perf_counter()
-    scores = model_free_scores(state, ids, dX, dy, seed)
+    scores = model_free_scores(state, state.inputs.pairs, dX, dy, seed)
     timings["decomposition_both_methods_per_100_pairs_s"] = 100 * (time.perf_counter() - t) / P
     probe_grads = _baseline_scores(state, scores, timings, log, progress) if baselines else None
     masks = subset_masks(P, subsets, alpha, seed)

@@ -13,6 +13,7 @@ from ..stages import BaseState
 from .baselines import gradient_baselines, projection_baselines
 from .scores import model_free_scores
 
+UNSIGNED = {"suspicion"}
 GRADIENT_COLUMNS = ("grad_cosine", "concept_influence", "behaviour_first_order")
 PROJECTION_COLUMNS = ("vector_filter", "projection_difference")
 
@@ -35,11 +36,10 @@ def planted_test(state: BaseState, n: int, seed: int, deltas: tuple, baselines: 
     precision@k of ``sign`` × score among the kind's candidate pool."""
     behaviour = state.inputs.behaviour
     planted = behaviour.plant_pairs(state.inputs.pairs, n, seed)
-    ids, dX, dy = deltas
+    _, dX, dy = deltas
     pdX, pdy = planted_deltas(state, planted, progress)
     both = pl.concat([state.inputs.pairs, planted])
-    sc = model_free_scores(state, ids + planted["id"].to_list(), np.concatenate([dX, pdX]),
-                           np.concatenate([dy, pdy]), seed)
+    sc = model_free_scores(state, both, np.concatenate([dX, pdX]), np.concatenate([dy, pdy]), seed)
     if baselines:
         gb = gradient_baselines(state, state.cfg.update.lr, both, probe_grads)
         pb = projection_baselines(state, both)
@@ -50,7 +50,9 @@ def planted_test(state: BaseState, n: int, seed: int, deltas: tuple, baselines: 
     for method, s_ in sc.items():
         for kind in behaviour.planted_kinds(both):
             lab = (label == kind.name)[kind.pool]
-            score = kind.sign * np.asarray(s_)[kind.pool]
+            # suspicion already points at what contradicts the label, for every kind
+            sign = 1.0 if method in UNSIGNED else kind.sign
+            score = sign * np.asarray(s_)[kind.pool]
             k = int(lab.sum())
             rows.append({"method": method, "kind": kind.name, "auc": auc(score, lab),
                          "precision_at_k": precision_at_k(score, lab, k) if k else float("nan"),

@@ -8,6 +8,7 @@ import polars as pl
 
 from ...errors import RunFolderError
 from ...numeric import Attributor
+from ..findings import side_means
 from ..rundir import RunDir
 from ..stages import BaseState
 
@@ -29,9 +30,17 @@ def load_deltas(rd: RunDir, manifest: dict) -> tuple[list[str], np.ndarray, np.n
     return ids, np.concatenate(dX), np.concatenate(dy)
 
 
-def model_free_scores(state: BaseState, ids: list, dX: np.ndarray, dy: np.ndarray, seed: int) -> dict:
+def suspicion_scores(state: BaseState, pairs: pl.DataFrame, dy: np.ndarray) -> np.ndarray:
+    """The behaviour's suspicion of each pair (rows of ``pairs``, Δy rows in the same order)."""
+    frame = pairs.select(pl.col("id").alias("pair_id"), "label", state.inputs.behaviour.flag).with_columns(
+        **side_means(dy, state.inputs.flag))
+    return state.inputs.behaviour.suspicion(frame)["suspicion"].fill_null(0.0).to_numpy()
+
+
+def model_free_scores(state: BaseState, pairs: pl.DataFrame, dX: np.ndarray, dy: np.ndarray, seed: int) -> dict:
     """SMDA's pair score (exact and first order), the pair's own measured and policy-predicted
-    mean Δy, and a random score, per pair."""
+    mean Δy, the curator's suspicion, and a random score, per pair (``pairs``: their rows)."""
+    ids = pairs["id"].to_list()
     scores = {}
     for method in ("exact", "first_order"):
         att = Attributor(state.policy, state.features.X, state.base.y0, method=method,
@@ -41,6 +50,7 @@ def model_free_scores(state: BaseState, ids: list, dX: np.ndarray, dy: np.ndarra
     pol = state.policy
     scores["dy_mean"] = dy.mean(axis=1)
     scores["pred_dy_mean"] = np.array([((d / pol.scale) @ pol.coef).mean() for d in dX])
+    scores["suspicion"] = suspicion_scores(state, pairs, dy)
     scores["random"] = np.random.default_rng(seed + 1).normal(size=len(ids))
     return scores
 
