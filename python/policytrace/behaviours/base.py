@@ -34,18 +34,17 @@ class BehaviourCfg:
     own (refusal: none; sycophancy: correcting openings)."""
 
 
-def robust_z(x: np.ndarray) -> np.ndarray:
-    """(x − median) / (1.4826 · MAD) over the finite values; the std when the MAD is 0; NaN
-    stays NaN."""
+def robust_scaled(x: np.ndarray) -> np.ndarray:
+    """x / (1.4826 · MAD) over the finite values: in units of the pairs' robust spread, not
+    centred, so the sign keeps its meaning (the std when the MAD is 0; NaN stays NaN)."""
     x = np.asarray(x, dtype=np.float64)
     ok = np.isfinite(x)
     if ok.sum() < 2:
-        return np.where(ok, 0.0, np.nan)
-    med = np.median(x[ok])
-    scale = 1.4826 * np.median(np.abs(x[ok] - med))
+        return np.where(ok, x, np.nan)
+    scale = 1.4826 * np.median(np.abs(x[ok] - np.median(x[ok])))
     if not scale > 0:
         scale = x[ok].std()
-    return np.where(ok, (x - med) / scale if scale > 0 else 0.0, np.nan)
+    return np.where(ok, x / scale if scale > 0 else x, np.nan)
 
 
 @dataclass(frozen=True)
@@ -109,15 +108,16 @@ class Behaviour:
         and the other probes) and ``label`` (and the flag, for behaviours that use it).
 
         ``suspicion_raw`` = −direction × mean Δy on the probes the label is about, in the
-        behaviour's units; ``suspicion`` is its robust z-score across the run's pairs (median
-        and 1.4826·MAD), comparable across pairs and runs; ``suspicion_reason`` says it in words.
+        behaviour's units (> 0: the pair moves the behaviour against its label); ``suspicion``
+        is the same in units of the run's robust pair-to-pair spread (1.4826·MAD), comparable
+        across pairs and runs; ``suspicion_reason`` says it in words.
         """
         direction = self.intended_direction(pairs)
         on = np.array([self.suspicion_side(int(d)) if d else True for d in direction])
         dy = np.where(on, pairs["dy_on_flagged"].fill_null(np.nan).to_numpy(),
                       pairs["dy_on_unflagged"].fill_null(np.nan).to_numpy())
         raw = np.where((direction != 0) & np.isfinite(dy), -direction * dy, np.nan)
-        z = robust_z(raw)
+        z = robust_scaled(raw)
         reasons = [self._reason(lab, d, side, r, zz) for lab, d, side, r, zz in
                    zip(pairs["label"].to_list(), direction, on, raw, z)]
         nullable = [None if not np.isfinite(v) else float(v) for v in z]
@@ -134,7 +134,7 @@ class Behaviour:
         change = -direction * raw
         verdict = "contradicts its label" if raw > 0 else "agrees with its label"
         return (f"labelled {label} (meant to {meant} the {self.score_name}) and {moved} it on {side} probes "
-                f"by {change:+.3g}: {verdict} (robust z {z:+.1f})")
+                f"by {change:+.3g}: {verdict} ({z:+.1f} × the pairs' spread)")
 
     def side_name(self, value: bool | None) -> str:
         return "unflagged" if value is None else self.sides[0] if value else self.sides[1]

@@ -29,6 +29,12 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--quiet", action="store_true")
     rep = sub.add_parser("report", help="write RUN_DIR/report.html")
     rep.add_argument("run_dir")
+    cur = sub.add_parser("curate", help="write the run's pairs without the most suspicious ones")
+    cur.add_argument("run_dir")
+    how = cur.add_mutually_exclusive_group(required=True)
+    how.add_argument("--drop", type=int, help="drop the K pairs with the highest suspicion")
+    how.add_argument("--threshold", type=float, help="drop the pairs with suspicion >= T (in units of the pairs' robust spread; > 0 contradicts the label)")
+    cur.add_argument("--out", required=True, help="the curated pair file (.jsonl or .parquet)")
     val = sub.add_parser("validate", help="LDS of a finished run's attributions against real subset retraining")
     val.add_argument("run_dir")
     val.add_argument("--subsets", type=int, default=20, help="random subsets to retrain on (default 20)")
@@ -78,6 +84,14 @@ def _dispatch(args) -> int:
                          baselines=not args.no_baselines, removal_k=args.removal_k, planted=args.planted)
         print(frame)
         print(f"written: {Path(args.run_dir) / 'validation.parquet'}")
+        return 0
+    if args.cmd == "curate":
+        from .curate import curate
+
+        res = curate(args.run_dir, args.out, args.drop, args.threshold)
+        for r in res.dropped.iter_rows(named=True):
+            print(f"dropped {r['pair_id']} (suspicion {r['suspicion']:+.2f}): {r['suspicion_reason']}")
+        print(f"kept {res.kept.height} pairs: {res.out}")
         return 0
     if args.cmd == "report":
         from .report import write_report

@@ -1,0 +1,51 @@
+"""``policytrace curate``: the run's pair file without the pairs whose measured effect most
+contradicts their label (the ``suspicion`` ranking of ``pairs.parquet``)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from .._files import write_atomic
+from ..errors import InvalidValueError
+from . import config as cfgmod
+from .rundir import RunDir, parquet_bytes
+from .stages import load_inputs
+
+
+@dataclass(frozen=True)
+class Curation:
+    kept: pl.DataFrame
+    dropped: pl.DataFrame
+    """The dropped pairs with their suspicion and reason, most suspicious first."""
+    out: Path
+
+
+def curate(run_dir: str | Path, out: str | Path, drop: int | None = None, threshold: float | None = None) -> Curation:
+    """Write the run's pairs minus the ``drop`` most suspicious, or minus those with suspicion
+    at or above ``threshold`` (in units of the pairs' robust spread), to ``out`` (.jsonl or
+    .parquet)."""
+    if (drop is None) == (threshold is None):
+        raise InvalidValueError("give exactly one of --drop K or --threshold T")
+    out = Path(out)
+    if out.suffix.lower() not in (".jsonl", ".parquet"):
+        raise InvalidValueError(f"--out {out} must end in .jsonl or .parquet")
+    rd = RunDir(run_dir)
+    rd.complete()
+    ranked = rd.read_parquet("pairs.parquet").sort("suspicion", descending=True, nulls_last=True)
+    if drop is not None:
+        if not 0 <= drop <= ranked.height:
+            raise InvalidValueError(f"--drop {drop} must be between 0 and the run's {ranked.height} pairs")
+        dropped = ranked.head(drop)
+    else:
+        dropped = ranked.filter(pl.col("suspicion") >= threshold)
+    pairs = load_inputs(cfgmod.load(rd.file("config.toml"))).pairs
+    kept = pairs.filter(~pl.col("id").is_in(dropped["pair_id"].to_list()))
+    if out.suffix.lower() == ".parquet":
+        write_atomic(out, parquet_bytes(kept))
+    else:
+        write_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept.to_dicts()))
+    return Curation(kept, dropped.select("pair_id", "label", "suspicion", "suspicion_reason"), out)
