@@ -44,6 +44,14 @@ class SaeReader:
             sae_in = self.sae.process_sae_in(x)
             return (sae_in @ self.sae.W_enc + self.sae.b_enc).float().cpu().numpy()
 
+    def fvu(self, H: np.ndarray, codes: np.ndarray) -> float | None:
+        """Fraction of variance of ``H`` its reconstruction from ``codes`` leaves unexplained."""
+        with torch.no_grad():
+            x = torch.as_tensor(H, dtype=torch.float64)
+            recon = self.sae.decode(torch.as_tensor(codes, dtype=self.sae.W_dec.dtype, device=self.device))
+            ss = (x - x.mean(0)).pow(2).sum()
+            return float((recon.double().cpu() - x).pow(2).sum() / ss) if ss > 0 else None
+
     def w_enc(self, columns: np.ndarray) -> np.ndarray:
         # A copy: polars hands out read-only arrays, which torch warns about when indexing.
         index = torch.as_tensor(np.array(columns, dtype=np.int64), device=self.sae.W_enc.device)

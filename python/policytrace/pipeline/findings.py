@@ -98,3 +98,35 @@ def side_means(dy: np.ndarray, flag: np.ndarray | None) -> dict[str, pl.Series]:
     if flag is None or not flag.any() or flag.all():
         return {n: pl.Series(n, [None] * len(dy), dtype=pl.Float64) for n in names}
     return {n: pl.Series(n, dy[:, m].mean(axis=1)) for n, m in zip(names, (flag, ~flag))}
+
+
+# Below these the run says so prominently (docs/design.md, "Findings").
+FVU_POOR = 0.5  # on the probes' pooled activations: relative to the between-probe variance
+CE_DELTA_POOR = 0.5  # nats
+MARGIN = 0.02
+
+
+def gates(state: BaseState) -> list[str]:
+    """Warnings a reader must see before trusting the attributions: a policy that does not
+    beat its baselines on held-out probes, or an SAE that reconstructs poorly."""
+    out = []
+    f = state.fit.fidelity
+    if f["r2_heldout"] <= f["r2_mean_baseline"] + MARGIN:
+        out.append(f"the policy does not predict the {state.inputs.behaviour.score_name} on held-out probes "
+                   f"(R² {f['r2_heldout']:.2f} against {f['r2_mean_baseline']:.2f} for the mean): its pathways "
+                   "describe noise. Add probes, try another sae.layer or features.k, or a better SAE")
+    if f["accuracy_heldout_high_y"] <= f["accuracy_majority_high_y"] + MARGIN:
+        out.append(f"the policy does not tell high-{state.inputs.behaviour.score_name} probes from the rest on "
+                   f"held-out probes (accuracy {f['accuracy_heldout_high_y']:.2f} against "
+                   f"{f['accuracy_majority_high_y']:.2f} for the majority class)")
+    fvu = state.features.probe_fvu
+    if fvu is not None and fvu > FVU_POOR:
+        out.append(f"the SAE's reconstruction misses {100 * fvu:.0f}% of how the probes' activations differ from "
+                   f"one another (FVU on the pooled probe activations {fvu:.2f} > {FVU_POOR}): the policy's features "
+                   "may miss what drives the behaviour. Train the SAE longer (sae.train_steps), larger "
+                   "(sae.train_d_sae), or name a better one")
+    q = state.model.sae_quality or {}
+    if q.get("ce_delta", 0.0) > CE_DELTA_POOR:
+        out.append(f"splicing the SAE's reconstruction raises the next-token loss by {q['ce_delta']:.2f} nats "
+                   f"(> {CE_DELTA_POOR}): the SAE distorts the model; train it longer or larger")
+    return out

@@ -23,7 +23,7 @@ from ..model.sae import sae_identity
 from ..numeric import Attributor, summarize_interference
 from . import config as cfgmod
 from .config import Config
-from .findings import interference_findings, side_means, suspicion_findings
+from .findings import gates, interference_findings, side_means, suspicion_findings
 from .rundir import FINAL_OUTPUTS, Fingerprint, RunDir, now
 from .stages import BasePass, BaseState, Inputs, ModelSide, base_pass, load_inputs, prepare
 
@@ -93,9 +93,12 @@ def write_base(rd: RunDir, state: BaseState) -> dict:
     pol.save(rd.file("policy.json"))
     files["policy.json"] = digest_file(rd.file("policy.json"))
     files |= (rd.marker("stages/base_pass.json") or {}).get("files", {})
+    files["pair_data.parquet"] = rd.write_parquet("pair_data.parquet", state.inputs.pairs)
     facts = {"n_probes": probes.height, "n_features": int(len(state.features.columns)), "lam": pol.lam,
              "behaviour": state.inputs.behaviour.name, "sae_quality": state.model.sae_quality,
-             "fidelity": state.fit.fidelity}
+             "probe_fvu": state.features.probe_fvu, "fidelity": state.fit.fidelity, "warnings": gates(state)}
+    for w in facts["warnings"]:
+        rd.log(f"WARNING: {w}")
     rd.mark("stages/base.json", {"files": files, "facts": facts})
     return {"files": files, "facts": facts}
 

@@ -96,6 +96,8 @@ class FeatureSet:
     labels: list[str]
     w_enc: np.ndarray | None = None
     gate: np.ndarray | None = None
+    probe_fvu: float | None = None
+    """The SAE's fraction of variance unexplained on the probes' pooled activations."""
 
 
 @dataclass(frozen=True)
@@ -202,7 +204,8 @@ def select(cfg: Config, inputs: Inputs, model: ModelSide, base: BasePass) -> Fea
     frame = chosen.select("feature_id", "n_active", "frac_active", "mean", "corr", "score", "rank").with_columns(
         pl.Series("group", groups), pl.Series("label", labels), pl.Series("top_probes", top))
     return FeatureSet(cols, X, gated, pre0, frame, groups, labels,
-                      w_enc=model.reader.w_enc(cols) if gated else None, gate=(pre0 > 0) if gated else None)
+                      w_enc=model.reader.w_enc(cols) if gated else None, gate=(pre0 > 0) if gated else None,
+                      probe_fvu=model.reader.fvu(base.H0, codes))
 
 
 def fit(cfg: Config, inputs: Inputs, features: FeatureSet, base: BasePass) -> PolicyFit:
