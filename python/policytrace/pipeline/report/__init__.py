@@ -1,5 +1,6 @@
-"""The run report: one self-contained HTML page (:mod:`.html`) with inline SVG charts (:mod:`.svg`)."""
+"""The run report: one self-contained HTML page (:mod:`.page`, :mod:`.sections`, :mod:`.html`)
+with inline SVG charts (:mod:`.svg`)."""
 
-from .html import write_report
+from .page import write_report
 
 __all__ = ["write_report"]

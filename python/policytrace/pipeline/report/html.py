@@ -1,12 +1,19 @@
-"""``report.html``: one self-contained, offline page for a run folder (inline SVG, no scripts).
+"""``report.html``: one self-contained, offline page for a run folder, to read and to explore.
 
-Each section is a function of the run's frames; the page is their concatenation. Wording comes
-from the run's behaviour (``policytrace.behaviours``), never spelled here.
+It leads with what is faithful to the model: each pair's measured behaviour change, the part the
+policy's features mediate, and the curator's suspicion ranking; SMDA's alignment score follows as
+the policy-alignment measure it is. Tables sort (click a header) and filter (type above them);
+every pair and feature opens a panel (``#pair-<id>``, ``#feature-<id>``; plain anchors and
+``:target``, so links work without scripts) with its drill-down. Inline SVG and a few lines of
+inline script, nothing fetched. Opening ``report.html#selftest`` makes the page check its own
+layout (no horizontal overflow at the window's width, drill-downs open) and write the result into
+``#selftest-result`` — what the browser test reads. Wording comes from the run's behaviour.
 """
 
 from __future__ import annotations
 
 import html
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,15 +22,53 @@ import polars as pl
 
 from ...behaviours import Behaviour, get as get_behaviour
 from ..rundir import RunDir
-from . import svg
 
 CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:1100px;color:#222;line-height:1.45}
-h1{font-size:1.6rem;margin-bottom:.2rem} h2{font-size:1.2rem;margin-top:2.2rem;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;font-size:.85rem;margin:.5rem 0} td,th{padding:.25rem .6rem;border-bottom:1px solid #eee;text-align:left}
-th{background:#f6f6f6} .num{text-align:right;font-variant-numeric:tabular-nums} .muted{color:#777;font-size:.85rem}
-.grid{display:grid;grid-template-columns:1fr 1fr;gap:1.5rem} .card{background:#fafafa;border:1px solid #eee;padding:.8rem 1rem;border-radius:6px}
-.flag{color:#b00020;font-weight:600}
+*{box-sizing:border-box} body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:0;color:#222;line-height:1.45}
+main{max-width:1180px;margin:0 auto;padding:1.5rem 1.2rem}
+h1{font-size:1.6rem;margin:.2rem 0} h2{font-size:1.2rem;margin-top:2.2rem;border-bottom:1px solid #ddd} h3{font-size:1rem}
+nav{position:sticky;top:0;background:#fff;border-bottom:1px solid #eee;padding:.4rem 1.2rem;z-index:2;font-size:.9rem}
+nav a{margin-right:1rem}
+table{border-collapse:collapse;font-size:.82rem;margin:.5rem 0;width:100%;table-layout:fixed}
+td,th{padding:.25rem .45rem;border-bottom:1px solid #eee;text-align:left;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+th{background:#f6f6f6;cursor:pointer;user-select:none;white-space:normal;overflow-wrap:anywhere;vertical-align:bottom} th.sorted-asc::after{content:" ▲"} th.sorted-desc::after{content:" ▼"}
+td.num{text-align:right;font-variant-numeric:tabular-nums} td.wrap{white-space:normal}
+.muted{color:#666;font-size:.85rem} .flag{color:#b00020;font-weight:600}
+.grid{display:grid;grid-template-columns:minmax(0,1fr) minmax(0,1fr);gap:1.5rem}
+.card{background:#fafafa;border:1px solid #eee;padding:.8rem 1rem;border-radius:6px}
+.warn{background:#fff4e5;border:1px solid #f0b45a;padding:.7rem 1rem;border-radius:6px;margin:.8rem 0}
+.warn b{color:#8a4b00}
+.filter{width:16rem;padding:.25rem .4rem;font-size:.85rem;margin:.3rem 0}
+.panel{display:none;border:2px solid #2471a3;border-radius:8px;padding:.6rem 1rem 1rem;margin:1rem 0;background:#fbfdff}
+.panel:target{display:block} .panel h3{margin-top:.3rem}
+.kv{display:grid;grid-template-columns:12rem minmax(0,1fr);gap:.15rem .8rem;font-size:.86rem}
+.kv div:nth-child(odd){color:#666}
+.text{white-space:pre-wrap;background:#f4f4f4;padding:.4rem .6rem;border-radius:4px;font-size:.85rem;max-height:12rem;overflow:auto}
+svg{max-width:100%;height:auto}
+pre{white-space:pre-wrap;font-size:.8rem}
+"""
+
+SCRIPT = r"""
+function sortTable(th){const t=th.closest('table'),i=[...th.parentNode.children].indexOf(th);
+ const asc=!th.classList.contains('sorted-asc');t.querySelectorAll('th').forEach(h=>h.classList.remove('sorted-asc','sorted-desc'));
+ th.classList.add(asc?'sorted-asc':'sorted-desc');const rows=[...t.tBodies[0].rows];
+ const key=r=>{const c=r.cells[i];const v=c.dataset.v!==undefined?c.dataset.v:c.textContent;const n=parseFloat(v);return isNaN(n)?v:n};
+ rows.sort((a,b)=>{const x=key(a),y=key(b);return (x<y?-1:x>y?1:0)*(asc?1:-1)});rows.forEach(r=>t.tBodies[0].appendChild(r))}
+function filterTable(inp){const t=document.getElementById(inp.dataset.table),q=inp.value.toLowerCase();
+ [...t.tBodies[0].rows].forEach(r=>{r.style.display=r.textContent.toLowerCase().includes(q)?'':'none'})}
+document.addEventListener('click',e=>{if(e.target.tagName==='TH'&&e.target.closest('table.sortable'))sortTable(e.target)});
+document.addEventListener('input',e=>{if(e.target.classList.contains('filter'))filterTable(e.target)});
+function selftest(){const out={width:window.innerWidth,page_width:document.documentElement.scrollWidth,overflow:[],panels:{}};
+ if(document.documentElement.scrollWidth>window.innerWidth+1)out.overflow.push('page');
+ document.querySelectorAll('table,svg,.kv,.text').forEach((el,i)=>{const r=el.getBoundingClientRect();
+  if(r.right>window.innerWidth+1)out.overflow.push((el.id||el.tagName)+'#'+i+' right='+Math.round(r.right))});
+ for(const kind of ['pair','feature']){const a=document.querySelector('a[href^="#'+kind+'-"]');if(!a){out.panels[kind]='no link';continue}
+  const id=a.getAttribute('href').slice(1);location.hash=id;const p=document.getElementById(id);
+  out.panels[kind]=p&&getComputedStyle(p).display!=='none'?'opens':'does not open';
+  if(p){const r=p.getBoundingClientRect();if(r.right>window.innerWidth+1)out.overflow.push(id+' right='+Math.round(r.right))}}
+ const th=document.querySelector('table.sortable th:nth-child(2)');if(th){th.click();out.sorted=th.classList.contains('sorted-asc')}
+ document.getElementById('selftest-result').textContent=JSON.stringify(out)}
+if(location.hash==='#selftest')window.addEventListener('load',selftest);
 """
 
 
@@ -31,20 +76,42 @@ def esc(x) -> str:
     return html.escape(str(x))
 
 
-def table(frame: pl.DataFrame, floats: int = 4) -> str:
-    head = "".join(f"<th>{esc(c)}</th>" for c in frame.columns)
+def slug(x) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", str(x))
+
+
+def fmt(v, floats: int = 3) -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "–"
+    if isinstance(v, bool):
+        return "<span class=flag>yes</span>" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.{floats}g}"
+    return esc(v)
+
+
+def table(frame: pl.DataFrame, floats: int = 3, tid: str | None = None, links: dict | None = None,
+          widths: dict | None = None, filterable: bool = False) -> str:
+    """A sortable table; ``links`` maps a column to the panel kind its values open."""
+    links, widths = links or {}, widths or {}
+    cols = "".join(f'<col style="width:{widths[c]}">' if c in widths else "<col>" for c in frame.columns)
+    head = "".join(f"<th title='{esc(c)}'>{esc(c)}</th>" for c in frame.columns)
     rows = []
-    for r in frame.iter_rows():
+    for r in frame.iter_rows(named=True):
         cells = []
-        for v in r:
-            if isinstance(v, float):
-                cells.append(f"<td class=num>{v:.{floats}g}</td>")
-            elif isinstance(v, bool):
-                cells.append(f"<td>{'<span class=flag>yes</span>' if v else 'no'}</td>")
-            else:
-                cells.append(f"<td>{esc(v)}</td>")
+        for c, v in r.items():
+            num = isinstance(v, (int, float)) and not isinstance(v, bool)
+            shown = fmt(v, floats)
+            if c in links and v is not None:
+                shown = f'<a href="#{links[c]}-{slug(v)}">{esc(v)}</a>'
+            title = "" if num else f" title='{esc(v)}'"
+            data = f" data-v='{v}'" if num and v is not None else ""
+            cells.append(f"<td{' class=num' if num else ''}{data}{title}>{shown}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+    idattr = f" id='{tid}'" if tid else ""
+    box = (f"<input class=filter data-table='{tid}' placeholder='filter rows…' aria-label='filter'>"
+           if filterable and tid else "")
+    return f"{box}<table class=sortable{idattr}><colgroup>{cols}</colgroup><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
 @dataclass(frozen=True)
@@ -59,6 +126,9 @@ class RunView:
     probes: pl.DataFrame
     pairs: pl.DataFrame
     pair_features: pl.DataFrame
+    pair_behaviour: pl.DataFrame
+    pair_data: pl.DataFrame
+    groups: pl.DataFrame
 
     @property
     def base(self) -> dict:
@@ -72,132 +142,6 @@ def open_run(run_dir: str | Path) -> RunView:
     rd = RunDir(run_dir)
     manifest = rd.complete()
     behaviour = get_behaviour(manifest.get("stages", {}).get("base", {}).get("behaviour", "refusal"))
-    return RunView(rd, manifest, behaviour, *(rd.read_parquet(f"{n}.parquet") for n in
-                                              ("policy", "features", "probes", "pairs", "pair_features")))
-
-
-def _lam_path(v: RunView) -> str:
-    if not v.rd.file("policy.json").exists():
-        return ""
-    pj = v.rd.read_json("policy.json")
-    grid = np.array(pj.get("gcv_grid") or [], dtype=float)
-    score = np.array([np.inf if s is None else s for s in (pj.get("gcv_score") or [])], dtype=float)
-    return svg.line(grid, score, pj["lam"], "λ (log scale)", "GCV score") if len(grid) else ""
-
-
-def _validation(v: RunView) -> str:
-    out = ""
-    val = v.optional("validation.parquet")
-    if val is not None:
-        val = val.select("method", "target", "lds", "ci_low", "ci_high", "subsets", "alpha")
-        out += ("<h2>Validation against retraining</h2><p class=muted>LDS: Spearman correlation, over random subsets "
-                "of the pairs really fine-tuned on, between the measured shift and the sum of each method's per-pair "
-                "scores (95 % bootstrap interval). See docs/validation.md for the methods.</p>" + table(val, 3))
-    rem = v.optional("removal.parquet")
-    if rem is not None:
-        out += ("<h3>Top-k removal</h3><p class=muted>Drop of the shift when retraining without each method's top-k "
-                "pairs, against removing category-matched random pairs.</p>" + table(rem.drop("removed"), 3))
-    agg = v.optional("aggregates.parquet")
-    if agg is not None:
-        agg_v = agg.filter(pl.col("by") == "category").pivot(on="method", index="group", values="mean_z")
-        out += "<h3>Scores by pair category (mean z-score within each method)</h3>" + table(agg_v, 2)
-    planted = v.optional("planted.parquet")
-    if planted is not None:
-        out += (f"<h3>Planted mislabeled pairs</h3><p class=muted>Detection of {esc(v.behaviour.planted_text)} "
-                "(AUC, precision at k = number planted).</p>" + table(planted, 3))
-    return out
-
-
-def _quality_text(v: RunView) -> str:
-    q = v.base.get("sae_quality") or {}
-    if not q:
-        return "SAE: user-supplied"
-    return (f"SAE quality (default TopK SAE): FVU {q.get('fvu', float('nan')):.3f}, L0 {q.get('l0', float('nan')):.1f}, "
-            f"dead {100 * q.get('dead_fraction', float('nan')):.1f}%, CE loss +{q.get('ce_delta', float('nan')):.3f} nats "
-            "when spliced")
-
-
-def _heat(v: RunView) -> tuple[str, int]:
-    pf, pairs = v.pair_features, v.pairs
-    topf = (pf.group_by("feature_id").agg(pl.col("d_coef").abs().mean().alias("m"))
-            .sort("m", descending=True).head(24)["feature_id"].to_list())
-    order = pairs.sort("group", "label", "pair_id")
-    sub = pf.filter(pl.col("feature_id").is_in(topf))
-    piv = {(a, b): c for a, b, c in sub.select("pair_id", "feature_id", "alignment").iter_rows()}
-    mat = np.array([[piv.get((p, f), 0.0) for f in topf] for p in order["pair_id"].to_list()])
-    rows = [f"{g} · {p}" for g, p in zip(order["group"], order["pair_id"])]
-    return svg.heatmap(mat, rows, [str(f) for f in topf]), len(topf)
-
-
-def _sections(v: RunView) -> str:
-    b, pairs, features = v.behaviour, v.pairs, v.features
-    pol = v.policy.join(features.select("feature_id", "group", "top_probes"), on="feature_id").sort("rank").head(25)
-    bars = svg.bars([f"{r['feature_id']} · {r['label'] or ''}" for r in pol.iter_rows(named=True)], pol["coef"].to_numpy())
-    fid = v.base.get("fidelity", {})
-    scatter = svg.scatter(pairs["score_x"].to_numpy(), pairs["score_y"].to_numpy(), pairs["label"].to_list(),
-                          "ΔX pathway (Σ d_coef_x · coef)", "ΔY pathway (Σ d_coef_y · coef)")
-    heat, n_top = _heat(v)
-    by_cat = v.probes.group_by("category", b.flag).agg(
-        pl.len().alias("probes"), pl.col("y").mean().alias("mean_y"), pl.col("y_pred").mean().alias("mean_y_pred"),
-    ).sort("category", b.flag)
-    agg = pairs.group_by("group", "label").agg(
-        pl.len().alias("pairs"), pl.col("score").mean().alias("mean_score"), pl.col("dy_mean").mean().alias("mean_dy"),
-        pl.col("interference").mean().alias("interference_rate"),
-    ).sort("group", "label")
-    inter = pairs.filter(pl.col("interference")).join(
-        features.select(pl.col("feature_id").alias("dominant_feature"), pl.col("label").alias("dominant_label")),
-        on="dominant_feature", how="left").select("pair_id", "group", "label", "dominant_feature", "dominant_group",
-                                                  "off_target_share", "dominant_label").sort("off_target_share", descending=True)
-    topp = pairs.sort("score", descending=True).select("pair_id", "group", "label", "score", "score_x", "score_y",
-                                                       "dy_mean", "pred_dy_mean").head(15)
-    fid_rows = "".join(f"<tr><td>{esc(k)}</td><td class=num>{x:.3f}</td></tr>" for k, x in fid.items() if isinstance(x, float))
-    fid_cats = "".join(f"<tr><td>{esc(k)}</td><td class=num>{'–' if x is None else f'{x:.3f}'}</td></tr>"
-                       for k, x in fid.get("r2_by_category", {}).items())
-    pos, neg = b.sides
-    return f"""<h2>The policy</h2>
-<p class=muted>Top {pol.height} features by |coef| (standardized units); red {esc(b.raise_word)}. Label: the feature's group (probe category where it is most active) and its top-activating probe.</p>
-{bars}
-<h2>Fidelity</h2>
-<p class=muted>{esc(b.score_name.capitalize())} by probe category ({esc(b.score_meaning)}; y_pred = the policy's fit).</p>
-{table(by_cat)}
-<div class=grid><div>{_lam_path(v)}</div><div class=muted>The regularization path: generalized cross-validation score of the ridge policy over the λ grid; the dashed line is the λ used.</div></div>
-<div class=grid><table>{fid_rows}</table><table><tr><th>probe category</th><th>held-out R²</th></tr>{fid_cats}</table></div>
-<p class=muted>{fid.get('folds', '?')}-fold cross-validation with the policy's λ. r2_heldout against r2_mean_baseline (predicting the training mean);
-auc_heldout_{esc(b.flag)}: does the held-out prediction rank {esc(pos)} probes above {esc(neg)} ones (0.5 = chance), beside the same for the measured score;
-accuracy_heldout: a threshold on the predicted score (fit on the training folds) classifying {esc(pos)} vs {esc(neg)}, against always answering the larger class.</p>
-<h2>Pathways per pair</h2>
-<div class=grid><div>{scatter}</div><div class=card>{table(topp)}</div></div>
-<h2>Pair × feature alignment</h2>
-<p class=muted>Δcoef·coef for the {n_top} features moved most; rows are pairs grouped by category and label; red aligns with the policy, blue opposes it.</p>
-{heat}
-<h2>By category</h2>
-{table(agg)}
-<h2>Interference</h2>
-<p class=muted>Pairs whose largest coefficient shift lands on a feature of another category ({inter.height} of {pairs.height}).</p>
-{table(inter.head(40))}
-{_validation(v)}"""
-
-
-def render(v: RunView) -> str:
-    b, base = v.behaviour, v.base
-    config = v.rd.file("config.toml").read_text() if v.rd.file("config.toml").exists() else ""
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>policytrace report</title><style>{CSS}</style></head><body>
-<h1>policytrace report</h1>
-<p class=muted>{esc(v.rd.path.resolve())} · {esc(b.name)} · {base.get('n_probes', '?')} probes · {v.pairs.height} pairs · {base.get('n_features', '?')} features · λ = {base.get('lam', float('nan')):.4g} · {esc(_quality_text(v))}</p>
-<p>Each training pair's update shifts the <b>symbolic policy</b> — a ridge regression of the behaviour score
-({esc(b.score_meaning)}) on SAE features. A pair's <b>score</b> is Σ<sub>k</sub> Δcoef<sub>k</sub>·coef<sub>k</sub>:
-positive means the update pushes the policy further the way it already points (not that the behaviour rose everywhere;
-see Δy). The ΔX pathway is the part due to changed feature activations, ΔY the part due to changed behaviour scores.</p>
-{_sections(v)}
-<h2>Configuration</h2><pre>{esc(config)}</pre>
-</body></html>"""
-
-
-def write_report(run_dir: str | Path) -> Path:
-    """Write ``RUN_DIR/report.html`` for a finished run; returns its path."""
-    v = open_run(run_dir)
-    v.rd.write("report.html", render(v))
-    return v.rd.file("report.html")
-
-
-__all__ = ["write_report"]
+    names = ("policy", "features", "probes", "pairs", "pair_features", "pair_behaviour", "pair_data",
+             "interference_groups")
+    return RunView(rd, manifest, behaviour, *(rd.read_parquet(f"{n}.parquet") for n in names))

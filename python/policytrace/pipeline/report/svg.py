@@ -11,19 +11,24 @@ def _esc(x) -> str:
     return html.escape(str(x))
 
 
-def bars(labels: list[str], values: np.ndarray, width: int = 1000) -> str:
-    h, pad = 18, 420
+def _open(w, h) -> str:
+    """An <svg> that scales with its container (viewBox), never clipped."""
+    return f'<svg width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img">'
+
+
+def bars(labels: list[str], values: np.ndarray, width: int = 1000, pad: int = 420, chars: int = 70) -> str:
+    h = 18
     top = float(np.abs(values).max()) or 1.0
     mid = pad + (width - pad) / 2
     half = (width - pad) / 2 - 60
-    out = [f'<svg width="{width}" height="{h * len(values) + 20}" role="img">']
+    out = [_open(width, h * len(values) + 20)]
     out.append(f'<line x1="{mid}" y1="0" x2="{mid}" y2="{h * len(values)}" stroke="#999"/>')
     for i, (lab, v) in enumerate(zip(labels, values)):
         y = i * h
         w = abs(v) / top * half
         x = mid if v >= 0 else mid - w
         color = "#c0392b" if v > 0 else "#2471a3"
-        out.append(f'<text x="0" y="{y + 13}" font-size="11">{_esc(lab[:70])}</text>')
+        out.append(f'<text x="0" y="{y + 13}" font-size="11">{_esc(lab[:chars])}</text>')
         out.append(f'<rect x="{x:.1f}" y="{y + 3}" width="{w:.1f}" height="{h - 6}" fill="{color}"/>')
         out.append(f'<text x="{(mid + w + 4) if v >= 0 else (mid - w - 4):.1f}" y="{y + 13}" font-size="10" '
                    f'text-anchor="{"start" if v >= 0 else "end"}">{v:.3g}</text>')
@@ -43,7 +48,7 @@ def scatter(x: np.ndarray, y: np.ndarray, groups: list[str], title_x: str, title
     def sy(v):
         return size - pad - (v / lim + 1) / 2 * (size - 2 * pad)
 
-    out = [f'<svg width="{size + 160}" height="{size}" role="img">',
+    out = [_open(size + 160, size),
            f'<line x1="{sx(-lim)}" y1="{sy(0)}" x2="{sx(lim)}" y2="{sy(0)}" stroke="#bbb"/>',
            f'<line x1="{sx(0)}" y1="{sy(-lim)}" x2="{sx(0)}" y2="{sy(lim)}" stroke="#bbb"/>',
            f'<text x="{size / 2}" y="{size - 10}" font-size="12" text-anchor="middle">{_esc(title_x)}</text>',
@@ -61,19 +66,22 @@ def scatter(x: np.ndarray, y: np.ndarray, groups: list[str], title_x: str, title
 
 
 def heatmap(mat: np.ndarray, rows: list[str], cols: list[str], cell: int = 14) -> str:
-    top = float(np.abs(mat).max()) or 1.0
-    left, head = 150, 70
-    out = [f'<svg width="{left + cell * len(cols) + 10}" height="{head + cell * len(rows) + 10}" role="img">']
+    """Rows labelled in full: the left margin grows with the longest label (about 5.5 px per
+    character at 9 px), so "privacy_surveillance · pair-0123" is not cut."""
+    top = float(np.abs(mat).max()) if mat.size else 1.0
+    top = top or 1.0
+    left, head = 12 + int(5.5 * max((len(r) for r in rows), default=10)), 70
+    out = [_open(left + cell * len(cols) + 10, head + cell * len(rows) + 10)]
     for j, c in enumerate(cols):
         x = left + j * cell + cell / 2
         out.append(f'<text x="{x}" y="{head - 4}" font-size="9" transform="rotate(-60 {x} {head - 4})">{_esc(c)}</text>')
     for i, r in enumerate(rows):
         y = head + i * cell
-        out.append(f'<text x="0" y="{y + cell - 3}" font-size="9">{_esc(r[:26])}</text>')
+        out.append(f'<text x="0" y="{y + cell - 3}" font-size="9">{_esc(r)}</text>')
         for j in range(len(cols)):
             v = mat[i, j] / top
             color = f"rgb(255,{int(255 * (1 - v))},{int(255 * (1 - v))})" if v >= 0 else f"rgb({int(255 * (1 + v))},{int(255 * (1 + v))},255)"
-            out.append(f'<rect x="{left + j * cell}" y="{y}" width="{cell}" height="{cell}" fill="{color}"><title>{mat[i, j]:.3g}</title></rect>')
+            out.append(f'<rect x="{left + j * cell}" y="{y}" width="{cell}" height="{cell}" fill="{color}"><title>{_esc(r)} · {_esc(cols[j])}: {mat[i, j]:.3g}</title></rect>')
     out.append("</svg>")
     return "".join(out)
 
@@ -94,7 +102,7 @@ def line(xs: np.ndarray, ys: np.ndarray, mark: float, title_x: str, title_y: str
 
     pts = " ".join(f"{sx(a):.1f},{sy(b):.1f}" for a, b in zip(lx, yv))
     m = np.log10(mark)
-    return (f'<svg width="{w}" height="{h}" role="img"><polyline points="{pts}" fill="none" stroke="#2471a3" stroke-width="2"/>'
+    return (f'{_open(w, h)}<polyline points="{pts}" fill="none" stroke="#2471a3" stroke-width="2"/>'
             f'<line x1="{sx(m):.1f}" y1="{pad / 2}" x2="{sx(m):.1f}" y2="{h - pad}" stroke="#c0392b" stroke-dasharray="4"/>'
             f'<text x="{sx(m) + 4:.1f}" y="{pad / 2 + 10}" font-size="11" fill="#c0392b">λ = {mark:.3g}</text>'
             f'<text x="{w / 2}" y="{h - 8}" font-size="12" text-anchor="middle">{_esc(title_x)}</text>'
