@@ -70,7 +70,9 @@ def _run_or_demo(args) -> int:
         cfg = cfgmod.resolve(user)
         default = "policytrace-demo" if args.behaviour == "refusal" else f"policytrace-demo-{args.behaviour}"
         out = Path(args.out or default)
-    execute(cfg, _out_folder(out), progress=not args.quiet)
+    manifest = execute(cfg, _out_folder(out), progress=not args.quiet)
+    if "rank" in manifest:  # a torchrun rank other than 0: rank 0 writes the report
+        return 0
     if args.cmd == "demo" or not args.no_report:
         print(f"report: {write_report(out)}")
     return 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import polars as pl
@@ -17,17 +17,19 @@ import scipy.sparse as sp
 
 from .. import _faults, _progress
 from .._files import digest_file
-from ..errors import NonFiniteError
+from ..errors import NonFiniteError, PolicytraceError, RunFolderError
 from ..model.loading import default_model_location, model_identity
 from ..model.sae import sae_identity
 from ..numeric import Attributor, summarize_interference
 from . import config as cfgmod
 from .config import Config
+from .distributed import Ranks, finish, ranks_from_env, runtime_config
 from .findings import gates, interference_findings, side_means, suspicion_findings
 from .rundir import FINAL_OUTPUTS, Fingerprint, RunDir, now
 from .stages import BasePass, BaseState, Inputs, ModelSide, base_pass, load_inputs, prepare
 
 Log = Callable[[str], None]
+SINGLE = Ranks()
 BASE_OUTPUTS = ("policy.parquet", "policy.json", "features.parquet", "probes.parquet")
 
 
@@ -64,14 +66,18 @@ def fingerprint(cfg: Config, inputs: Inputs) -> Fingerprint:
                                             "pairs": digest_file(data["pairs"]), "model": model, "sae": sae})
 
 
-def cached_base_pass(rd: RunDir, progress: bool = False) -> Callable[[ModelSide, Inputs], BasePass]:
+def cached_base_pass(rd: RunDir, progress: bool = False, readonly: bool = False) -> Callable[[ModelSide, Inputs], BasePass]:
     """The base probe pass from ``base.npz`` when its marker vouches for it, else computed and
-    stored (the one expensive base stage)."""
+    stored (the one expensive base stage). ``readonly``: a process that must not write (a rank
+    other than 0) fails instead."""
 
     def get(model: ModelSide, inputs: Inputs) -> BasePass:
         if rd.valid_marker("stages/base_pass.json") is not None:
             z = rd.read_npz("base.npz", ("H0", "y0"))
             return BasePass(z["H0"], z["y0"])
+        if readonly:
+            raise RunFolderError(f"{rd.file('base.npz')} is missing or damaged though rank 0 wrote it; "
+                                 "run the same command again")
         rd.log("base probe pass")
         bp = base_pass(model, inputs.probes, progress)
         digest = rd.write_npz("base.npz", H0=bp.H0, y0=bp.y0)
@@ -150,19 +156,18 @@ def _check_finite(frame: pl.DataFrame, where: str) -> None:
                                  "(check the update's learning rate and the model's dtype)")
 
 
-def run_pairs(rd: RunDir, state: BaseState, log: Log, progress: bool) -> list[dict]:
-    """Every shard, skipping those whose marker vouches for intact files; returns the markers
-    of all shards in order."""
+def run_pairs(rd: RunDir, state: BaseState, log: Log, progress: bool, ranks: Ranks = SINGLE) -> None:
+    """This process's shards (``i % world == rank``), skipping those whose marker vouches for
+    intact files."""
     shards = shard_rows(state.inputs.pairs, state.cfg.run.pair_batch)
-    done = {i: rd.valid_marker(rd.shard_marker(i)) for i in range(len(shards))}
-    todo = [i for i, rec in done.items() if rec is None]
-    bar = _progress.bar(state.inputs.pairs.height, "pair", progress,
-                        initial=sum(len(shards[i]) for i in done if done[i] is not None))
+    mine = [i for i in range(len(shards)) if ranks.owns(i)]
+    todo = [i for i in mine if rd.valid_marker(rd.shard_marker(i)) is None]
+    total = sum(len(shards[i]) for i in mine)
+    bar = _progress.bar(total, "pair", progress, initial=total - sum(len(shards[i]) for i in todo))
     att = attributor(state) if todo else None
     for i in todo:
-        done[i] = run_shard(rd, state, att, i, shards[i], bar)
+        run_shard(rd, state, att, i, shards[i], bar)
     bar.close()
-    return [done[i] for i in range(len(shards))]
 
 
 def merge(rd: RunDir, state: BaseState, markers: list[dict]) -> dict[str, str]:
@@ -184,23 +189,59 @@ def merge(rd: RunDir, state: BaseState, markers: list[dict]) -> dict[str, str]:
     return out
 
 
+def _open(rd: RunDir, cfg: Config, inputs: Inputs, ranks: Ranks) -> dict | None:
+    """Rank 0 checks and prepares the folder; every rank gets its verdict (or its error)."""
+    verdict: Any = None
+    if ranks.main:
+        try:
+            verdict = ("complete", rd.open_for_run(fingerprint(cfg, inputs), cfgmod.to_toml(cfg)))
+        except PolicytraceError as e:
+            verdict = ("error", e)
+    kind, value = ranks.broadcast(verdict)
+    if kind == "error":
+        raise value
+    return value
+
+
+def _base_state(rd: RunDir, cfg: Config, inputs: Inputs, ranks: Ranks, log: Log, progress: bool, clock: Timings):
+    """Rank 0 computes and writes the base stages; the others wait, then read them."""
+    base = None
+    if ranks.main:
+        state = prepare(cfg, log, progress, cached_base=cached_base_pass(rd, progress), inputs=inputs, timer=clock.lap)
+        base = write_base(rd, state)
+        clock.lap("base_outputs")
+    ranks.barrier()
+    if not ranks.main:
+        state = prepare(cfg, lambda _m: None, False, cached_base=cached_base_pass(rd, readonly=True), inputs=inputs)
+    return state, base
+
+
 def execute(cfg: Config, run_dir: str | Path, log: Log = default_log, progress: bool = True) -> dict:
-    """Run (or resume, or confirm) the job of ``cfg`` in ``run_dir``; returns the manifest."""
-    rd = RunDir(run_dir, log)
+    """Run (or resume, or confirm) the job of ``cfg`` in ``run_dir``; returns the manifest.
+    Under torchrun every rank calls this (pipeline.distributed); rank 0 returns the manifest,
+    the others ``{"status": "complete", "rank": r}``."""
+    ranks = ranks_from_env(cfg.model.device)
+    rd = RunDir(run_dir, log if ranks.main else (lambda _m: None))
     clock = Timings()
     inputs = load_inputs(cfg)
-    finished = rd.open_for_run(fingerprint(cfg, inputs), cfgmod.to_toml(cfg))
+    finished = _open(rd, cfg, inputs, ranks)
     if finished is not None:
-        log(f"{rd.path} is complete; nothing to do")
-        return finished
+        if ranks.main:
+            log(f"{rd.path} is complete; nothing to do")
+        finish(ranks)
+        return finished if ranks.main else {"status": "complete", "rank": ranks.rank}
     started = now()
-    rd.write_manifest({"config_digest": cfgmod.digest(cfg), "status": "started", "created": started})
+    if ranks.main:
+        rd.write_manifest({"config_digest": cfgmod.digest(cfg), "status": "started", "created": started})
     clock.lap("inputs")
-    state = prepare(cfg, log, progress, cached_base=cached_base_pass(rd, progress), inputs=inputs, timer=clock.lap)
-    base = write_base(rd, state)
-    clock.lap("base_outputs")
-    markers = run_pairs(rd, state, log, progress)
+    state, base = _base_state(rd, runtime_config(cfg, ranks), inputs, ranks, log, progress, clock)
+    run_pairs(rd, state, log, progress and ranks.main, ranks)
     clock.lap("pairs")
+    ranks.barrier()
+    if not ranks.main:
+        finish(ranks)
+        return {"status": "complete", "rank": ranks.rank}
+    markers = collect_markers(rd, state)
     files = merge(rd, state, markers)
     clock.lap("merge")
     manifest = {
@@ -208,11 +249,23 @@ def execute(cfg: Config, run_dir: str | Path, log: Log = default_log, progress: 
         "stages": {"base": base["facts"], "pairs": _pair_facts(markers)},
         "shards": {str(m["shard"]): {"pairs": len(m["pairs"])} for m in markers},
         "files": {**base["files"], **files},
-        "seconds": clock.seconds,
+        "seconds": clock.seconds, "processes": ranks.world,
     }
     rd.write_manifest(manifest)
     log(f"done in {sum(clock.seconds.values()):.0f} s: {rd.path}")
+    finish(ranks)
     return {"version": 2, **manifest}
+
+
+def collect_markers(rd: RunDir, state: BaseState) -> list[dict]:
+    """Every shard's marker, each vouching for intact files (the other ranks wrote theirs)."""
+    out = []
+    for i in range(len(shard_rows(state.inputs.pairs, state.cfg.run.pair_batch))):
+        rec = rd.valid_marker(rd.shard_marker(i))
+        if rec is None:
+            raise RunFolderError(f"{rd.path}: shard {i} was not finished by any process; run the same command again")
+        out.append(rec)
+    return out
 
 
 def _pair_facts(markers: list[dict]) -> dict:
