@@ -119,6 +119,9 @@ class UpdateCfg:
     """LoRA scaling numerator (alpha / rank)."""
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     """Module names that get LoRA adapters."""
+    min_update_share: float = 0.5
+    """With bfloat16/float16 weights: the least share of the SGD step that must survive rounding
+    into the stored weights, else the run stops and says what to set (0 = never check)."""
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -129,3 +132,5 @@ class UpdateCfg:
             raise fail(self, "max_length", "must be >= 1")
         if self.lora_rank < 0:
             raise fail(self, "lora_rank", "must be >= 0")
+        if not 0 <= self.min_update_share <= 1:
+            raise fail(self, "min_update_share", "must be between 0 and 1")

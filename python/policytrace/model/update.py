@@ -124,7 +124,9 @@ class UpdateEngine:
         for step in range(1, self.cfg.steps + 1):
             g = grad_fn(train, ids, targets, start)
             if self.cfg.optimizer == "sgd":
-                train = {n: p - self.cfg.lr * g[n] for n, p in train.items()}
+                new_train = {n: p - self.cfg.lr * g[n] for n, p in train.items()}
+                self._check_survival(new_train, train, g, pair_id)
+                train = new_train
             else:
                 new = {}
                 for n, p in train.items():
@@ -137,6 +139,32 @@ class UpdateEngine:
             del g
             self._check_finite(train, pair_id, step)
         return {**origin, **train}
+
+    def survival(self, new: dict, origin: dict, intended: dict) -> float:
+        """The share of the intended change that the stored weights carry: the projection of the
+        realized change ``new − origin`` on the intended one (computed in float32), over its norm
+        squared. 1 in float32/float64; in bfloat16 a step at lr 1e-4 mostly rounds away."""
+        num = den = 0.0
+        for n, d in intended.items():
+            real = new[n].float() - origin[n].float()
+            num += float((real * d).sum())
+            den += float((d * d).sum())
+        return num / den if den > 0 else 1.0
+
+    def _check_survival(self, new: dict, origin: dict, g: dict, pair_id: str) -> None:
+        """Low-precision weights: stop when the stored update lost more than allowed."""
+        dtype = next(iter(new.values())).dtype
+        if dtype not in (torch.bfloat16, torch.float16) or self.cfg.steps != 1 or self.cfg.optimizer != "sgd":
+            return
+        intended = {n: -self.cfg.lr * g[n].float() for n in g}
+        share = self.survival(new, origin, intended)
+        self.last_survival = share
+        if share < self.cfg.min_update_share:
+            raise ConfigError(
+                f"pair '{pair_id}': in {str(dtype).replace('torch.', '')} weights only {100 * share:.0f}% of the "
+                f"update at update.lr = {self.cfg.lr:g} survives rounding (update.min_update_share = "
+                f"{self.cfg.min_update_share:g}); set model.dtype = \"float32\" (the update and probe pass then keep "
+                "it), or raise update.lr if a larger step is what you mean")
 
     def _check_finite(self, train: dict, pair_id: str, step: int) -> None:
         names = list(train)
