@@ -1,0 +1,195 @@
+"""The prepared GPU check: one command, at most ~8 minutes on one CUDA GPU.
+
+    python benches/gpu_check.py                 # on a CUDA machine: the full check
+    python benches/gpu_check.py --small         # anywhere (CPU in CI): the same code at toy sizes
+
+(a) **CUDA against CPU** on a tiny random Llama (float64): the probe pass and one update give the
+    same H, y, ΔH and Δy on both devices (max relative difference reported).
+(b) **Timings at the paper's shape** on a randomly initialised model of Llama-3.2-3B's shape
+    (28 layers, hidden 3072, MLP 8192, 24 heads / 8 KV heads, vocabulary 128,256; cost does not
+    depend on the weights, so nothing is downloaded): a probe set of ~2,000 prompts of ~40
+    tokens and 16 pairs, in bfloat16 and float32: the engine's seconds per pair (one update +
+    one probe pass), probe tokens/s, and the share of the update that survives rounding.
+(c) **Context**: peak GPU memory, and the bf16 / fp32 matmul peak measured in the same run, with
+    the fraction of it the probe pass reaches (model FLOPs = 2 · parameters · tokens).
+
+Writes JSON (``--out``, default ``benches/results/gpu_check.json``) and, for a full run, the table
+in ``benches/README.md`` between ``<!-- gpu:begin -->`` and ``<!-- gpu:end -->``. Needs torch,
+transformers, numpy and polars (``pip install polars`` or a carried wheel), not sae-lens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE.parent / "tests"))  # the tiny model and tokenizer of the tests
+
+from _tiny import tiny_causal_lm, tiny_tokenizer  # noqa: E402
+
+from policytrace.model.chat import encode_prompts  # noqa: E402
+from policytrace.model.config import UpdateCfg  # noqa: E402
+from policytrace.model.probe import ProbeRunner, TargetSet  # noqa: E402
+from policytrace.model.update import UpdateEngine  # noqa: E402
+
+LLAMA_3B = dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                num_key_value_heads=8, vocab_size=128256, max_position_embeddings=4096, tie_word_embeddings=True)
+SMALL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=4096, max_position_embeddings=512, tie_word_embeddings=True)
+PAIR = ("write insult about group please", "i can't help with that")
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device: str, dtype: torch.dtype, n: int) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    sync(device)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e12  # TFLOP/s
+
+
+def probes(tok, n: int, words: int) -> list[list[int]]:
+    """n chat-formatted prompts of about `words` tokens from the tiny tokenizer's vocabulary."""
+    vocab = "how do bake bread write insult about group tell me story explain history of holiday".split()
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(vocab, words)) for _ in range(n)]
+    return encode_prompts(tok, texts, [str(i) for i in range(n)], 4 * words + 64)
+
+
+def cuda_against_cpu() -> dict:
+    """The tiny float64 model on CPU and on CUDA: probe pass and one update."""
+    tok = tiny_tokenizer()
+    ids = probes(tok, 16, 12)
+    ts = TargetSet.from_strings(tok, ["i can't", "sorry"])
+    out = {}
+    for device in ("cpu", "cuda"):
+        m = tiny_causal_lm("llama", len(tok)).double().to(device)
+        for p in m.parameters():
+            p.requires_grad_(False)
+        runner = ProbeRunner(m, tok, 1, ts, batch_size=8, device=device)
+        H0, y0 = runner.run(ids)
+        H1, y1 = runner.run(ids, params=UpdateEngine(m, tok, UpdateCfg(lr=1e-3), device).update(*PAIR, "p"))
+        out[device] = (H0, y0, H1 - H0, y1 - y0)
+
+    def rel(a, b):
+        return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
+
+    names = ("H", "y", "dH", "dy")
+    return {f"max_rel_diff_{n}": rel(a, b) for n, a, b in zip(names, out["cuda"], out["cpu"])}
+
+
+def engine_timing(shape: dict, dtype: torch.dtype, device: str, n_probes: int, words: int, n_pairs: int,
+                  batch: int) -> dict:
+    import transformers as tf
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(pad_token_id=0, **shape)).to(dtype).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = sum(p.numel() for p in model.parameters())
+    ids = probes(tok, n_probes, words)
+    tokens = sum(len(i) for i in ids)
+    ts = TargetSet.from_strings(tok, ["i can't", "sorry"])
+    runner = ProbeRunner(model, tok, shape["num_hidden_layers"] // 2, ts, batch_size=batch, device=device)
+    engine = UpdateEngine(model, tok, UpdateCfg(lr=1e-4, min_update_share=0.0), device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    sync(device)
+    t = time.perf_counter()
+    runner.run(ids)
+    sync(device)
+    base_s = time.perf_counter() - t
+    t = time.perf_counter()
+    survival = []
+    for i in range(n_pairs):
+        new = engine.update(PAIR[0] + " " + "please " * (i % 5), PAIR[1], f"p{i}")
+        survival.append(getattr(engine, "last_survival", 1.0))
+        runner.run(ids, params=new)
+        del new
+    sync(device)
+    pair_s = (time.perf_counter() - t) / n_pairs
+    flops = 2.0 * params * tokens
+    return {"dtype": str(dtype).replace("torch.", ""), "params": params, "n_probes": n_probes, "probe_tokens": tokens,
+            "n_pairs": n_pairs, "base_pass_s": base_s, "seconds_per_pair": pair_s,
+            "probe_tokens_per_s": tokens / base_s, "probe_pass_tflops": flops / base_s / 1e12,
+            "update_survival_mean": float(np.mean(survival)),
+            "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--small", action="store_true", help="toy sizes (runs on CPU; CI keeps the script working)")
+    ap.add_argument("--out", default=str(HERE / "results" / "gpu_check.json"))
+    ap.add_argument("--probes", type=int, default=None)
+    ap.add_argument("--pairs", type=int, default=None)
+    args = ap.parse_args()
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    shape = SMALL if args.small else LLAMA_3B
+    n_probes = args.probes or (32 if args.small else 2000)
+    n_pairs = args.pairs or (2 if args.small else 16)
+    res: dict = {"machine": {"device": torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu",
+                             "torch": torch.__version__, "python": platform.python_version()},
+                 "small": args.small, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    res["cuda_against_cpu"] = cuda_against_cpu() if cuda else "no CUDA device: skipped"
+    n = 1024 if args.small else 8192
+    res["matmul_peak_tflops"] = {str(d).replace("torch.", ""): matmul_peak(device, d, n)
+                                 for d in (torch.bfloat16, torch.float32)}
+    res["engine"] = []
+    for dtype in (torch.bfloat16, torch.float32):
+        r = engine_timing(shape, dtype, device, n_probes, 40 if not args.small else 12, n_pairs, 64 if cuda else 16)
+        r["fraction_of_matmul_peak"] = r["probe_pass_tflops"] / res["matmul_peak_tflops"][r["dtype"]]
+        res["engine"].append(r)
+        print(json.dumps(r), flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=1))
+    print(json.dumps(res, indent=1))
+    if not args.small:
+        write_readme(res)
+
+
+def write_readme(r: dict) -> None:
+    path = HERE / "README.md"
+    text = path.read_text()
+    rows = "\n".join(
+        f"| {e['dtype']} | {e['seconds_per_pair']:.2f} | {e['probe_tokens_per_s']:.0f} | {e['probe_pass_tflops']:.1f} | "
+        f"{100 * e['fraction_of_matmul_peak']:.0f}% | {e['update_survival_mean']:.2f} | {e['peak_gpu_mib'] or 0:.0f} |"
+        for e in r["engine"])
+    block = f"""<!-- gpu:begin -->
+Run {r['timestamp']} on {r['machine']['device']}, torch {r['machine']['torch']}. CUDA against CPU (tiny float64 model):
+{json.dumps(r['cuda_against_cpu'])}. Matmul peak measured in the same run: {json.dumps(r['matmul_peak_tflops'])} TFLOP/s.
+
+| dtype | s / pair | probe tokens/s | probe pass TFLOP/s | of matmul peak | update surviving | peak GPU MiB |
+|---|---|---|---|---|---|---|
+{rows}
+<!-- gpu:end -->"""
+    if "<!-- gpu:begin -->" in text:
+        text = re.sub(r"<!-- gpu:begin -->.*<!-- gpu:end -->", block, text, flags=re.S)
+    else:
+        text += "\n## GPU check\n\n`python benches/gpu_check.py`\n\n" + block + "\n"
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
