@@ -21,6 +21,7 @@ __all__ = [
     "feature_stats",
     "fit_policy",
     "interference",
+    "gradient_scores",
     "Decomposer",
     "FeatureStats",
     "FitResult",
@@ -119,6 +120,11 @@ def fit_policy(
     """``lam=None`` selects lambda by GCV over ``lam_grid`` (or the default grid)."""
 
 def interference(d_coef: _F64, feature_group: _I64, pair_group: _I64) -> InterferenceResult: ...
+def gradient_scores(
+    pairs: npt.NDArray[np.float32], concepts: npt.NDArray[np.float32], threads: int = 0
+) -> _F64:
+    """(p, d) stored pair gradients x (c, d) concept gradients -> (p, c), accumulated in float64;
+    a memory-mapped (read-only) store is read in place."""
 @final
 class Decomposer:
     def __new__(

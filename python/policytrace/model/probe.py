@@ -157,12 +157,15 @@ class ProbeRunner:
 
     def run(self, prompt_ids: Sequence[list[int]], params: dict | None = None, probe_ids: Sequence[str] | None = None,
             progress: bool = False):
-        """Pooled block outputs ``H`` (n, d) as float32 numpy and scores ``y`` (n,) float64
+        """Pooled block outputs ``H`` (n, d) as float32 numpy (float64 for a float64 model) and
+        scores ``y`` (n,) float64
         (``progress``: a bar over probes, for the one-off base pass)."""
         n = len(prompt_ids)
         probe_ids = list(probe_ids) if probe_ids is not None else [str(i) for i in range(n)]
         pools = [self.pool_positions(ids, pid) for ids, pid in zip(prompt_ids, probe_ids)]
-        H = np.zeros((n, self.model.config.hidden_size), dtype=np.float32)
+        # float32 like the model, float64 for a float64 model (a ΔH of a tiny step survives)
+        wide = next(self.model.parameters()).dtype == torch.float64
+        H = np.zeros((n, self.model.config.hidden_size), dtype=np.float64 if wide else np.float32)
         y = np.zeros(n, dtype=np.float64)
         # Length-bucketed batches: sort by length so padding stays small; results are put back
         # in probe order, and padding never changes them (positions come from the mask).
@@ -176,7 +179,7 @@ class ProbeRunner:
             for start in range(0, n, self.batch_size):
                 idx = order[start : start + self.batch_size]
                 h, s = self._batch([prompt_ids[i] for i in idx], [pools[i] for i in idx], params, prefix, prefix_cache)
-                H[idx] = h.float().cpu().numpy()
+                H[idx] = (h.double() if wide else h.float()).cpu().numpy()
                 y[idx] = s.cpu().numpy()
                 bar.update(len(idx))
         bar.close()

@@ -88,8 +88,33 @@ class DecomposeCfg:
     """ΔX as SAE codes after − before, or gated: 1[pre(h0) > 0] ⊙ (Δh·W_enc) (the paper's)."""
 
 
+@table("gradient")
+class GradientCfg:
+    per_feature: bool = False
+    """Also the 2K per-feature outputs (d_coef_x, d_coef_y per feature; needed for interference)."""
+    projection_dim: int = 0
+    """0 = whole gradients (exact first order; no gradient store). r > 0 = each parameter
+    matrix's gradient projected to r x r by seeded random factors (LoGra-style), pair gradients
+    kept in an on-disk store reused by later runs on the same model, pairs and update."""
+    explain_top: int = 0
+    """Run the exact engine on the N pairs with the largest |score| and |dy_mean| and report how
+    well the two agree on them."""
+    seed: int = 0
+    """Seed of the projection matrices."""
+
+    def __post_init__(self) -> None:
+        if self.projection_dim < 0:
+            raise fail(self, "projection_dim", "must be >= 0 (0 = whole gradients)")
+        if self.explain_top < 0:
+            raise fail(self, "explain_top", "must be >= 0")
+
+
 @table("run")
 class RunCfg:
+    mode: Literal["engine", "gradient"] = "engine"
+    """engine: one update and one probe pass per pair (exact or first-order decomposition);
+    gradient: every output to first order from one backward pass per pair (README, "Gradient
+    mode")."""
     seed: int = 0
     """Seed of the pair subset, the folds, LoRA's init and torch."""
     pair_batch: int = 8
@@ -116,7 +141,7 @@ class RunCfg:
 TABLES: dict[str, type] = {
     cls.TABLE: cls  # type: ignore[attr-defined]
     for cls in (ModelCfg, SaeCfg, DataCfg, ProbeCfg, BehaviourCfg, FeaturesCfg, PolicyCfg, UpdateCfg,
-                DecomposeCfg, RunCfg)
+                DecomposeCfg, GradientCfg, RunCfg)
 }
 
 
@@ -134,6 +159,7 @@ class Config:
     policy: PolicyCfg = PolicyCfg()
     update: UpdateCfg = UpdateCfg()
     decompose: DecomposeCfg = DecomposeCfg()
+    gradient: GradientCfg = GradientCfg()
     run: RunCfg = RunCfg()
 
     def tables(self) -> dict[str, Any]:
@@ -214,7 +240,7 @@ def digest(cfg: Config) -> str:
     """Hash of everything in the config that determines a run's outputs (the run folder checks
     it on resume; threads and cache location do not change outputs)."""
     d = cfg.to_dict()
-    d["run"] = {k: v for k, v in d["run"].items() if k in ("seed", "pair_batch")}
+    d["run"] = {k: v for k, v in d["run"].items() if k in ("seed", "pair_batch", "mode")}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

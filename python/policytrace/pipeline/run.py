@@ -20,8 +20,9 @@ from .._files import digest_file
 from ..errors import NonFiniteError, PolicytraceError, RunFolderError
 from ..model.loading import default_model_location, model_identity
 from ..model.sae import sae_identity
-from ..numeric import Attributor, summarize_interference
+from ..numeric import PAIR_FEATURE_COLUMNS, Attributor, summarize_interference
 from . import config as cfgmod
+from . import gradient_mode
 from .config import Config
 from .distributed import Ranks, finish, ranks_from_env, runtime_config
 from .findings import gates, interference_findings, side_means, suspicion_findings
@@ -132,7 +133,7 @@ def run_shard(rd: RunDir, state: BaseState, att: Attributor, shard: int, rows: p
         bar.update(1)
     ids = rows["id"].to_list()
     frame = att.add(dXs, np.stack(dys), pair_ids=ids, pair_groups=rows["category"].to_list())
-    pairs = att.last_pairs.with_columns(pl.Series("label", rows["label"].to_list()),
+    pairs = att.last_pairs.with_columns(pl.Series("label", rows["label"].to_list()), pl.lit("engine").alias("mode"),
                                         **side_means(np.stack(dys), state.inputs.flag))
     frames = {"pair_features": frame, "pairs": pairs, "pair_behaviour": att.last_behaviour}
     for name, f in frames.items():
@@ -145,6 +146,23 @@ def run_shard(rd: RunDir, state: BaseState, att: Attributor, shard: int, rows: p
     record = {"shard": shard, "pairs": ids, "files": files, "seconds": round(time.perf_counter() - t, 3)}
     rd.mark(rd.shard_marker(shard), record)
     return record
+
+
+def empty_pair_features() -> pl.DataFrame:
+    return pl.DataFrame(schema={c: (pl.Utf8 if c == "pair_id" else pl.Int64 if c == "feature_id" else pl.Float64)
+                                for c in PAIR_FEATURE_COLUMNS})
+
+
+def empty_summary() -> pl.DataFrame:
+    return pl.DataFrame(schema={"group": pl.Utf8, "feature_id": pl.Int64, "feature_group": pl.Utf8, "n_pairs": pl.UInt32,
+                                "mean_d_coef": pl.Float64, "mean_abs_d_coef": pl.Float64, "n_dominant": pl.UInt32,
+                                "intended": pl.Boolean})
+
+
+def empty_groups() -> pl.DataFrame:
+    return pl.DataFrame(schema={"grouping": pl.Utf8, "group": pl.Utf8, "n_pairs": pl.Int64, "interference_rate": pl.Float64,
+                                "chance_rate": pl.Float64, "excess": pl.Float64, "p_value": pl.Float64,
+                                "significant": pl.Boolean})
 
 
 def _check_finite(frame: pl.DataFrame, where: str) -> None:
@@ -163,24 +181,39 @@ def run_pairs(rd: RunDir, state: BaseState, log: Log, progress: bool, ranks: Ran
     mine = [i for i in range(len(shards)) if ranks.owns(i)]
     todo = [i for i in mine if rd.valid_marker(rd.shard_marker(i)) is None]
     total = sum(len(shards[i]) for i in mine)
-    bar = _progress.bar(total, "pair", progress, initial=total - sum(len(shards[i]) for i in todo))
-    att = attributor(state) if todo else None
-    for i in todo:
-        run_shard(rd, state, att, i, shards[i], bar)
+    if not todo:
+        return
+    if state.cfg.run.mode == "gradient":
+        gs = gradient_mode.setup(state, log, progress)
+        bar = _progress.bar(total, "pair", progress, initial=total - sum(len(shards[i]) for i in todo))
+        for i in todo:
+            gradient_mode.run_shard(rd, state, gs, i, shards[i], bar)
+    else:
+        att = attributor(state)
+        bar = _progress.bar(total, "pair", progress, initial=total - sum(len(shards[i]) for i in todo))
+        for i in todo:
+            run_shard(rd, state, att, i, shards[i], bar)
     bar.close()
 
 
 def merge(rd: RunDir, state: BaseState, markers: list[dict]) -> dict[str, str]:
     """The final files from the shards (their markers were verified), with the findings that
     need every pair: interference against chance, suspicion."""
-    frames = {name: pl.concat([rd.read_parquet(rd.shard_file(name, m["shard"])) for m in markers])
-              for name in ("pair_features", "pairs", "pair_behaviour")}
+    frames = {name: pl.concat([rd.read_parquet(rd.shard_file(name, m["shard"])) for m in markers
+                               if rd.shard_file(name, m["shard"]) in m["files"]], how="vertical_relaxed")
+              for name in ("pairs", "pair_behaviour")}
+    pf_parts = [rd.read_parquet(rd.shard_file("pair_features", m["shard"])) for m in markers
+                if rd.shard_file("pair_features", m["shard"]) in m["files"]]
+    pf = pl.concat(pf_parts) if pf_parts else empty_pair_features()
     for name, f in frames.items():
         _check_finite(f, name)
-    pf = frames["pair_features"]
+    _check_finite(pf, "pair_features")
     fg = state.features.frame.select("feature_id", pl.col("group").alias("feature_group"))
-    summary = summarize_interference(pf, frames["pairs"], fg)
-    pairs, groups = interference_findings(state, pf, frames["pairs"], state.cfg.run.seed)
+    if pf.height:
+        summary = summarize_interference(pf, frames["pairs"], fg)
+        pairs, groups = interference_findings(state, pf, frames["pairs"], state.cfg.run.seed)
+    else:  # gradient mode without gradient.per_feature: no per-feature shifts to interfere
+        summary, pairs, groups = empty_summary(), frames["pairs"], empty_groups()
     pairs = suspicion_findings(state, pairs)
     out = {f"{name}.parquet": rd.write_parquet(f"{name}.parquet", f)
            for name, f in (("pair_features", pf), ("pairs", pairs), ("pair_behaviour", frames["pair_behaviour"]),

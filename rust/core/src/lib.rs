@@ -4,6 +4,7 @@
 //! * [`ridge`]: the symbolic policy (ridge with fixed scales, optional intercept, GCV).
 //! * [`decompose`]: each training pair's policy shift split into ΔX and ΔY pathways.
 //! * [`interference`]: dominant-feature and off-target analysis per pair.
+//! * [`score`]: gradient mode's inner products of stored pair gradients with concept gradients.
 //!
 //! Every entry point validates its inputs and returns [`CoreError`] instead of panicking.
 
@@ -13,6 +14,7 @@ pub mod interference;
 pub mod linalg;
 pub mod matrix;
 pub mod ridge;
+pub mod score;
 pub mod stats;
 
 pub use decompose::{decompose, Base, BaseSpec, Method, Split};
@@ -21,4 +23,5 @@ pub use interference::{interference, Interference, NO_GROUP};
 pub use linalg::{pool, with_pool, SolverKind};
 pub use matrix::{Csr, Dense, Matrix};
 pub use ridge::{fit, FitOptions, Lam, Policy};
+pub use score::gradient_scores;
 pub use stats::{feature_stats, FeatureStats};

@@ -15,6 +15,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(numeric::feature_stats, m)?)?;
     m.add_function(wrap_pyfunction!(numeric::fit_policy, m)?)?;
     m.add_function(wrap_pyfunction!(numeric::interference, m)?)?;
+    m.add_function(wrap_pyfunction!(numeric::gradient_scores, m)?)?;
     m.add_class::<numeric::Decomposer>()?;
     m.add_class::<numeric::FeatureStats>()?;
     m.add_class::<numeric::FitResult>()?;

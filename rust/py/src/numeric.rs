@@ -316,3 +316,33 @@ pub fn interference<'py>(
         flag: vec1(py, res.flag),
     })
 }
+
+/// Inner products of stored pair gradients (p, d) with concept gradients (c, d), both float32
+/// (a memory-mapped store is read in place); returns (p, c) float64.
+#[pyfunction]
+#[pyo3(signature = (pairs, concepts, threads=0))]
+pub fn gradient_scores<'py>(
+    py: Python<'py>,
+    pairs: &Bound<'py, PyAny>,
+    concepts: &Bound<'py, PyAny>,
+    threads: usize,
+) -> Result<Bound<'py, PyArray2<f64>>> {
+    let pa = convert::array::<f32, numpy::Ix2>("pairs", pairs, "2-D float32")?;
+    let ca = convert::array::<f32, numpy::Ix2>("concepts", concepts, "2-D float32")?;
+    let (p, d) = (pa.shape()[0], pa.shape()[1]);
+    let (c, dc) = (ca.shape()[0], ca.shape()[1]);
+    if dc != d {
+        return Err(core::CoreError::shape(
+            "concepts",
+            format!("{d} columns (the pairs')"),
+            format!("{dc} columns"),
+        )
+        .into());
+    }
+    let (ps, cs) = (
+        pa.as_slice().expect("checked contiguous"),
+        ca.as_slice().expect("checked contiguous"),
+    );
+    let out = py.detach(|| core::with_pool(threads, |_| core::gradient_scores(ps, cs, d)))??;
+    Ok(PyArray1::from_vec(py, out).reshape([p, c])?)
+}
