@@ -169,3 +169,22 @@ def test_gradient_mode_refuses_several_steps(tiny, tmp_path):
 class _Bar:
     def update(self, n):
         pass
+
+
+def test_explain_top_and_validate_accept_a_gradient_run(tiny, tmp_path):
+    import json
+
+    from policytrace.pipeline.validate import validate
+
+    cfg = _cfg(tiny, update={"lr": 1e-3}, gradient={"explain_top": 2}, model={"dtype": "float32"})
+    manifest = execute(cfg, tmp_path / "g", log=lambda m: None, progress=False)
+    ex = manifest["stages"]["explained"]
+    assert ex["pairs"] >= 2 and ex["max_rel_diff_dy_mean"] < 0.2
+    both = pl.read_parquet(tmp_path / "g" / "explained.parquet")
+    assert {"score", "score_engine", "dy_mean", "dy_mean_engine"} <= set(both.columns)
+    frame = validate(tmp_path / "g", subsets=3, baselines=False, removal_k=1, planted=2, progress=False,
+                     log=lambda m: None)
+    assert {"score_gradient", "dy_mean", "suspicion", "random"} <= set(frame["method"])
+    planted = pl.read_parquet(tmp_path / "g" / "planted.parquet")
+    assert set(planted["method"]) >= {"score_gradient", "suspicion"}
+    assert json.loads((tmp_path / "g" / "validation.json").read_text())["agreement"] == {}

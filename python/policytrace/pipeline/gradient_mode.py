@@ -212,3 +212,42 @@ def raise_nonfinite(shard: int, rows: pl.DataFrame, out: np.ndarray) -> None:
     i = int(np.argwhere(~np.isfinite(out))[0][0])
     raise NonFiniteError(f"shard {shard}: pair '{rows['id'][i]}' has a non-finite gradient-mode output; "
                          "check update.lr and the model's dtype")
+
+
+def pair_scores(state: BaseState, gs: GradientSetup, pairs: pl.DataFrame) -> pl.DataFrame:
+    """Gradient-mode frames for any pairs (validation's planted ones), without a run folder."""
+    vecs = pair_vectors(state, gs, pairs, -1, _NoBar())
+    return frames(state, gs, pairs, outputs(gs, vecs, state.cfg.run.threads))[0]
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+
+def explain(state: BaseState, pairs: pl.DataFrame, n: int) -> tuple[pl.DataFrame, dict]:
+    """The exact engine on the ``n`` pairs with the largest |score| and the ``n`` with the largest
+    |dy_mean| (gradient mode's), side by side with gradient mode's values, and how well they agree."""
+    from ..numeric import Attributor
+    from ..numeric.metrics import spearman
+
+    top = set(pairs.sort(pl.col("score").abs(), descending=True)["pair_id"].head(n).to_list())
+    top |= set(pairs.sort(pl.col("dy_mean").abs(), descending=True)["pair_id"].head(n).to_list())
+    rows = state.inputs.pairs.filter(pl.col("id").is_in(sorted(top)))
+    engine = state.model.engine
+    dXs, dys = [], []
+    for r in rows.iter_rows(named=True):
+        d = state.delta(engine.update(r["prompt"], r["response"], r["id"]), r["id"])
+        dXs.append(d.dX)
+        dys.append(d.dy)
+    att = Attributor(state.policy, state.features.X, state.base.y0, method=state.cfg.decompose.method,
+                     threads=state.cfg.run.threads, keep=False)
+    att.add(dXs, np.stack(dys), pair_ids=rows["id"].to_list())
+    eng = att.last_pairs.select("pair_id", "score", "dy_mean", "pred_dy_mean")
+    both = pairs.select("pair_id", "score", "dy_mean", "pred_dy_mean").join(eng, on="pair_id", suffix="_engine")
+    facts = {"pairs": both.height, "method": state.cfg.decompose.method}
+    for c in ("score", "dy_mean", "pred_dy_mean"):
+        a, b = both[c].to_numpy(), both[f"{c}_engine"].to_numpy()
+        facts[f"spearman_{c}"] = spearman(a, b) if len(a) > 1 else None
+        facts[f"max_rel_diff_{c}"] = float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-300))
+    return both, facts

@@ -277,9 +277,16 @@ def execute(cfg: Config, run_dir: str | Path, log: Log = default_log, progress: 
     markers = collect_markers(rd, state)
     files = merge(rd, state, markers)
     clock.lap("merge")
+    explained = None
+    if cfg.run.mode == "gradient" and cfg.gradient.explain_top > 0:
+        log(f"explaining the top {cfg.gradient.explain_top} pairs with the exact engine")
+        frame, explained = gradient_mode.explain(state, rd.read_parquet("pairs.parquet"), cfg.gradient.explain_top)
+        files["explained.parquet"] = rd.write_parquet("explained.parquet", frame)
+        clock.lap("explain")
     manifest = {
         "config_digest": cfgmod.digest(cfg), "status": "complete", "created": started, "finished": now(),
-        "stages": {"base": base["facts"], "pairs": _pair_facts(markers)},
+        "stages": {"base": base["facts"], "pairs": _pair_facts(markers) | {"mode": cfg.run.mode},
+                   **({"explained": explained} if explained else {})},
         "shards": {str(m["shard"]): {"pairs": len(m["pairs"])} for m in markers},
         "files": {**base["files"], **files},
         "seconds": clock.seconds, "processes": ranks.world,

@@ -30,16 +30,26 @@ def planted_deltas(state: BaseState, planted: pl.DataFrame, progress: bool) -> t
     return np.stack(dX), np.stack(dy)
 
 
-def planted_test(state: BaseState, n: int, seed: int, deltas: tuple, baselines: bool, progress: bool = True,
+def engine_scorer(state: BaseState, deltas: tuple, seed: int, progress: bool):
+    """Scores of the run's pairs (stored deltas) and planted ones (fresh engine deltas)."""
+
+    def score(both: pl.DataFrame, planted: pl.DataFrame) -> dict:
+        _, dX, dy = deltas
+        pdX, pdy = planted_deltas(state, planted, progress)
+        return model_free_scores(state, both, np.concatenate([dX, pdX]), np.concatenate([dy, pdy]), seed)
+
+    return score
+
+
+def planted_test(state: BaseState, n: int, seed: int, scorer, baselines: bool, progress: bool = True,
                  probe_grads=None) -> pl.DataFrame:
     """Detection of ``n`` planted pairs by each method: for every planted kind, AUC and
-    precision@k of ``sign`` × score among the kind's candidate pool."""
+    precision@k of ``sign`` × score among the kind's candidate pool. ``scorer(both, planted)``
+    gives the run's own methods' scores for the run's pairs followed by the planted ones."""
     behaviour = state.inputs.behaviour
     planted = behaviour.plant_pairs(state.inputs.pairs, n, seed)
-    _, dX, dy = deltas
-    pdX, pdy = planted_deltas(state, planted, progress)
     both = pl.concat([state.inputs.pairs, planted])
-    sc = model_free_scores(state, both, np.concatenate([dX, pdX]), np.concatenate([dy, pdy]), seed)
+    sc = scorer(both, planted)
     if baselines:
         gb = gradient_baselines(state, state.cfg.update.lr, both, probe_grads)
         pb = projection_baselines(state, both)
