@@ -20,7 +20,9 @@ def concept_gradients(state, concepts: list[Concept], project, batch_size: int =
     names = engine.trainable
     cols = torch.as_tensor(np.array(state.features.columns, dtype=np.int64))
     n = len(m.probe_tokens)
-    out = torch.zeros(len(concepts), project.dim, dtype=torch.float64)
+    # float64 sums for a float64 model (exactness tests); float32 otherwise (C x D can be large)
+    wide = next(iter(engine.base.values())).dtype == torch.float64
+    out = torch.zeros(len(concepts), project.dim, dtype=torch.float64 if wide else torch.float32)
     cx = np.stack([c.cx for c in concepts])  # (C, n, K)
     cy = np.stack([c.cy for c in concepts])  # (C, n)
     bar = _progress.bar(n, "concept probe", progress)
@@ -35,8 +37,8 @@ def concept_gradients(state, concepts: list[Concept], project, batch_size: int =
             grads = torch.autograd.grad((x, y), [leaves[k] for k in names], grad_outputs=(gx, gy),
                                         retain_graph=c < len(concepts) - 1, allow_unused=True)
             g = {k: (v if v is not None else torch.zeros_like(leaves[k])) for k, v in zip(names, grads)}
-            out[c] += project(g).double().cpu()
+            out[c] += project(g).to(out.dtype).cpu()
         del H, y, x, leaves
         bar.update(stop - start)
     bar.close()
-    return out.float()
+    return out

@@ -25,7 +25,7 @@ class Whole:
         self.info = {"kind": "whole", "dim": self.dim}
 
     def __call__(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.cat([grads[n].reshape(-1).float() for n in self.names])
+        return torch.cat([grads[n].reshape(-1) for n in self.names])
 
 
 class Factored:
@@ -54,8 +54,8 @@ class Factored:
     def __call__(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
         parts = []
         for n in self.names:
-            g = grads[n].float()
-            f = self.factors(n)
+            g = grads[n].float() if grads[n].dtype != torch.float64 else grads[n]
+            f = [x.to(g.dtype) for x in self.factors(n)]
             parts.append((f[0] @ g @ f[1].T).reshape(-1) if len(f) == 2 else f[0] @ g.reshape(-1))
         return torch.cat(parts)
 

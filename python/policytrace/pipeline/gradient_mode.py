@@ -44,6 +44,8 @@ class GradientSetup:
     grads: torch.Tensor
     project: object
     store: RunDir | None
+    seconds: float = 0.0
+    """The one-time cost: the concept gradients' backward passes over the probes."""
 
 
 def concept_list(state: BaseState) -> list[Concept]:
@@ -80,7 +82,9 @@ def setup(state: BaseState, log, progress: bool) -> GradientSetup:
     project = projector(shapes, cfg.projection_dim, cfg.seed, state.cfg.model.device)
     cs = concept_list(state)
     log(f"gradient mode: {len(cs)} concepts, {project.info['kind']} gradients of dimension {project.dim:,}")
+    t = time.perf_counter()
     grads = concept_gradients(state, cs, project, progress=progress)
+    seconds = time.perf_counter() - t
     store = None
     if cfg.projection_dim > 0:
         store = RunDir(state.cfg.run.cache_path() / "gradients" / store_key(state, project), log)
@@ -90,7 +94,7 @@ def setup(state: BaseState, log, progress: bool) -> GradientSetup:
                                            "model": state.model.lm.name, "projection": project.info,
                                            "update": state.cfg.update.__dict__, "dtype": "float32",
                                            "parameters": {n: list(s) for n, s in shapes.items()}})
-    return GradientSetup([c.name for c in cs], grads, project, store)
+    return GradientSetup([c.name for c in cs], grads, project, store, round(seconds, 3))
 
 
 def pair_vectors(state: BaseState, gs: GradientSetup, rows: pl.DataFrame, shard: int, bar) -> np.ndarray | torch.Tensor:
@@ -139,6 +143,7 @@ def outputs(gs: GradientSetup, vecs, threads: int) -> np.ndarray:
     if isinstance(vecs, np.ndarray):
         return _core.gradient_scores(np.ascontiguousarray(vecs, dtype=np.float32),
                                      np.ascontiguousarray(gs.grads.float().numpy()), threads)
+    # whole gradients: one matrix-vector product per pair, in the gradients' own dtype
     return (vecs.to(gs.grads.dtype) @ gs.grads.T).double().cpu().numpy()
 
 

@@ -185,6 +185,8 @@ def run_pairs(rd: RunDir, state: BaseState, log: Log, progress: bool, ranks: Ran
         return
     if state.cfg.run.mode == "gradient":
         gs = gradient_mode.setup(state, log, progress)
+        rd.mark(f"stages/concepts-rank{ranks.rank}.json", {"files": {}, "seconds": gs.seconds, "concepts": len(gs.names),
+                                                          "dim": gs.project.dim})
         bar = _progress.bar(total, "pair", progress, initial=total - sum(len(shards[i]) for i in todo))
         for i in todo:
             gradient_mode.run_shard(rd, state, gs, i, shards[i], bar)
@@ -285,7 +287,7 @@ def execute(cfg: Config, run_dir: str | Path, log: Log = default_log, progress: 
         clock.lap("explain")
     manifest = {
         "config_digest": cfgmod.digest(cfg), "status": "complete", "created": started, "finished": now(),
-        "stages": {"base": base["facts"], "pairs": _pair_facts(markers) | {"mode": cfg.run.mode},
+        "stages": {"base": base["facts"], "pairs": _pair_facts(markers, rd) | {"mode": cfg.run.mode},
                    **({"explained": explained} if explained else {})},
         "shards": {str(m["shard"]): {"pairs": len(m["pairs"])} for m in markers},
         "files": {**base["files"], **files},
@@ -308,10 +310,14 @@ def collect_markers(rd: RunDir, state: BaseState) -> list[dict]:
     return out
 
 
-def _pair_facts(markers: list[dict]) -> dict:
+def _pair_facts(markers: list[dict], rd: RunDir | None = None) -> dict:
     n = sum(len(m["pairs"]) for m in markers)
     secs = sum(m.get("seconds", 0.0) for m in markers)
-    return {"n_pairs": n, "shards": len(markers), "seconds_per_pair": round(secs / n, 3) if n else None}
+    out = {"n_pairs": n, "shards": len(markers), "seconds_per_pair": round(secs / n, 3) if n else None}
+    concept = [rd.marker(p.relative_to(rd.path).as_posix()) for p in sorted(rd.path.glob("stages/concepts-rank*.json"))] if rd else []
+    if concept:
+        out["concept_seconds"] = max(c["seconds"] for c in concept if c)
+    return out
 
 
 def run(config: Config | dict | str | Path, run_dir: str | Path, progress: bool = True, log: Log = default_log) -> dict:
