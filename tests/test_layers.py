@@ -16,6 +16,7 @@ FORBIDDEN = {
     "numeric": {"model", "behaviours", "pipeline", "torch", "transformers", "sae_lens"},
     "model": {"pipeline", "behaviours"},
     "behaviours": {"model", "pipeline", "torch"},
+    "gradients": {"pipeline", "behaviours"},
 }
 
 
