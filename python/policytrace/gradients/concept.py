@@ -22,10 +22,13 @@ def concept_gradients(state, concepts: list[Concept], project, batch_size: int =
     n = len(m.probe_tokens)
     # float64 sums for a float64 model (exactness tests); float32 otherwise (C x D can be large)
     wide = next(iter(engine.base.values())).dtype == torch.float64
-    out = torch.zeros(len(concepts), project.dim, dtype=torch.float64 if wide else torch.float32)
+    dtype = torch.float64 if wide else torch.float32
     cx = np.stack([c.cx for c in concepts])  # (C, n, K)
     cy = np.stack([c.cy for c in concepts])  # (C, n)
     bar = _progress.bar(n, "concept probe", progress)
+    # Sums stay per parameter until the end: projecting (or flattening) every batch's C gradients
+    # would copy C x parameters floats per batch.
+    acc: list[dict[str, torch.Tensor]] = [{} for _ in concepts]
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
         leaves = {k: engine.base[k].detach().clone().requires_grad_(True) for k in names}
@@ -36,9 +39,18 @@ def concept_gradients(state, concepts: list[Concept], project, batch_size: int =
             gy = torch.as_tensor(cy[c, start:stop], dtype=y.dtype, device=y.device)
             grads = torch.autograd.grad((x, y), [leaves[k] for k in names], grad_outputs=(gx, gy),
                                         retain_graph=c < len(concepts) - 1, allow_unused=True)
-            g = {k: (v if v is not None else torch.zeros_like(leaves[k])) for k, v in zip(names, grads)}
-            out[c] += project(g).to(out.dtype).cpu()
+            for k, v in zip(names, grads):
+                if v is not None:
+                    acc[c][k] = acc[c][k] + v.to(dtype) if k in acc[c] else v.to(dtype)
         del H, y, x, leaves
         bar.update(stop - start)
+    # Rows are written one at a time as each concept's sums are freed (torch.empty touches no
+    # memory until written), so the peak stays near C x parameters, not twice that.
+    out = torch.empty(len(concepts), project.dim, dtype=dtype)
+    for c in range(len(concepts)):
+        g = {k: acc[c].get(k, torch.zeros_like(engine.base[k], dtype=dtype)) for k in names}
+        out[c] = project(g).to(dtype).cpu()
+        acc[c] = {}
+        del g
     bar.close()
     return out
