@@ -68,7 +68,7 @@ def main() -> None:
     block = f"""<!-- precision:begin -->
 Run {res['timestamp']} on {res['machine']['cpu']}, embedded default, {args.pairs} pairs, {args.probes} probes, one SGD step at lr {args.lr:g}.
 
-| weights | share of the step surviving rounding | Δy: max error / max |Δy| against float32 | Δy: correlation with float32 |
+| weights | share of the step surviving rounding | Δy: max error over the largest Δy, against float32 | Δy: correlation with float32 |
 |---|---|---|---|
 {rows}
 <!-- precision:end -->"""
