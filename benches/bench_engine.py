@@ -19,15 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import resource
-import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from _common import cpu_name, git_commit, write_readme_section
 from policytrace.model.chat import encode_prompts, pair_tokens
 from policytrace.model.loading import load_model
 from policytrace.model.probe import ProbeRunner, TargetSet
@@ -176,8 +175,8 @@ def main() -> None:
     f_paper = model_flops(model, sum(lens) * (1 + len(ts.targets)) + len(lens) * sum(len(t) for t in ts.targets),
                           sum(lens) * len(ts.targets) + len(lens) * sum(len(t) for t in ts.targets), n_upd)
     res = {
-        "machine": {"cpu": _cpu(), "threads": args.threads, "torch": torch.__version__, "python": platform.python_version(),
-                    "commit": _git()},
+        "machine": {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__, "python": platform.python_version(),
+                    "commit": git_commit()},
         "model": lm.name, "n_probes": len(prompt_ids), "n_pairs": len(pairs), "layer": LAYER, "targets": TARGETS,
         "seconds_per_pair": {"policytrace": t_ours / len(pairs), "paper_loop": t_paper / len(pairs)},
         "pairs_per_minute": {"policytrace": 60 * len(pairs) / t_ours, "paper_loop": 60 * len(pairs) / t_paper},
@@ -196,8 +195,6 @@ def main() -> None:
 
 
 def _write_readme(r: dict) -> None:
-    path = HERE / "README.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
     s, p = r["seconds_per_pair"], r["pairs_per_minute"]
     block = f"""<!-- engine:begin -->
 Run {r['timestamp']} on {r['machine']['cpu']}, {r['machine']['threads']} threads, torch {r['machine']['torch']}, commit `{r['machine']['commit']}`.
@@ -211,25 +208,7 @@ Embedded default ({r['model']}), {r['n_probes']} probes, {r['n_pairs']} pairs, l
 Speed-up **{r['speedup']:.1f}×** (target 3×). Same outputs: max |Δy| difference {r['max_abs_diff']['dy']:.1e}, max |ΔH| difference {r['max_abs_diff']['dH']:.1e} (float32).
 Peak RSS (high-water mark, after both base probe passes): policytrace's pairs raised it by {r['peak_rss_increase_mib']['policytrace']:.0f} MiB; the paper loop then raised it by {r['peak_rss_increase_mib']['paper_loop_additional']:.0f} MiB more (its weight snapshot and in-place gradients). Both sides run the model at about the same FLOP rate: the speed-up is less work (prefix shared, targets from the KV cache, vocabulary logits only where needed), not faster kernels.
 <!-- engine:end -->"""
-    if "<!-- engine:begin -->" in text:
-        text = re.sub(r"<!-- engine:begin -->.*<!-- engine:end -->", block, text, flags=re.S)
-    else:
-        text += "\n## Engine (model side)\n\n`python benches/bench_engine.py --pairs 3`\n\n" + block + "\n"
-    path.write_text(text)
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
-def _git() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short=10", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
-    except OSError:
-        return "?"
+    write_readme_section("engine", block, "Engine (model side)", "python benches/bench_engine.py --pairs 3")
 
 
 if __name__ == "__main__":

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import re
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from _common import cpu_name, write_readme_section
 from policytrace.model.chat import encode_prompts
 from policytrace.model.config import UpdateCfg
 from policytrace.model.loading import load_model
@@ -36,7 +35,7 @@ def main() -> None:
     args = ap.parse_args()
     ds = load_dataset()
     pairs = [ds.pairs.row(i, named=True) for i in np.linspace(0, ds.pairs.height - 1, args.pairs).astype(int)]
-    res = {"machine": {"cpu": _cpu(), "threads": torch.get_num_threads(), "torch": torch.__version__}, "lr": args.lr,
+    res = {"machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__}, "lr": args.lr,
            "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), "dtypes": {}}
     dys = {}
     for dtype in ("float32", "bfloat16", "float16"):
@@ -72,20 +71,7 @@ Run {res['timestamp']} on {res['machine']['cpu']}, embedded default, {args.pairs
 |---|---|---|---|
 {rows}
 <!-- precision:end -->"""
-    readme = HERE / "README.md"
-    text = readme.read_text()
-    if "<!-- precision:begin -->" in text:
-        text = re.sub(r"<!-- precision:begin -->.*<!-- precision:end -->", block, text, flags=re.S)
-    else:
-        text += "\n## Precision\n\n`python benches/bench_precision.py`\n\n" + block + "\n"
-    readme.write_text(text)
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
+    write_readme_section("precision", block, "Precision", "python benches/bench_precision.py")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,9 @@ import torch
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent / "tests"))  # the tiny model and tokenizer of the tests
+sys.path.insert(0, str(HERE))
 
+from _common import write_readme_section  # noqa: E402
 from _tiny import tiny_causal_lm, tiny_tokenizer  # noqa: E402
 
 from policytrace.model.chat import encode_prompts  # noqa: E402
@@ -170,8 +171,6 @@ def main() -> None:
 
 
 def write_readme(r: dict) -> None:
-    path = HERE / "README.md"
-    text = path.read_text()
     rows = "\n".join(
         f"| {e['dtype']} | {e['seconds_per_pair']:.2f} | {e['probe_tokens_per_s']:.0f} | {e['probe_pass_tflops']:.1f} | "
         f"{100 * e['fraction_of_matmul_peak']:.0f}% | {e['update_survival_mean']:.2f} | {e['peak_gpu_mib'] or 0:.0f} |"
@@ -184,11 +183,7 @@ Run {r['timestamp']} on {r['machine']['device']}, torch {r['machine']['torch']}.
 |---|---|---|---|---|---|---|
 {rows}
 <!-- gpu:end -->"""
-    if "<!-- gpu:begin -->" in text:
-        text = re.sub(r"<!-- gpu:begin -->.*<!-- gpu:end -->", block, text, flags=re.S)
-    else:
-        text += "\n## GPU check\n\n`python benches/gpu_check.py`\n\n" + block + "\n"
-    path.write_text(text)
+    write_readme_section("gpu", block, "GPU check", "python benches/gpu_check.py")
 
 
 if __name__ == "__main__":

@@ -61,3 +61,18 @@ def reach(X, y, scale, intercept, lam, coef, dzmax=0.0, dymax=0.0):
     zmax = np.abs(Z).max() + dzmax
     r = len(y) * zmax * (np.abs(y).max() + dymax + zmax * np.abs(coef).max()) / max(lam_min, 1e-300)
     return float(min(r, 1e300)) + float(np.abs(coef).max(initial=0.0))
+
+
+def raises(fn, *fragments, cls=None):
+    """``fn()`` must raise ``cls`` (default: any PolicytraceError) with every fragment in its
+    message; returns the message."""
+    import pytest
+
+    from policytrace.errors import PolicytraceError
+
+    with pytest.raises(cls or PolicytraceError) as info:
+        fn()
+    msg = str(info.value)
+    for frag in fragments:
+        assert frag in msg, f"{frag!r} not in message {msg!r}"
+    return msg

@@ -16,7 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("sae_lens")
 
-from policytrace.errors import ConfigError, NonFiniteError, PolicytraceError  # noqa: E402
+from policytrace.errors import ConfigError, NonFiniteError  # noqa: E402
 from policytrace.model.config import UpdateCfg  # noqa: E402
 from policytrace.model.loading import load_model  # noqa: E402
 from policytrace.model.probe import TargetSet  # noqa: E402
@@ -25,16 +25,7 @@ from policytrace.model.sites import capture_block_output  # noqa: E402
 from policytrace.model.update import UpdateEngine  # noqa: E402
 
 from _tiny import tiny_causal_lm, tiny_tokenizer, write_tiny_model  # noqa: E402
-
-
-def raises(fn, *fragments, cls=PolicytraceError):
-    """``fn()`` must raise ``cls`` with every fragment in its message; returns the message."""
-    with pytest.raises(cls) as info:
-        fn()
-    msg = str(info.value)
-    for frag in fragments:
-        assert frag in msg, f"{frag!r} not in message {msg!r}"
-    return msg
+from _helpers import raises  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -23,16 +23,7 @@ from policytrace.errors import InvalidValueError, PolicytraceError
 
 BACKENDS = ("rust", "numpy")
 IDS = [10, 11, 12, 13, 14]
-
-
-def raises(fn, *fragments, cls=PolicytraceError):
-    """``fn()`` must raise ``cls`` with every fragment in its message; returns the message."""
-    with pytest.raises(cls) as info:
-        fn()
-    msg = str(info.value)
-    for frag in fragments:
-        assert frag in msg, f"{frag!r} not in message {msg!r}"
-    return msg
+from _helpers import raises  # noqa: E402
 
 
 def _problem(n=40, k=5, seed=0):

@@ -14,7 +14,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from policytrace.errors import ConfigError, DataError, PolicytraceError, RunFolderError  # noqa: E402
+from policytrace.errors import ConfigError, DataError, RunFolderError  # noqa: E402
 from policytrace.pipeline import config as cfgmod  # noqa: E402
 from policytrace.pipeline.cli import main  # noqa: E402
 from policytrace.pipeline.data import load_pairs, load_probes  # noqa: E402
@@ -22,16 +22,7 @@ from policytrace.pipeline.report import write_report  # noqa: E402
 from policytrace.pipeline.run import execute  # noqa: E402
 
 from _tiny import tiny_config, write_tiny_data, write_tiny_model  # noqa: E402
-
-
-def raises(fn, *fragments, cls=PolicytraceError):
-    """``fn()`` must raise ``cls`` with every fragment in its message; returns the message."""
-    with pytest.raises(cls) as info:
-        fn()
-    msg = str(info.value)
-    for frag in fragments:
-        assert frag in msg, f"{frag!r} not in message {msg!r}"
-    return msg
+from _helpers import raises  # noqa: E402
 
 
 @pytest.fixture(scope="module")
