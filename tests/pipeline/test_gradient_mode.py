@@ -188,3 +188,13 @@ def test_explain_top_and_validate_accept_a_gradient_run(tiny, tmp_path):
     planted = pl.read_parquet(tmp_path / "g" / "planted.parquet")
     assert set(planted["method"]) >= {"score_gradient", "suspicion"}
     assert json.loads((tmp_path / "g" / "validation.json").read_text())["agreement"] == {}
+
+
+def test_report_of_a_gradient_run_without_per_feature_shifts(tiny, tmp_path):
+    from policytrace.pipeline.report import write_report
+
+    cfg = _cfg(tiny, gradient={"per_feature": False}, model={"dtype": "float32"})
+    execute(cfg, tmp_path / "g", log=lambda m: None, progress=False)
+    assert pl.read_parquet(tmp_path / "g" / "pair_features.parquet").height == 0
+    text = write_report(tmp_path / "g").read_text()
+    assert "Not computed" in text and "The curator's ranking" in text

@@ -58,6 +58,10 @@ in units of the pairs' robust spread; above 0 the pair works against its label. 
 
 def alignment(v: RunView) -> tuple[str, int]:
     pr, pf = v.pairs, v.pair_features
+    if pf.height == 0:
+        top = pr.sort("score", descending=True).select("pair_id", "label", "score", "score_x", "score_y", "dy_mean").head(15)
+        return (f"<h2 id=alignment>Policy alignment (SMDA's pair score)</h2><p class=muted>Per-feature shifts were not "
+                f"computed (gradient mode without gradient.per_feature); the pair scores:</p>{table(top, links=PAIR_LINK)}", 0)
     scatter = svg.scatter(pr["score_x"].to_numpy(), pr["score_y"].to_numpy(), pr["label"].to_list(),
                           "ΔX pathway (Σ d_coef_x · coef)", "ΔY pathway (Σ d_coef_y · coef)")
     top = pr.sort("score", descending=True).select("pair_id", "label", "score", "score_x", "score_y", "dy_mean").head(15)
@@ -130,6 +134,9 @@ def _lam_path(v: RunView) -> str:
 
 def interference(v: RunView) -> str:
     g, pr, b = v.groups, v.pairs, v.behaviour
+    if "interference_significant" not in pr.columns:
+        return ("<h2 id=interference>Interference, against chance</h2><p class=muted>Not computed: this run has no "
+                "per-feature shifts (gradient mode without <code>gradient.per_feature = true</code>).</p>")
     sig = pr.filter(pl.col("interference_significant")).height
     side_sig = pr.filter(pl.col("side_interference_significant")).height if "side_interference_significant" in pr.columns else 0
     cols = [c for c in ("pair_id", "group", "label", "off_target_share", "off_target_chance", "off_target_p",
@@ -184,17 +191,20 @@ def pair_panels(v: RunView) -> str:
         d = data.get(pid, {})
         feats = (pf.filter(pl.col("pair_id") == pid).with_columns(pl.col("alignment").abs().alias("_a"))
                  .sort("_a", descending=True).head(12))
-        bars = svg.bars([f"{f} · {lab or ''}" for f, lab in zip(feats["feature_id"], feats["label"])],
-                        feats["alignment"].to_numpy(), width=520, pad=250, chars=40)
+        bars = (svg.bars([f"{f} · {lab or ''}" for f, lab in zip(feats["feature_id"], feats["label"])],
+                         feats["alignment"].to_numpy(), width=520, pad=250, chars=40)
+                if feats.height else "<p class=muted>no per-feature shifts in this run</p>")
         per_cat = beh.filter(pl.col("pair_id") == pid).select("probe_group", "dy_mean", "mediated_dy", "direct_dy")
         kv = {
+            "mode": r.get("mode", "engine"),
             "label · category": f"{r['label']} · {r['group']}", "suspicion": f"{fmt(r.get('suspicion'))} — {r.get('suspicion_reason', '')}",
             "behaviour change (dy_mean)": fmt(r["dy_mean"]), "mediated / direct": f"{fmt(r['pred_dy_mean'])} / {fmt(r['direct_dy'])}",
             "mediated share · R²": f"{fmt(r['mediated_share'])} · {fmt(r['mediated_r2'])}",
             "SMDA score (x / y)": f"{fmt(r['score'])} ({fmt(r['score_x'])} / {fmt(r['score_y'])})",
-            "off-target share vs chance": f"{fmt(r['off_target_share'])} vs {fmt(r['off_target_chance'])} (p {fmt(r['off_target_p'])}"
-                                          f"{', significant' if r['interference_significant'] else ''})",
         }
+        if "off_target_chance" in r:
+            kv["off-target share vs chance"] = (f"{fmt(r['off_target_share'])} vs {fmt(r['off_target_chance'])} "
+                                                f"(p {fmt(r['off_target_p'])}{', significant' if r['interference_significant'] else ''})")
         dom = r.get("dominant_feature")
         kv_html = "".join(f"<div>{esc(k)}</div><div>{esc(x) if k != 'behaviour change (dy_mean)' else x}</div>" for k, x in kv.items())
         dom_link = f'<a href="#feature-{slug(dom)}">{esc(dom)}</a>' if dom is not None else "–"
