@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import resource
 import subprocess
 import sys
@@ -38,6 +37,8 @@ from scipy.stats import spearmanr
 
 HERE = Path(__file__).parent
 
+sys.path.insert(0, str(HERE))
+from _common import cpu_name, write_readme_section  # noqa: E402
 from policytrace.gradients.concept import concept_gradients  # noqa: E402
 from policytrace.gradients.per_pair import update_direction  # noqa: E402
 from policytrace.gradients.projection import Factored, Whole  # noqa: E402
@@ -195,7 +196,7 @@ def main() -> None:
     cfg = cfgmod.resolve({"preset": "demo", "data": {"max_pairs": args.pairs},
                           "decompose": {"method": "first_order", "delta_x": "gated"}})
     state = prepare(cfg, print, progress=True)
-    res = {"machine": {"cpu": _cpu(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    res = {"machine": {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
                        "python": platform.python_version()}, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S")}
     res |= agreement(state, args.pairs, args.features, [int(d) for d in args.dims.split(",")], args.seeds)
     res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -208,8 +209,6 @@ def main() -> None:
 
 
 def write_readme(r: dict) -> None:
-    path = HERE / "README.md"
-    text = path.read_text()
     sp, s = r["spearman_gradient_vs_engine"], r["seconds"]
     curve = "\n".join(
         f"| {d} | {c['dim']:,} | " + " | ".join(f"{c[k]['mean']:.3f} ± {c[k]['std']:.3f}" for k in ("score", "dy_mean", "mediated_dy", "d_coef")) + " |"
@@ -240,18 +239,7 @@ Projected against whole gradients (Spearman, mean ± std over seeds):
 
 At the paper's shape (3.2B parameters, 7,826 probes of ~40 tokens, pairs of ~150 tokens), from the per-token costs measured here (engine ≈ (a+b)·N·T_pair + a·N·T_probes, gradient ≈ (a+b)·N·T_pair, concepts ≈ C·(a+b)·N·T_probes): engine {pe['engine_s_per_pair']:.0f} s/pair, gradient mode {pe['gradient_s_per_pair']:.1f} s/pair plus {pe['gradient_concepts_once_s']:.0f} s once; break-even at {pe['break_even_pairs']:.0f} pairs (on this CPU; the ratios carry to a GPU, the seconds do not).{scale}
 <!-- gradient:end -->"""
-    if "<!-- gradient:begin -->" in text:
-        text = re.sub(r"<!-- gradient:begin -->.*<!-- gradient:end -->", block, text, flags=re.S)
-    else:
-        text += "\n## Gradient mode\n\n`python benches/bench_gradient.py`\n\n" + block + "\n"
-    path.write_text(text)
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
+    write_readme_section("gradient", block, "Gradient mode", "python benches/bench_gradient.py --scale 100000")
 
 
 if __name__ == "__main__":
