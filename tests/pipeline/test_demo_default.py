@@ -41,7 +41,7 @@ def test_small_demo_end_to_end(tmp_path):
     probes = pl.read_parquet(run / "probes.parquet")
     assert probes.height == 160 and probes["y"].is_finite().all()
     html = (run / "report.html").read_text()
-    assert "Pathways per pair" in html and "<svg" in html
+    assert "Policy alignment" in html and "The curator's ranking" in html and "<svg" in html
     # `policytrace report` on the finished folder works on its own.
     assert main(["report", str(run)]) == 0
 
