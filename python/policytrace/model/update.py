@@ -164,7 +164,8 @@ class UpdateEngine:
                 f"pair '{pair_id}': in {str(dtype).replace('torch.', '')} weights only {100 * share:.0f}% of the "
                 f"update at update.lr = {self.cfg.lr:g} survives rounding (update.min_update_share = "
                 f"{self.cfg.min_update_share:g}); set model.dtype = \"float32\" (the update and probe pass then keep "
-                "it), or raise update.lr if a larger step is what you mean")
+                "it), or run.mode = \"gradient\" (first order: the step is never added to rounded weights), or "
+                "raise update.lr if a larger step is what you mean")
 
     def _check_finite(self, train: dict, pair_id: str, step: int) -> None:
         names = list(train)
