@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="add this many mislabeled pairs and report each method's detection AUC (default 0)")
     val.add_argument("--removal-k", type=int, default=None,
                      help="pairs removed in the top-k removal test (default: an eighth of the pairs; 0 = skip)")
+    val.add_argument("--removal-methods", default=None,
+                     help="comma-separated methods for the removal test (default: all; each costs 4 retrainings)")
     val.add_argument("--quiet", action="store_true")
     return ap
 
@@ -83,7 +85,8 @@ def _dispatch(args) -> int:
         from .validate import validate
 
         frame = validate(args.run_dir, args.subsets, args.alpha, args.seed, progress=not args.quiet,
-                         baselines=not args.no_baselines, removal_k=args.removal_k, planted=args.planted)
+                         baselines=not args.no_baselines, removal_k=args.removal_k, planted=args.planted,
+                         removal_methods=args.removal_methods.split(",") if args.removal_methods else None)
         print(frame)
         print(f"written: {Path(args.run_dir) / 'validation.parquet'}")
         return 0

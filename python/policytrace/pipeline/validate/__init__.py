@@ -90,7 +90,8 @@ def open_state(run_dir: str | Path, log: Callable[[str], None], progress: bool =
 
 
 def validate(run_dir: str | Path, subsets: int = 20, alpha: float = 0.5, seed: int = 0, progress: bool = True,
-             log=print, baselines: bool = True, removal_k: int | None = None, planted: int = 0) -> pl.DataFrame:
+             log=print, baselines: bool = True, removal_k: int | None = None, planted: int = 0,
+             removal_methods: list[str] | None = None) -> pl.DataFrame:
     """LDS of the run's attributions against real subset retraining; writes ``validation.parquet``
     (and ``removal``, ``planted``, ``aggregates`` and ``validation.json``)."""
     if subsets < 2:
@@ -127,7 +128,8 @@ def validate(run_dir: str | Path, subsets: int = 20, alpha: float = 0.5, seed: i
     k_rm = max(1, P // 8) if removal_k is None else removal_k
     if k_rm > 0:
         log(f"top-{k_rm} removal against category-matched random removal")
-        rd.write_parquet("removal.parquet", removal_test(retrainer, scores, k_rm, seed, progress=progress))
+        rd.write_parquet("removal.parquet", removal_test(retrainer, scores, k_rm, seed, progress=progress,
+                                                         methods=removal_methods))
     if planted > 0:
         log(f"{planted} planted mislabeled pairs")
         rd.write_parquet("planted.parquet", planted_test(state, planted, seed, scorer, baselines, progress, probe_grads))

@@ -12,9 +12,15 @@ from .retrain import Retrainer
 
 
 def removal_test(retrainer: Retrainer, scores: dict, k: int, seed: int, n_random: int = 3,
-                 progress: bool = True) -> pl.DataFrame:
-    """One row per method: the drop of the behaviour and policy shifts when its top-k pairs are
-    removed, beside the mean drop over ``n_random`` category-matched random removals."""
+                 progress: bool = True, methods: list[str] | None = None) -> pl.DataFrame:
+    """One row per method (``methods``, default all): the drop of the behaviour and policy shifts
+    when its top-k pairs are removed, beside the mean drop over ``n_random`` category-matched
+    random removals."""
+    if methods is not None:
+        unknown = sorted(set(methods) - set(scores))
+        if unknown:
+            raise InvalidValueError(f"--removal-methods {unknown} are not methods of this run ({', '.join(scores)})")
+        scores = {m: scores[m] for m in methods}
     pairs = retrainer.state.inputs.pairs
     P = pairs.height
     if not 1 <= k < P:
