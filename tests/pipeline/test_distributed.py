@@ -71,3 +71,25 @@ def test_killed_rank_is_finished_by_a_rerun_with_one_process(setup, tmp_path):
     again = _run(toml, tmp_path / "r", 1)
     assert again.returncode == 0, again.stderr[-3000:]
     assert _digests(tmp_path / "r") == _digests(one)
+
+
+def test_gradient_mode_divides_the_concepts_and_writes_the_bytes_of_one(tmp_path):
+    """Gradient mode: rank r computes the concepts c % 2 == r and broadcasts them; the pairs'
+    files equal a one-process run's, and each rank's concept marker counts its half."""
+    cfg = cfgmod.resolve(tiny_config(write_tiny_model(tmp_path / "m"), *write_tiny_data(tmp_path), tmp_path / "cache",
+                                     update={"lr": 1e-3}, run={"pair_batch": 4, "mode": "gradient"},
+                                     decompose={"method": "first_order", "delta_x": "gated"},
+                                     gradient={"per_feature": True}))
+    toml = tmp_path / "run.toml"
+    toml.write_text(cfgmod.to_toml(cfg))
+    one = _run(toml, tmp_path / "one", 1)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _run(toml, tmp_path / "two", 2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert _digests(tmp_path / "two") == _digests(tmp_path / "one")
+    import json
+
+    counts = [json.loads((tmp_path / "two" / "stages" / f"concepts-rank{r}.json").read_text()) for r in (0, 1)]
+    assert counts[0]["of"] == counts[1]["of"] > 2
+    assert counts[0]["concepts"] + counts[1]["concepts"] == counts[0]["of"]
+    assert abs(counts[0]["concepts"] - counts[1]["concepts"]) <= 1

@@ -23,6 +23,8 @@ def concept_gradients(state, concepts: list[Concept], project, batch_size: int =
     # float64 sums for a float64 model (exactness tests); float32 otherwise (C x D can be large)
     wide = next(iter(engine.base.values())).dtype == torch.float64
     dtype = torch.float64 if wide else torch.float32
+    if not concepts:  # a rank that owns none under torchrun still takes part in the exchange
+        return torch.empty(0, project.dim, dtype=dtype)
     cx = np.stack([c.cx for c in concepts])  # (C, n, K)
     cy = np.stack([c.cy for c in concepts])  # (C, n)
     bar = _progress.bar(n, "concept probe", progress)

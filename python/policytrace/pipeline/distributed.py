@@ -3,10 +3,12 @@
 Rank 0 checks the folder, runs the base stages and writes the shared files while the others
 wait at a barrier; then every rank loads the base state and takes the shards ``i`` with
 ``i % world == rank`` (a deterministic division; shards already finished are skipped), writing
-each shard's files and its own marker, so no two processes ever write one file; after a last
+each shard's files and its own marker, so no two processes ever write one file (in gradient
+mode the concepts are divided the same way, ``c % world == rank``, and each rank broadcasts the
+gradients it computed to the others); after a last
 barrier rank 0 verifies every marker and merges. A run in which a rank dies is finished by
 starting the same command again, with any number of processes. Backend: NCCL when the model
-runs on CUDA, gloo on CPU; one process per GPU (``model.device = "cuda"`` becomes
+runs on CUDA (with gloo beside it for tensors kept on the host), gloo on CPU; one process per GPU (``model.device = "cuda"`` becomes
 ``cuda:<LOCAL_RANK>``). Outside torchrun (no ``WORLD_SIZE``) everything here is a no-op.
 """
 
@@ -17,6 +19,8 @@ import datetime
 import os
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from .config import Config
 
@@ -59,6 +63,24 @@ class Ranks:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def share_rows(self, local: torch.Tensor, total: int) -> torch.Tensor:
+        """The (total, D) host tensor whose row ``c`` was computed by rank ``c % world``;
+        ``local`` holds this rank's rows in order. Each row keeps its owner's bits, so the result
+        does not depend on the number of processes."""
+        mine = [c for c in range(total) if self.owns(c)]
+        if local.shape[0] != len(mine):
+            raise ValueError(f"rank {self.rank} holds {local.shape[0]} rows, owns {len(mine)}")
+        if not self.distributed:
+            return local
+        import torch.distributed as dist
+
+        out = torch.empty(total, local.shape[1], dtype=local.dtype)
+        for j, c in enumerate(mine):
+            out[c] = local[j]
+        for c in range(total):
+            dist.broadcast(out[c], src=c % self.world)
+        return out
+
 
 def ranks_from_env(device: str) -> Ranks:
     """Join the process group torchrun set up (env://), or a single-process :class:`Ranks`."""
@@ -68,7 +90,8 @@ def ranks_from_env(device: str) -> Ranks:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        backend = "nccl" if device.startswith("cuda") else "gloo"
+        # NCCL moves CUDA tensors; the host tensors (concept gradients) go through gloo
+        backend = "cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo"
         dist.init_process_group(backend=backend, timeout=BARRIER_TIMEOUT)
     return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 

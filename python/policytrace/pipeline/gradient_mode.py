@@ -30,6 +30,7 @@ from ..gradients.per_pair import check_first_order, update_direction
 from ..gradients.projection import projector
 from ..numeric.concepts import Concept, concepts
 from ..numeric.interference import interference
+from .distributed import Ranks
 from .rundir import RunDir
 from .stages import BaseState
 
@@ -74,17 +75,22 @@ def store_key(state: BaseState, project) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def setup(state: BaseState, log, progress: bool) -> GradientSetup:
+def setup(state: BaseState, log, progress: bool, ranks: Ranks = Ranks()) -> GradientSetup:
+    """The concepts and their gradients; under torchrun rank ``r`` computes concepts
+    ``c % world == r`` and every rank ends with all of them (a collective call)."""
     check_first_order(state.model.engine)
     cfg = state.cfg.gradient
     engine = state.model.engine
     shapes = {n: engine.base[n].shape for n in engine.trainable}
     project = projector(shapes, cfg.projection_dim, cfg.seed, state.cfg.model.device)
     cs = concept_list(state)
-    log(f"gradient mode: {len(cs)} concepts, {project.info['kind']} gradients of dimension {project.dim:,}")
+    mine = [c for i, c in enumerate(cs) if ranks.owns(i)]
+    log(f"gradient mode: {len(cs)} concepts ({len(mine)} on this process), {project.info['kind']} "
+        f"gradients of dimension {project.dim:,}")
     t = time.perf_counter()
-    grads = concept_gradients(state, cs, project, progress=progress)
+    local = concept_gradients(state, mine, project, progress=progress)
     seconds = time.perf_counter() - t
+    grads = ranks.share_rows(local, len(cs))
     store = None
     if cfg.projection_dim > 0:
         store = RunDir(state.cfg.run.cache_path() / "gradients" / store_key(state, project), log)

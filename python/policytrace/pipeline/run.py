@@ -181,20 +181,27 @@ def run_pairs(rd: RunDir, state: BaseState, log: Log, progress: bool, ranks: Ran
     mine = [i for i in range(len(shards)) if ranks.owns(i)]
     todo = [i for i in mine if rd.valid_marker(rd.shard_marker(i)) is None]
     total = sum(len(shards[i]) for i in mine)
-    if not todo:
-        return
+    initial = total - sum(len(shards[i]) for i in todo)
     if state.cfg.run.mode == "gradient":
-        gs = gradient_mode.setup(state, log, progress)
-        rd.mark(f"stages/concepts-rank{ranks.rank}.json", {"files": {}, "seconds": gs.seconds, "concepts": len(gs.names),
-                                                          "dim": gs.project.dim})
-        bar = _progress.bar(total, "pair", progress, initial=total - sum(len(shards[i]) for i in todo))
+        # The concepts are divided among all ranks, so all take part while any shard is left,
+        # rank 0 deciding (every rank must make the same call).
+        left = ranks.broadcast(any(rd.valid_marker(rd.shard_marker(i)) is None for i in range(len(shards))))
+        if not left:
+            return
+        gs = gradient_mode.setup(state, log, progress, ranks)
+        n_mine = sum(1 for c in range(len(gs.names)) if ranks.owns(c))
+        rd.mark(f"stages/concepts-rank{ranks.rank}.json", {"files": {}, "seconds": gs.seconds, "concepts": n_mine,
+                                                          "of": len(gs.names), "dim": gs.project.dim})
+        bar = _progress.bar(total, "pair", progress, initial=initial)
         for i in todo:
             gradient_mode.run_shard(rd, state, gs, i, shards[i], bar)
-    else:
+    elif todo:
         att = attributor(state)
-        bar = _progress.bar(total, "pair", progress, initial=total - sum(len(shards[i]) for i in todo))
+        bar = _progress.bar(total, "pair", progress, initial=initial)
         for i in todo:
             run_shard(rd, state, att, i, shards[i], bar)
+    else:
+        return
     bar.close()
 
 
