@@ -40,7 +40,7 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from _common import cpu_name, write_readme_section  # noqa: E402
 from policytrace.gradients.concept import concept_gradients  # noqa: E402
-from policytrace.gradients.per_pair import update_direction  # noqa: E402
+from policytrace.gradients.per_pair import direction_products, update_direction  # noqa: E402
 from policytrace.gradients.projection import Factored, Whole  # noqa: E402
 from policytrace.numeric import Attributor  # noqa: E402
 from policytrace.numeric.concepts import concepts  # noqa: E402
@@ -82,10 +82,10 @@ def agreement(state, n_pairs: int, n_feat: int, dims: list[int], seeds: int) -> 
         eng_s += time.perf_counter() - t
         dXs.append(d.dX)
         dys.append(d.dy)
-        t = time.perf_counter()
-        step = update_direction(engine, r["prompt"], r["response"], r["id"])
-        grad.append((cg @ whole(step)).double().numpy())
+        t = time.perf_counter()  # the pipeline's whole-gradient path: one backward, C block-wise products
+        grad.append(direction_products(engine, cg, r["prompt"], r["response"], r["id"]).numpy())
         grad_s += time.perf_counter() - t
+        step = update_direction(engine, r["prompt"], r["response"], r["id"])  # for the projections, untimed
         for k, p in projs.items():
             proj[k].append((proj_cg[k] @ p(step)).double().numpy())
         print(f"pair {len(grad)}/{n_pairs}: engine {eng_s / len(grad):.2f} s, gradient {grad_s / len(grad):.2f} s", flush=True)
@@ -127,27 +127,38 @@ def agreement(state, n_pairs: int, n_feat: int, dims: list[int], seeds: int) -> 
 
 
 def extrapolate(state, rows, res) -> dict:
-    """Per-token costs measured here, carried to the paper's shape (3.2B parameters, 7,826 probes
-    of ~40 tokens, pairs of ~150 tokens): engine per pair = update(pair) + probe pass(probes);
-    gradient per pair = update(pair) (its backward); concepts once = C backward passes over the
-    probes. With a ≈ seconds per (parameter · token) of a forward and b of a backward:
-    engine ≈ (a + b)·N·T_pair + a·N·T_probes, gradient ≈ (a + b)·N·T_pair, concepts ≈ C·(a + b)·N·T_probes."""
+    """The token counts measured here, then :func:`paper_shape`."""
     tok = state.model.lm.tokenizer
     from policytrace.model.chat import pair_tokens
 
     t_pair = float(np.mean([len(pair_tokens(tok, r["prompt"], r["response"], r["id"], 4096)[0]) for r in rows.iter_rows(named=True)]))
     t_probes = float(sum(len(p) for p in state.model.probe_tokens))
-    n = res["params"]
-    s = res["seconds"]
-    fwd_bwd = s["gradient_per_pair"] / (n * t_pair)          # (a + b) per parameter-token
-    fwd = max((s["engine_per_pair"] - s["gradient_per_pair"]) / (n * t_probes), 1e-30)  # a per parameter-token
-    paper = {"params": 3.21e9, "probe_tokens": 7826 * 40, "pair_tokens": 150, "concepts": res["n_concepts"]}
-    eng = fwd_bwd * paper["params"] * paper["pair_tokens"] + fwd * paper["params"] * paper["probe_tokens"]
-    grad = fwd_bwd * paper["params"] * paper["pair_tokens"]
-    once = paper["concepts"] * fwd_bwd * paper["params"] * paper["probe_tokens"]
-    return {"per_token": {"forward_s_per_param_token": fwd, "update_s_per_param_token": fwd_bwd,
-                          "measured_pair_tokens": t_pair, "measured_probe_tokens": t_probes},
-            "paper_shape_extrapolated": {"shape": paper, "engine_s_per_pair": eng, "gradient_s_per_pair": grad,
+    res = res | {"per_token": {"measured_pair_tokens": t_pair, "measured_probe_tokens": t_probes}}
+    return {"per_token": res["per_token"]} | paper_shape(res)
+
+
+PAPER = {"params": 3.21e9, "probe_tokens": 7826 * 40, "pair_tokens": 150}
+
+
+def paper_shape(res: dict) -> dict:
+    """Per-token costs measured here, carried to the paper's shape (3.2B parameters, 7,826 probes
+    of ~40 tokens, pairs of ~150 tokens). With N parameters, T tokens:
+    u = gradient mode's seconds per pair / (N·T_pair)  (the pair's forward + backward, with its
+        per-parameter overheads: gradient buffers, the C block products);
+    f = (engine − gradient mode) seconds per pair / (N·T_probes)  (the probe pass's forward);
+    k = concept seconds / (C·N·T_probes)  (one concept's backward share over the probes).
+    engine ≈ u·N·T_pair + f·N·T_probes; gradient ≈ u·N·T_pair; concepts once ≈ k·C·N·T_probes."""
+    n, s, pt, c = res["params"], res["seconds"], res["per_token"], res["n_concepts"]
+    u = s["gradient_per_pair"] / (n * pt["measured_pair_tokens"])
+    f = max((s["engine_per_pair"] - s["gradient_per_pair"]) / (n * pt["measured_probe_tokens"]), 1e-30)
+    k = s["gradient_concepts_once"] / (c * n * pt["measured_probe_tokens"])
+    shape = PAPER | {"concepts": c}
+    eng = u * PAPER["params"] * PAPER["pair_tokens"] + f * PAPER["params"] * PAPER["probe_tokens"]
+    grad = u * PAPER["params"] * PAPER["pair_tokens"]
+    once = k * c * PAPER["params"] * PAPER["probe_tokens"]
+    return {"per_token": pt | {"update_s_per_param_token": u, "forward_s_per_param_token": f,
+                               "concept_s_per_concept_param_token": k},
+            "paper_shape_extrapolated": {"shape": shape, "engine_s_per_pair": eng, "gradient_s_per_pair": grad,
                                          "gradient_concepts_once_s": once, "break_even_pairs": once / max(eng - grad, 1e-9)}}
 
 
@@ -184,6 +195,14 @@ print(json.dumps({{"pairs": {n}, "seconds": time.perf_counter() - t, "peak_rss_m
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def scale_runs(n: int) -> list[dict]:
+    """N/10 and N pairs: flat memory shows as the same peak RSS for both."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="pt-scale-") as tmp:
+        return [scale_run(max(n // 10, 1), Path(tmp) / "small"), scale_run(n, Path(tmp) / "large")]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pairs", type=int, default=24)
@@ -192,7 +211,19 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--scale", type=int, default=0, help="also a synthetic gradient-mode run of this many pairs")
     ap.add_argument("--out", default=str(HERE / "results" / "gradient.json"))
+    ap.add_argument("--scale-only", action="store_true",
+                    help="only the --scale runs, added to the results already in --out")
     args = ap.parse_args()
+    if args.scale_only:
+        res = json.loads(Path(args.out).read_text())
+        res |= paper_shape(res)  # the current formula, from the stored measurements
+        if args.scale:
+            res["scale"] = scale_runs(args.scale)
+        res["scale_timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        Path(args.out).write_text(json.dumps(res, indent=1))
+        print(json.dumps(res["scale"], indent=1))
+        write_readme(res)
+        return
     cfg = cfgmod.resolve({"preset": "demo", "data": {"max_pairs": args.pairs},
                           "decompose": {"method": "first_order", "delta_x": "gated"}})
     state = prepare(cfg, print, progress=True)
@@ -201,11 +232,21 @@ def main() -> None:
     res |= agreement(state, args.pairs, args.features, [int(d) for d in args.dims.split(",")], args.seeds)
     res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if args.scale:
-        res["scale"] = [scale_run(max(args.scale // 10, 1), Path("/tmp/pt-scale-small")), scale_run(args.scale, Path("/tmp/pt-scale"))]
+        res["scale"] = scale_runs(args.scale)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
     write_readme(res)
+
+
+def jobs(pe: dict) -> str:
+    """The paper's job (200 pairs) and a 100k-pair SFT set at the paper's shape, both modes."""
+    def hours(n: int, mode: str) -> float:
+        if mode == "engine":
+            return n * pe["engine_s_per_pair"] / 3600
+        return (pe["gradient_concepts_once_s"] + n * pe["gradient_s_per_pair"]) / 3600
+    return "; ".join(f"{n:,} pairs: engine {hours(n, 'engine'):,.0f} h, gradient mode {hours(n, 'gradient'):,.1f} h"
+                     for n in (200, 100_000)) + " (same CPU; divide by the GPU's speed-up for either)."
 
 
 def write_readme(r: dict) -> None:
@@ -217,7 +258,7 @@ def write_readme(r: dict) -> None:
     scale = ""
     if "scale" in r:
         scale = "\n\nSynthetic scale runs (tiny model, projected store, r = 8): " + "; ".join(
-            f"{x['pairs']:,} pairs in {x['seconds']:.0f} s, peak RSS {x['peak_rss_mib']:.0f} MiB, store {x['store_bytes_per_pair']:.0f} B/pair"
+            f"{x['pairs']:,} pairs in {x['seconds']:.0f} s ({1000 * x['seconds'] / x['pairs']:.1f} ms/pair), peak RSS {x['peak_rss_mib']:.0f} MiB, store {x['store_bytes_per_pair']:.0f} B/pair"
             for x in r["scale"]) + "."
     block = f"""<!-- gradient:begin -->
 Run {r['timestamp']} on {r['machine']['cpu']}, {r['machine']['threads']} threads, torch {r['machine']['torch']}.
@@ -237,7 +278,7 @@ Projected against whole gradients (Spearman, mean ± std over seeds):
 |---|---|---|---|---|---|
 {curve}
 
-At the paper's shape (3.2B parameters, 7,826 probes of ~40 tokens, pairs of ~150 tokens), from the per-token costs measured here (engine ≈ (a+b)·N·T_pair + a·N·T_probes, gradient ≈ (a+b)·N·T_pair, concepts ≈ C·(a+b)·N·T_probes): engine {pe['engine_s_per_pair']:.0f} s/pair, gradient mode {pe['gradient_s_per_pair']:.1f} s/pair plus {pe['gradient_concepts_once_s']:.0f} s once; break-even at {pe['break_even_pairs']:.0f} pairs (on this CPU; the ratios carry to a GPU, the seconds do not).{scale}
+At the paper's shape (3.2B parameters, 7,826 probes of ~40 tokens, pairs of ~150 tokens), from the per-token costs measured here (u, f, k: seconds per parameter-token of the pair's update, of the probe forward, and of one concept over the probes; engine ≈ u·N·T_pair + f·N·T_probes, gradient ≈ u·N·T_pair, concepts once ≈ k·C·N·T_probes): engine {pe['engine_s_per_pair']:.0f} s/pair, gradient mode {pe['gradient_s_per_pair']:.1f} s/pair plus {pe['gradient_concepts_once_s']:.0f} s once; break-even at {pe['break_even_pairs']:.0f} pairs (on this CPU; the ratios carry to a GPU, the seconds do not). {jobs(pe)}{scale}
 <!-- gradient:end -->"""
     write_readme_section("gradient", block, "Gradient mode", "python benches/bench_gradient.py --scale 100000")
 

@@ -77,7 +77,7 @@ def test_inner_products_equal_forward_mode_derivatives(tiny, monkeypatch):
     m.lm.model.set_attn_implementation("eager")  # forward-mode AD lacks an SDPA rule on CPU
     cols = torch.as_tensor(np.array(state.features.columns, dtype=np.int64))
     rows = state.inputs.pairs.head(2)
-    out = gradient_mode.outputs(gs, gradient_mode.pair_vectors(state, gs, rows, 0, _Bar()), 1)
+    out = gradient_mode.concept_values(state, gs, rows, _Bar())
 
     def probe_outputs(train):
         H, y = m.runner.run_differentiable(m.probe_tokens, {**engine.base, **train})
@@ -105,8 +105,7 @@ def test_inner_products_equal_central_differences(tiny, monkeypatch):
     concepts = {c.name: c for c in gradient_mode.concept_list(state)}
     engine = state.model.engine
     rows = state.inputs.pairs.head(3)
-    vecs = gradient_mode.pair_vectors(state, gs, rows, 0, _Bar())
-    out = gradient_mode.outputs(gs, vecs, 1)
+    out = gradient_mode.concept_values(state, gs, rows, _Bar())
     for i, r in enumerate(rows.iter_rows(named=True)):
         step = {n: -engine.cfg.lr * g for n, g in engine.gradient(r["prompt"], r["response"], r["id"]).items()}
         plus = state.delta({**engine.base, **{n: engine.base[n] + step[n] for n in step}})
@@ -209,9 +208,28 @@ def test_gradient_mode_keeps_the_update_in_bfloat16(tiny):
         state = prepare(_cfg(tiny, update={"lr": 1e-4, "min_update_share": 0.0}, model={"dtype": dtype},
                              gradient={"per_feature": False}), lambda m: None, progress=False)
         gs = gradient_mode.setup(state, lambda m: None, progress=False)
-        out = gradient_mode.outputs(gs, gradient_mode.pair_vectors(state, gs, state.inputs.pairs, 0, _Bar()), 1)
+        out = gradient_mode.concept_values(state, gs, state.inputs.pairs, _Bar())
         outs[dtype] = {n: out[:, j] for j, n in enumerate(gs.names)}
     for name in ("dy_mean", "dy_on_flagged", "dy_on_unflagged"):
         ref, low = outs["float64"][name], outs["bfloat16"][name]
         assert np.abs(low - ref).max() <= 0.05 * np.abs(ref).max(), name
         assert np.corrcoef(low, ref)[0, 1] > 0.999, name
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_blockwise_products_equal_the_flattened_direction(tiny, optimizer):
+    """Whole gradients are dotted with Δθ one parameter block at a time; the same numbers as
+    flattening the pair's direction (SGD's −lr·g, Adam's first step) and one matrix product."""
+    from policytrace.gradients.per_pair import direction_products, update_direction
+    from policytrace.gradients.projection import Whole
+
+    state = prepare(_cfg(tiny, update={"optimizer": optimizer}, gradient={"per_feature": False}),
+                    lambda m: None, progress=False)
+    gs = gradient_mode.setup(state, lambda m: None, progress=False)
+    engine = state.model.engine
+    whole = Whole({n: engine.base[n].shape for n in engine.trainable})
+    for r in state.inputs.pairs.head(2).iter_rows(named=True):
+        got = direction_products(engine, gs.grads, r["prompt"], r["response"], r["id"]).numpy()
+        want = (gs.grads @ whole(update_direction(engine, r["prompt"], r["response"], r["id"]))).numpy()
+        assert np.abs(got - want).max() <= 1e-10 * np.abs(want).max(), (optimizer, got, want)
+        assert np.abs(want).max() > 0

@@ -26,7 +26,7 @@ import torch
 from .. import _core
 from ..errors import NonFiniteError
 from ..gradients.concept import concept_gradients
-from ..gradients.per_pair import check_first_order, update_direction
+from ..gradients.per_pair import check_first_order, direction_products, update_direction
 from ..gradients.projection import projector
 from ..numeric.concepts import Concept, concepts
 from ..numeric.interference import interference
@@ -103,26 +103,38 @@ def setup(state: BaseState, log, progress: bool, ranks: Ranks = Ranks()) -> Grad
     return GradientSetup([c.name for c in cs], grads, project, store, round(seconds, 3))
 
 
-def pair_vectors(state: BaseState, gs: GradientSetup, rows: pl.DataFrame, shard: int, bar) -> np.ndarray | torch.Tensor:
-    """Each pair's update direction as a vector: projected ones come from (or go to) the store."""
+def concept_values(state: BaseState, gs: GradientSetup, rows: pl.DataFrame, bar) -> np.ndarray:
+    """(p, C): every concept's value for every pair. Whole gradients: per pair, its Δθ dotted
+    with the concept gradients block by block (nothing of size p x parameters is held).
+    Projected: the pair vectors come from (or go to) the store and are scored by the core."""
+    engine = state.model.engine
+    if gs.store is None:
+        out = []
+        for r in rows.iter_rows(named=True):
+            out.append(direction_products(engine, gs.grads, r["prompt"], r["response"], r["id"]).cpu().numpy())
+            bar.update(1)
+        return np.stack(out) if out else np.zeros((0, len(gs.names)))
+    vecs = _stored(gs.store, rows["id"].to_list())
+    if vecs is None:
+        vecs = pair_vectors(state, gs, rows, bar)
+    else:
+        bar.update(rows.height)
+    return _core.gradient_scores(np.ascontiguousarray(vecs, dtype=np.float32),
+                                 np.ascontiguousarray(gs.grads.float().numpy()), state.cfg.run.threads)
+
+
+def pair_vectors(state: BaseState, gs: GradientSetup, rows: pl.DataFrame, bar) -> np.ndarray:
+    """The pairs' projected update directions, float32, written to the store. Fresh and stored
+    vectors take the same route (float32, scored by the core), so a run that reuses the store
+    writes the bytes of one that filled it."""
     ids = rows["id"].to_list()
-    if gs.store is not None:
-        stored = _stored(gs.store, ids)
-        if stored is not None:
-            bar.update(len(ids))
-            return stored
     vecs = []
     for r in rows.iter_rows(named=True):
         vecs.append(gs.project(update_direction(state.model.engine, r["prompt"], r["response"], r["id"])))
         bar.update(1)
-    out = torch.stack(vecs)
-    if gs.store is not None:
-        # Fresh and stored vectors take the same route (float32, scored by the core): a run that
-        # reuses the store writes the bytes of one that filled it.
-        arr = np.ascontiguousarray(out.float().cpu().numpy())
-        _store(gs.store, ids, arr)
-        return arr
-    return out
+    arr = np.ascontiguousarray(torch.stack(vecs).float().cpu().numpy())
+    _store(gs.store, ids, arr)
+    return arr
 
 
 def _pairs_key(ids: list[str]) -> str:
@@ -142,15 +154,6 @@ def _store(store: RunDir, ids: list[str], vecs: np.ndarray) -> None:
     np.save(buf, np.ascontiguousarray(vecs, dtype=np.float32))
     digest = store.write(f"{name}.npy", buf.getvalue())
     store.mark(f"{name}.done.json", {"ids": ids, "files": {f"{name}.npy": digest}})
-
-
-def outputs(gs: GradientSetup, vecs, threads: int) -> np.ndarray:
-    """(p, C): every concept's value for every pair."""
-    if isinstance(vecs, np.ndarray):
-        return _core.gradient_scores(np.ascontiguousarray(vecs, dtype=np.float32),
-                                     np.ascontiguousarray(gs.grads.float().numpy()), threads)
-    # whole gradients: one matrix-vector product per pair, in the gradients' own dtype
-    return (vecs.to(gs.grads.dtype) @ gs.grads.T).double().cpu().numpy()
 
 
 def frames(state: BaseState, gs: GradientSetup, rows: pl.DataFrame, out: np.ndarray):
@@ -204,8 +207,7 @@ def _pair_features(ids: list, pol, dx: np.ndarray, dy: np.ndarray, mediated: np.
 def run_shard(rd: RunDir, state: BaseState, gs: GradientSetup, shard: int, rows: pl.DataFrame, bar) -> dict:
     """One shard of pairs in gradient mode: vectors, concept values, frames, marker."""
     t = time.perf_counter()
-    vecs = pair_vectors(state, gs, rows, shard, bar)
-    out = outputs(gs, vecs, state.cfg.run.threads)
+    out = concept_values(state, gs, rows, bar)
     if not np.isfinite(out).all():
         raise_nonfinite(shard, rows, out)
     pairs, pf, beh = frames(state, gs, rows, out)
@@ -227,8 +229,7 @@ def raise_nonfinite(shard: int, rows: pl.DataFrame, out: np.ndarray) -> None:
 
 def pair_scores(state: BaseState, gs: GradientSetup, pairs: pl.DataFrame) -> pl.DataFrame:
     """Gradient-mode frames for any pairs (validation's planted ones), without a run folder."""
-    vecs = pair_vectors(state, gs, pairs, -1, _NoBar())
-    return frames(state, gs, pairs, outputs(gs, vecs, state.cfg.run.threads))[0]
+    return frames(state, gs, pairs, concept_values(state, gs, pairs, _NoBar()))[0]
 
 
 class _NoBar:
