@@ -92,6 +92,9 @@ def ranks_from_env(device: str) -> Ranks:
     if not dist.is_initialized():
         # NCCL moves CUDA tensors; the host tensors (concept gradients) go through gloo
         backend = "cpu:gloo,cuda:nccl" if device.startswith("cuda") else "gloo"
+        if device.startswith("cuda"):
+            # NCCL's object broadcasts use the current device: each process its own GPU
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend, timeout=BARRIER_TIMEOUT)
     return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
