@@ -10,6 +10,8 @@
     depend on the weights, so nothing is downloaded): a probe set of ~2,000 prompts of ~40
     tokens and 16 pairs, in bfloat16 and float32: the engine's seconds per pair (one update +
     one probe pass), probe tokens/s, and the share of the update that survives rounding.
+    Gradient mode on the same model and probes: the concept gradients' pass (whole gradients,
+    ``--concepts``) and seconds per pair (one backward and C block-wise products).
 (c) **Context**: peak GPU memory, and the bf16 / fp32 matmul peak measured in the same run, with
     the fraction of it the probe pass reaches (model FLOPs = 2 · parameters · tokens).
 
@@ -98,8 +100,8 @@ def cuda_against_cpu() -> dict:
     return {f"max_rel_diff_{n}": rel(a, b) for n, a, b in zip(names, out["cuda"], out["cpu"])}
 
 
-def engine_timing(shape: dict, dtype: torch.dtype, device: str, n_probes: int, words: int, n_pairs: int,
-                  batch: int) -> dict:
+def build(shape: dict, dtype: torch.dtype, device: str, n_probes: int, words: int, batch: int):
+    """A random model of ``shape``, its probe runner and update engine, and the probe set."""
     import transformers as tf
 
     tok = tiny_tokenizer()
@@ -108,12 +110,18 @@ def engine_timing(shape: dict, dtype: torch.dtype, device: str, n_probes: int, w
         model = tf.LlamaForCausalLM(tf.LlamaConfig(pad_token_id=0, **shape)).to(dtype).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    params = sum(p.numel() for p in model.parameters())
     ids = probes(tok, n_probes, words)
-    tokens = sum(len(i) for i in ids)
     ts = TargetSet.from_strings(tok, ["i can't", "sorry"])
     runner = ProbeRunner(model, tok, shape["num_hidden_layers"] // 2, ts, batch_size=batch, device=device)
     engine = UpdateEngine(model, tok, UpdateCfg(lr=1e-4, min_update_share=0.0), device)
+    return model, runner, engine, ids
+
+
+def engine_timing(shape: dict, dtype: torch.dtype, device: str, n_probes: int, words: int, n_pairs: int,
+                  batch: int) -> dict:
+    model, runner, engine, ids = build(shape, dtype, device, n_probes, words, batch)
+    params = sum(p.numel() for p in model.parameters())
+    tokens = sum(len(i) for i in ids)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     sync(device)
@@ -138,12 +146,55 @@ def engine_timing(shape: dict, dtype: torch.dtype, device: str, n_probes: int, w
             "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None}
 
 
+def gradient_timing(shape: dict, dtype: torch.dtype, device: str, n_probes: int, words: int, n_pairs: int,
+                    batch: int, n_concepts: int) -> dict:
+    """Gradient mode's two costs with whole gradients: ``n_concepts`` concept gradients over the
+    probes (random weightings of the behaviour score: the cost does not depend on them; no SAE
+    here, whose encoder adds little), then per pair one backward and the block-wise products
+    (``gradients.per_pair.direction_products``, as the pipeline runs them)."""
+    from policytrace.gradients.per_pair import direction_products
+
+    _, runner, engine, ids = build(shape, dtype, device, n_probes, words, batch)
+    names = engine.trainable
+    dim = sum(engine.base[n].numel() for n in names)
+    w = torch.randn(n_concepts, len(ids), generator=torch.Generator().manual_seed(0))
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    grads = torch.zeros(n_concepts, dim, dtype=torch.float32, device=device)
+    sync(device)
+    t = time.perf_counter()
+    for start in range(0, len(ids), batch):
+        leaves = {n: engine.base[n].detach().requires_grad_(True) for n in names}  # shares storage: no copy
+        _, y = runner.run_differentiable(ids[start:start + batch], {**engine.base, **leaves})
+        for c in range(n_concepts):
+            g = torch.autograd.grad(y, [leaves[n] for n in names], grad_outputs=w[c, start:start + batch].to(y),
+                                    retain_graph=c < n_concepts - 1, allow_unused=True)
+            off = 0
+            for n, v in zip(names, g):
+                k = engine.base[n].numel()
+                if v is not None:
+                    grads[c, off:off + k] += v.reshape(-1).float()
+                off += k
+        del y, leaves
+    sync(device)
+    concept_s = time.perf_counter() - t
+    t = time.perf_counter()
+    for i in range(n_pairs):
+        direction_products(engine, grads, PAIR[0] + " " + "please " * (i % 5), PAIR[1], f"p{i}")
+    sync(device)
+    pair_s = (time.perf_counter() - t) / n_pairs
+    return {"dtype": str(dtype).replace("torch.", ""), "n_concepts": n_concepts, "concept_seconds": concept_s,
+            "concept_seconds_each": concept_s / n_concepts, "seconds_per_pair": pair_s,
+            "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--small", action="store_true", help="toy sizes (runs on CPU; CI keeps the script working)")
     ap.add_argument("--out", default=str(HERE / "results" / "gpu_check.json"))
     ap.add_argument("--probes", type=int, default=None)
     ap.add_argument("--pairs", type=int, default=None)
+    ap.add_argument("--concepts", type=int, default=2, help="gradient mode's concepts (whole gradients: C x parameters floats)")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -163,6 +214,15 @@ def main() -> None:
         r["fraction_of_matmul_peak"] = r["probe_pass_tflops"] / res["matmul_peak_tflops"][r["dtype"]]
         res["engine"].append(r)
         print(json.dumps(r), flush=True)
+    res["gradient"] = []
+    for dtype in (torch.bfloat16, torch.float32):
+        g = gradient_timing(shape, dtype, device, n_probes, 40 if not args.small else 12, n_pairs, 64 if cuda else 16,
+                            args.concepts)
+        e = next(x for x in res["engine"] if x["dtype"] == g["dtype"])
+        g["marginal_speedup"] = e["seconds_per_pair"] / g["seconds_per_pair"]
+        g["break_even_pairs"] = g["concept_seconds"] / max(e["seconds_per_pair"] - g["seconds_per_pair"], 1e-9)
+        res["gradient"].append(g)
+        print(json.dumps(g), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
@@ -175,6 +235,10 @@ def write_readme(r: dict) -> None:
         f"| {e['dtype']} | {e['seconds_per_pair']:.2f} | {e['probe_tokens_per_s']:.0f} | {e['probe_pass_tflops']:.1f} | "
         f"{100 * e['fraction_of_matmul_peak']:.0f}% | {e['update_survival_mean']:.2f} | {e['peak_gpu_mib'] or 0:.0f} |"
         for e in r["engine"])
+    grad_rows = "\n".join(
+        f"| {g['dtype']} | {g['n_concepts']} | {g['concept_seconds']:.1f} | {g['seconds_per_pair']:.3f} | "
+        f"{g['marginal_speedup']:.0f}× | {g['break_even_pairs']:.1f} | {g['peak_gpu_mib'] or 0:.0f} |"
+        for g in r.get("gradient", []))
     block = f"""<!-- gpu:begin -->
 Run {r['timestamp']} on {r['machine']['device']}, torch {r['machine']['torch']}. CUDA against CPU (tiny float64 model):
 {json.dumps(r['cuda_against_cpu'])}. Matmul peak measured in the same run: {json.dumps(r['matmul_peak_tflops'])} TFLOP/s.
@@ -182,6 +246,12 @@ Run {r['timestamp']} on {r['machine']['device']}, torch {r['machine']['torch']}.
 | dtype | s / pair | probe tokens/s | probe pass TFLOP/s | of matmul peak | update surviving | peak GPU MiB |
 |---|---|---|---|---|---|---|
 {rows}
+
+Gradient mode, whole gradients:
+
+| dtype | concepts | concept pass s (once) | s / pair | marginal speed-up | break-even pairs | peak GPU MiB |
+|---|---|---|---|---|---|---|
+{grad_rows}
 <!-- gpu:end -->"""
     write_readme_section("gpu", block, "GPU check", "python benches/gpu_check.py")
 

@@ -24,3 +24,6 @@ def test_gpu_check_small_runs_on_cpu(tmp_path):
         assert e["seconds_per_pair"] > 0 and e["probe_tokens_per_s"] > 0 and 0 < e["fraction_of_matmul_peak"]
     f32 = next(e for e in res["engine"] if e["dtype"] == "float32")
     assert f32["update_survival_mean"] == pytest.approx(1.0, abs=1e-3)
+    assert {g["dtype"] for g in res["gradient"]} == {"bfloat16", "float32"}
+    for g in res["gradient"]:
+        assert g["concept_seconds"] > 0 and g["seconds_per_pair"] > 0 and g["n_concepts"] == 2

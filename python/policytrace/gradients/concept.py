@@ -33,7 +33,8 @@ def concept_gradients(state, concepts: list[Concept], project, batch_size: int =
     acc: list[dict[str, torch.Tensor]] = [{} for _ in concepts]
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
-        leaves = {k: engine.base[k].detach().clone().requires_grad_(True) for k in names}
+        # detach() shares the weights' storage: leaves for autograd without copying the model
+        leaves = {k: engine.base[k].detach().requires_grad_(True) for k in names}
         H, y = runner.run_differentiable(m.probe_tokens[start:stop], {**engine.base, **leaves})
         x = reader.encode_torch(H, cols, state.features.gated)
         for c in range(len(concepts)):
