@@ -43,8 +43,12 @@ def concept_gradients(state, concepts: list[Concept], project, batch_size: int =
             grads = torch.autograd.grad((x, y), [leaves[k] for k in names], grad_outputs=(gx, gy),
                                         retain_graph=c < len(concepts) - 1, allow_unused=True)
             for k, v in zip(names, grads):
-                if v is not None:
-                    acc[c][k] = acc[c][k] + v.to(dtype) if k in acc[c] else v.to(dtype)
+                if v is None:
+                    continue
+                if k in acc[c]:
+                    acc[c][k].add_(v.to(dtype))  # in place: a fresh C x parameters buffer per batch costs page faults
+                else:
+                    acc[c][k] = v.to(dtype).clone() if v.dtype == dtype else v.to(dtype)
         del H, y, x, leaves
         bar.update(stop - start)
     # Rows are written one at a time as each concept's sums are freed (torch.empty touches no
