@@ -1,6 +1,6 @@
 """Gradient mode against the engine on the embedded default (SmolLM2-135M-Instruct).
 
-    python benches/bench_gradient.py [--pairs 24] [--features 4] [--dims 4,8,16,32,64] [--seeds 3]
+    python benches/bench_gradient.py [--pairs 24] [--features 4] [--dims 4,8,16,32,64] [--seeds 3] [--scale N] [--scale-only]
 
 Per pair, interleaved in one process so both sides see the same machine load: the engine (one SGD
 step, the probe pass, ΔX by the gated linearization, first-order decomposition) and gradient mode
@@ -257,7 +257,7 @@ def write_readme(r: dict) -> None:
     pe = r["paper_shape_extrapolated"]
     scale = ""
     if "scale" in r:
-        scale = "\n\nSynthetic scale runs (tiny model, projected store, r = 8): " + "; ".join(
+        scale = "\n\nSynthetic scale runs (tiny model, one thread, projected store, r = 8; the RSS includes the merge's in-memory frames of all pairs): " + "; ".join(
             f"{x['pairs']:,} pairs in {x['seconds']:.0f} s ({1000 * x['seconds'] / x['pairs']:.1f} ms/pair), peak RSS {x['peak_rss_mib']:.0f} MiB, store {x['store_bytes_per_pair']:.0f} B/pair"
             for x in r["scale"]) + "."
     block = f"""<!-- gradient:begin -->
@@ -270,7 +270,7 @@ Embedded default, {r['n_pairs']} pairs, 160 probes, {r['n_concepts']} concepts (
 | one-time cost | – | {s['gradient_concepts_once']:.0f} s (concept gradients) |
 | break-even | | {r['break_even_pairs']:.0f} pairs |
 
-Agreement with the engine (Spearman over pairs): score {sp['score']:.3f}, dy_mean {sp['dy_mean']:.3f}, mediated {sp['mediated_dy']:.3f}, per-feature d_coef {sp['d_coef']:.3f}.
+Agreement with the engine (Spearman over pairs): score {sp['score']:.4f}, dy_mean {sp['dy_mean']:.4f}, mediated {sp['mediated_dy']:.4f}, per-feature d_coef {sp['d_coef']:.4f}.
 
 Projected against whole gradients (Spearman, mean ± std over seeds):
 
@@ -280,7 +280,7 @@ Projected against whole gradients (Spearman, mean ± std over seeds):
 
 At the paper's shape (3.2B parameters, 7,826 probes of ~40 tokens, pairs of ~150 tokens), from the per-token costs measured here (u, f, k: seconds per parameter-token of the pair's update, of the probe forward, and of one concept over the probes; engine ≈ u·N·T_pair + f·N·T_probes, gradient ≈ u·N·T_pair, concepts once ≈ k·C·N·T_probes): engine {pe['engine_s_per_pair']:.0f} s/pair, gradient mode {pe['gradient_s_per_pair']:.1f} s/pair plus {pe['gradient_concepts_once_s']:.0f} s once; break-even at {pe['break_even_pairs']:.0f} pairs (on this CPU; the ratios carry to a GPU, the seconds do not). {jobs(pe)}{scale}
 <!-- gradient:end -->"""
-    write_readme_section("gradient", block, "Gradient mode", "python benches/bench_gradient.py --scale 100000")
+    write_readme_section("gradient", block, "Gradient mode", "python benches/bench_gradient.py --pairs 240 --features 2 --dims 4,8,16,32 --seeds 3 --scale 100000")
 
 
 if __name__ == "__main__":
