@@ -71,6 +71,8 @@ def main() -> None:
     ag = doc["agreement"]
     ag_text = ", ".join(f"{k.replace('_', ' ')} {v_:.2f}" for k, v_ in ag.items())
     planted_cmd = f" --planted {n_pl}" if pla is not None else ""
+    if rem is not None:
+        planted_cmd += " --removal-methods " + ",".join(rem["method"].to_list())
     text = f"""# Validation of the embedded default
 
 How far do policytrace's attributions predict what really happens when the model is
