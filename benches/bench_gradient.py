@@ -219,9 +219,9 @@ def main() -> None:
         res |= paper_shape(res)  # the current formula, from the stored measurements
         if args.scale:
             res["scale"] = scale_runs(args.scale)
-        res["scale_timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+            res["scale_timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         Path(args.out).write_text(json.dumps(res, indent=1))
-        print(json.dumps(res["scale"], indent=1))
+        print(json.dumps(res.get("scale"), indent=1))
         write_readme(res)
         return
     cfg = cfgmod.resolve({"preset": "demo", "data": {"max_pairs": args.pairs},

@@ -48,7 +48,7 @@ def concept_gradients(state, concepts: list[Concept], project, batch_size: int =
                 if k in acc[c]:
                     acc[c][k].add_(v.to(dtype))  # in place: a fresh C x parameters buffer per batch costs page faults
                 else:
-                    acc[c][k] = v.to(dtype).clone() if v.dtype == dtype else v.to(dtype)
+                    acc[c][k] = v.to(dtype, copy=True)  # owned: later batches add into it
         del H, y, x, leaves
         bar.update(stop - start)
     # Rows are written one at a time as each concept's sums are freed (torch.empty touches no

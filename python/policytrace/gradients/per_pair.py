@@ -19,10 +19,12 @@ def update_direction(engine: UpdateEngine, prompt: str, response: str, pair_id: 
     """Δθ of the pair's one step at θ0: SGD ``−lr·g``; Adam's first step ``−lr·g / (|g| + ε)``
     (bias-corrected moments of one gradient); LoRA on its adapters."""
     g = engine.gradient(prompt, response, pair_id)
-    lr = engine.cfg.lr
-    if engine.cfg.optimizer == "sgd":
-        return {n: -lr * v for n, v in g.items()}
-    return {n: -lr * v / (v.abs() + ADAM_EPS) for n, v in g.items()}
+    return {n: -engine.cfg.lr * _unscaled_step(engine, v) for n, v in g.items()}
+
+
+def _unscaled_step(engine: UpdateEngine, g: torch.Tensor) -> torch.Tensor:
+    """Δθ / (−lr) for one parameter's gradient: SGD's ``g``, Adam's first step ``g / (|g| + ε)``."""
+    return g if engine.cfg.optimizer == "sgd" else g / (g.abs() + ADAM_EPS)
 
 
 def direction_products(engine: UpdateEngine, concept_grads: torch.Tensor, prompt: str, response: str,
@@ -31,16 +33,13 @@ def direction_products(engine: UpdateEngine, concept_grads: torch.Tensor, prompt
     ``engine.trainable`` order) dotted with the pair's Δθ, one parameter block at a time: no
     flattened copy of Δθ, and for SGD no scaled copy either (−lr is applied to the C sums)."""
     g = engine.gradient(prompt, response, pair_id)
-    lr = engine.cfg.lr
     out = torch.zeros(concept_grads.shape[0], dtype=torch.float64, device=concept_grads.device)
     off = 0
     for n in engine.trainable:
-        v = g.pop(n)
+        v = _unscaled_step(engine, g.pop(n))
         k = v.numel()
-        if engine.cfg.optimizer != "sgd":
-            v = v / (v.abs() + ADAM_EPS)
         out += (concept_grads[:, off:off + k] @ v.reshape(-1).to(concept_grads.dtype)).double()
         off += k
     if off != concept_grads.shape[1]:
         raise ValueError(f"concept gradients have {concept_grads.shape[1]} columns, the parameters {off}")
-    return -lr * out
+    return -engine.cfg.lr * out

@@ -5,10 +5,10 @@ wait at a barrier; then every rank loads the base state and takes the shards ``i
 ``i % world == rank`` (a deterministic division; shards already finished are skipped), writing
 each shard's files and its own marker, so no two processes ever write one file (in gradient
 mode the concepts are divided the same way, ``c % world == rank``, and each rank broadcasts the
-gradients it computed to the others); after a last
-barrier rank 0 verifies every marker and merges. A run in which a rank dies is finished by
-starting the same command again, with any number of processes. Backend: NCCL when the model
-runs on CUDA (with gloo beside it for tensors kept on the host), gloo on CPU; one process per GPU (``model.device = "cuda"`` becomes
+gradients it computed to the others); after a last barrier rank 0 verifies every marker and
+merges. A run in which a rank dies is finished by starting the same command again, with any
+number of processes. Backend: NCCL when the model runs on CUDA (with gloo beside it for tensors
+kept on the host), gloo on CPU; one process per GPU (``model.device = "cuda"`` becomes
 ``cuda:<LOCAL_RANK>``). Outside torchrun (no ``WORLD_SIZE``) everything here is a no-op.
 """
 
@@ -80,6 +80,10 @@ class Ranks:
         for c in range(total):
             dist.broadcast(out[c], src=c % self.world)
         return out
+
+
+SINGLE = Ranks()
+"""A run in one process."""
 
 
 def ranks_from_env(device: str) -> Ranks:

@@ -30,7 +30,7 @@ from ..gradients.per_pair import check_first_order, direction_products, update_d
 from ..gradients.projection import projector
 from ..numeric.concepts import Concept, concepts
 from ..numeric.interference import interference
-from .distributed import Ranks
+from .distributed import SINGLE, Ranks
 from .rundir import RunDir
 from .stages import BaseState
 
@@ -47,6 +47,8 @@ class GradientSetup:
     store: RunDir | None
     seconds: float = 0.0
     """The one-time cost: the concept gradients' backward passes over the probes."""
+    computed: int = 0
+    """How many of the concepts this process computed (all of them outside torchrun)."""
 
 
 def concept_list(state: BaseState) -> list[Concept]:
@@ -75,7 +77,7 @@ def store_key(state: BaseState, project) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def setup(state: BaseState, log, progress: bool, ranks: Ranks = Ranks()) -> GradientSetup:
+def setup(state: BaseState, log, progress: bool, ranks: Ranks = SINGLE) -> GradientSetup:
     """The concepts and their gradients; under torchrun rank ``r`` computes concepts
     ``c % world == r`` and every rank ends with all of them (a collective call)."""
     check_first_order(state.model.engine)
@@ -100,7 +102,7 @@ def setup(state: BaseState, log, progress: bool, ranks: Ranks = Ranks()) -> Grad
                                            "model": state.model.lm.name, "projection": project.info,
                                            "update": state.cfg.update.__dict__, "dtype": "float32",
                                            "parameters": {n: list(s) for n, s in shapes.items()}})
-    return GradientSetup([c.name for c in cs], grads, project, store, round(seconds, 3))
+    return GradientSetup([c.name for c in cs], grads, project, store, round(seconds, 3), len(mine))
 
 
 def concept_values(state: BaseState, gs: GradientSetup, rows: pl.DataFrame, bar) -> np.ndarray:

@@ -24,13 +24,12 @@ from ..numeric import PAIR_FEATURE_COLUMNS, Attributor, summarize_interference
 from . import config as cfgmod
 from . import gradient_mode
 from .config import Config
-from .distributed import Ranks, finish, ranks_from_env, runtime_config
+from .distributed import SINGLE, Ranks, finish, ranks_from_env, runtime_config
 from .findings import gates, interference_findings, side_means, suspicion_findings
 from .rundir import FINAL_OUTPUTS, Fingerprint, RunDir, now
 from .stages import BasePass, BaseState, Inputs, ModelSide, base_pass, load_inputs, prepare
 
 Log = Callable[[str], None]
-SINGLE = Ranks()
 BASE_OUTPUTS = ("policy.parquet", "policy.json", "features.parquet", "probes.parquet")
 
 
@@ -184,13 +183,14 @@ def run_pairs(rd: RunDir, state: BaseState, log: Log, progress: bool, ranks: Ran
     initial = total - sum(len(shards[i]) for i in todo)
     if state.cfg.run.mode == "gradient":
         # The concepts are divided among all ranks, so all take part while any shard is left,
-        # rank 0 deciding (every rank must make the same call).
-        left = ranks.broadcast(any(rd.valid_marker(rd.shard_marker(i)) is None for i in range(len(shards))))
+        # rank 0 deciding (every rank must make the same call); its own shards were checked above.
+        left = ranks.broadcast(bool(todo) or any(rd.valid_marker(rd.shard_marker(i)) is None
+                                                 for i in range(len(shards)) if not ranks.owns(i))
+                               if ranks.main else None)
         if not left:
             return
         gs = gradient_mode.setup(state, log, progress, ranks)
-        n_mine = sum(1 for c in range(len(gs.names)) if ranks.owns(c))
-        rd.mark(f"stages/concepts-rank{ranks.rank}.json", {"files": {}, "seconds": gs.seconds, "concepts": n_mine,
+        rd.mark(f"stages/concepts-rank{ranks.rank}.json", {"files": {}, "seconds": gs.seconds, "concepts": gs.computed,
                                                           "of": len(gs.names), "dim": gs.project.dim})
         bar = _progress.bar(total, "pair", progress, initial=initial)
         for i in todo:
