@@ -25,7 +25,20 @@ from .numeric import (
     selected_columns,
 )
 
-__version__ = "0.2.0"
+def _version() -> str:
+    # One source: Cargo.toml's workspace version, which maturin writes into the package
+    # metadata and compiles into the extension (the fallback for a source tree not installed).
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("policytrace")
+    except PackageNotFoundError:  # pragma: no cover - running from an uninstalled tree
+        from ._core import __version__ as core_version
+
+        return core_version
+
+
+__version__ = _version()
 
 __all__ = [
     "Attributor",

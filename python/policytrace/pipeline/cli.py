@@ -13,7 +13,10 @@ from ..errors import ConfigError, PolicytraceError
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
     ap = argparse.ArgumentParser(prog="policytrace", description=__doc__)
+    ap.add_argument("--version", action="version", version=f"policytrace {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="a full attribution job into a run folder (resumable)")
     r.add_argument("config", help="TOML config (see README: Configuration)")
