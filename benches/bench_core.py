@@ -9,7 +9,7 @@ What is measured (see benches/README.md for the flop model and the memory method
 * machine peak: a large float64 matmul (numpy/BLAS) on the same thread budget;
 * decomposition of P pairs, n probes, K features with SAE-like sparsity (ΔX has exactly X's
   sparsity pattern): ``exact`` and ``first_order``, Rust on all P pairs (median of
-  ``--repeats``), the numpy reference (``backend="numpy"``) and a loop of scikit-learn ``Ridge``
+  ``--repeats``), the numpy reference (``_backend="numpy"``) and a loop of scikit-learn ``Ridge``
   refits on the first ``--baseline-pairs`` pairs (one run each); throughput is pairs/s;
 * the fit path on a TopK-like sparse activation matrix: statistics + selection
   (``select_features``), ``selected_columns``, ``fit_policy(lam="gcv")`` over the default
@@ -270,7 +270,7 @@ def _timed(fn, repeats: int):
 def _policy(cfg: Config, X, y):
     import policytrace as pt
 
-    return pt.fit_policy(X, y, lam="gcv", backend="rust", threads=cfg.threads)
+    return pt.fit_policy(X, y, lam="gcv", _backend="rust", threads=cfg.threads)
 
 
 def case_peak_matmul(cfg: Config, work: Path) -> dict:
@@ -348,7 +348,7 @@ def case_decomp(cfg: Config, work: Path, method: str, side: str) -> dict:
         with PeakRSS() as mem:
             times, frame = _timed(
                 lambda: pt.decompose(
-                    pol, X, y, dX, dy, method=method, backend="numpy", threads=cfg.threads
+                    pol, X, y, dX, dy, method=method, _backend="numpy", threads=cfg.threads
                 ),
                 1,
             )
@@ -403,11 +403,11 @@ def case_fit(cfg: Config, work: Path, side: str) -> dict:
 
     def run():
         t0 = time.perf_counter()
-        frame = pt.select_features(Xf, y, backend=side, threads=cfg.threads, **sel_kw)
+        frame = pt.select_features(Xf, y, _backend=side, threads=cfg.threads, **sel_kw)
         t1 = time.perf_counter()
         Xs, ids = pt.selected_columns(Xf, frame)
         t2 = time.perf_counter()
-        pol = pt.fit_policy(Xs, y, lam="gcv", feature_ids=ids, backend=side, threads=cfg.threads)
+        pol = pt.fit_policy(Xs, y, lam="gcv", feature_ids=ids, _backend=side, threads=cfg.threads)
         t3 = time.perf_counter()
         return (t1 - t0, t2 - t1, t3 - t2, t3 - t0), pol
 
@@ -826,7 +826,7 @@ def write_readme(body: str) -> None:
 README_INTRO = """# Benchmarks
 
 `bench_core.py` measures the numeric core (the compiled Rust backend) against the package's
-float64 numpy reference (`backend="numpy"`, `policytrace/reference.py`) and a loop of
+float64 numpy reference (`_backend="numpy"`, `policytrace/numeric/_reference.py`) and a loop of
 scikit-learn `Ridge` refits, in one run, on one machine, with every side held to the same
 thread budget (default 2): `threads=` for the core, `threadpoolctl.threadpool_limits` for
 BLAS/OpenMP in numpy, scipy and scikit-learn, and `POLARS_MAX_THREADS` for polars.

@@ -20,7 +20,6 @@ from .numeric import (
     feature_stats,
     fit_policy,
     interference,
-    reference,
     select_features,
     selected_columns,
 )
@@ -49,7 +48,6 @@ __all__ = [
     "feature_stats",
     "fit_policy",
     "interference",
-    "reference",
     "select_features",
     "selected_columns",
 ]

@@ -28,6 +28,12 @@ __all__ = [
     "SplitResult",
     "InterferenceResult",
     "__version__",
+    "PIVOT_RATIO_MIN",
+    "MAX_THREADS",
+    "REFIT_TOLERANCE",
+    "GCV_GRID_POINTS",
+    "GCV_GRID_LO",
+    "GCV_GRID_HI",
 ]
 
 __version__: str
@@ -143,3 +149,11 @@ class Decomposer:
     def run(self, dx: _Csr32or64, dy: _F64, method: str = "exact", threads: int | None = None) -> SplitResult:
         """``dx``: pair-major stacked CSR (P*n, K) with int32 or int64 indices (used without
         copying); ``dy``: (P, n)."""
+
+# Constants shared with the float64 reference (policytrace.numeric._reference reads them).
+PIVOT_RATIO_MIN: float
+MAX_THREADS: int
+REFIT_TOLERANCE: float
+GCV_GRID_POINTS: int
+GCV_GRID_LO: float
+GCV_GRID_HI: float

@@ -15,7 +15,7 @@ from _helpers import problem, sae_like
 @pytest.mark.parametrize("backend", ["rust", "numpy"])
 def test_no_intercept_no_scaling_matches_sklearn(rng, backend):
     X, y, _, _ = problem(rng, n=120, k=10)
-    pol = pt.fit_policy(X, y, lam=5.0, intercept=False, standardize=False, backend=backend)
+    pol = pt.fit_policy(X, y, lam=5.0, intercept=False, standardize=False, _backend=backend)
     sk = Ridge(alpha=5.0, fit_intercept=False, solver="cholesky").fit(X, y)
     np.testing.assert_allclose(pol.coef, sk.coef_, rtol=1e-10, atol=1e-12)
     assert pol.intercept == 0.0
@@ -27,7 +27,7 @@ def test_no_intercept_no_scaling_matches_sklearn(rng, backend):
 def test_intercept_and_scaling_match_sklearn_on_scaled_design(rng, backend, lam):
     X, y, _, _ = problem(rng, n=150, k=12)
     X[:, 2] *= 1e4  # very different column scales
-    pol = pt.fit_policy(sp.csr_matrix(X), y, lam=lam, backend=backend)
+    pol = pt.fit_policy(sp.csr_matrix(X), y, lam=lam, _backend=backend)
     Z = X / X.std(axis=0)
     sk = Ridge(alpha=lam, fit_intercept=True, solver="cholesky").fit(Z, y)
     np.testing.assert_allclose(pol.scale, X.std(axis=0), rtol=1e-12)

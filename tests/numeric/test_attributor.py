@@ -76,7 +76,7 @@ def test_interference_flags_and_summary(setup):
         np.testing.assert_allclose(row["off_target_share"], a[~intended].sum() / a.sum(), rtol=1e-12)
     # Core and reference agree on the flags.
     for backend in ("rust", "numpy"):
-        dom, share, flag = pt.interference(d, fgroups, pair_groups, backend=backend)
+        dom, share, flag = pt.interference(d, fgroups, pair_groups, _backend=backend)
         assert flag.tolist() == pairs["interference"].to_list()
         np.testing.assert_allclose(share, pairs["off_target_share"].to_numpy(), rtol=1e-12)
     summ = att.interference_summary()

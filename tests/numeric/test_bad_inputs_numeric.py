@@ -146,7 +146,7 @@ def _groups(n=40):
 @pytest.mark.parametrize("threshold", [math.nan, math.inf, -1.0, "0.1"], ids=["nan", "inf", "negative", "str"])
 def test_select_corr_bad_threshold(backend, threshold):
     X, y = _problem()
-    raises(lambda: pt.select_features(X, y, method="corr", k=3, threshold=threshold, backend=backend, threads=1),
+    raises(lambda: pt.select_features(X, y, method="corr", k=3, threshold=threshold, _backend=backend, threads=1),
            "threshold")
 
 
@@ -155,7 +155,7 @@ def test_select_corr_bad_threshold(backend, threshold):
 def test_select_mean_diff_bad_threshold(backend, threshold):
     X, y = _problem()
     raises(lambda: pt.select_features(X, groups=_groups(), method="mean_diff", threshold=threshold,
-                                      backend=backend, threads=1), "threshold")
+                                      _backend=backend, threads=1), "threshold")
 
 
 @pytest.mark.parametrize("k", [True, 2.5, 0, -1, "3"], ids=["True", "2.5", "0", "-1", "str"])
@@ -180,17 +180,17 @@ def test_select_bad_min_active(min_active):
 def _call_with_threads(fn_name, backend, threads):
     X, y = _problem()
     if fn_name == "fit_policy":
-        return pt.fit_policy(X, y, backend=backend, threads=threads)
+        return pt.fit_policy(X, y, _backend=backend, threads=threads)
     if fn_name == "feature_stats":
-        return pt.feature_stats(X, y, backend=backend, threads=threads)
+        return pt.feature_stats(X, y, _backend=backend, threads=threads)
     if fn_name == "select_features":
-        return pt.select_features(X, y, method="corr", k=2, backend=backend, threads=threads)
+        return pt.select_features(X, y, method="corr", k=2, _backend=backend, threads=threads)
     pol = pt.fit_policy(X, y, threads=1)
     dX = np.zeros((2,) + X.shape)
     dy = np.zeros((2, X.shape[0]))
     if fn_name == "decompose":
-        return pt.decompose(pol, X, y, dX, dy, backend=backend, threads=threads)
-    return pt.Attributor(pol, X, y, backend=backend, threads=threads)
+        return pt.decompose(pol, X, y, dX, dy, _backend=backend, threads=threads)
+    return pt.Attributor(pol, X, y, _backend=backend, threads=threads)
 
 
 FUNCTIONS = ["fit_policy", "feature_stats", "decompose", "select_features", "Attributor"]
@@ -249,7 +249,7 @@ def _fit_is_right_or_typed_error(X, y, **kw):
 @pytest.mark.parametrize("scale", [1e3, 1e160, 1e200], ids=["1e3", "1e160", "1e200"])
 def test_fit_huge_inputs_unstandardized(backend, intercept, scale):
     X, y = _scaled_problem(scale)
-    _fit_is_right_or_typed_error(X, y, standardize=False, intercept=intercept, backend=backend)
+    _fit_is_right_or_typed_error(X, y, standardize=False, intercept=intercept, _backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -258,16 +258,16 @@ def test_fit_extreme_inputs_standardized(backend, scale):
     # Standardizing divides by each column's spread: computed as sqrt(mean(x²)) it overflows
     # (1e200) or underflows (1e-200) to a "constant" column, and every coefficient is 0.
     X, y = _scaled_problem(scale)
-    _fit_is_right_or_typed_error(X, y, standardize=True, backend=backend)
+    _fit_is_right_or_typed_error(X, y, standardize=True, _backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_feature_stats_huge_inputs(backend):
     # Pearson correlation is scale-free: X * 1e200 has exactly X's correlations.
     X, y = _scaled_problem(1.0)
-    ref, _ = pt.feature_stats(X, y, backend=backend, threads=1)
+    ref, _ = pt.feature_stats(X, y, _backend=backend, threads=1)
     try:
-        big, _ = pt.feature_stats(X * 1e200, y, backend=backend, threads=1)
+        big, _ = pt.feature_stats(X * 1e200, y, _backend=backend, threads=1)
     except PolicytraceError as e:
         assert re.search(r"\bX\b", str(e)) and "flow" in str(e).lower(), str(e)
         return
@@ -282,9 +282,9 @@ def test_feature_stats_huge_inputs(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_select_corr_huge_inputs(backend):
     X, y = _scaled_problem(1.0)
-    ref = pt.select_features(X, y, method="corr", k=2, backend=backend, threads=1)
+    ref = pt.select_features(X, y, method="corr", k=2, _backend=backend, threads=1)
     try:
-        big = pt.select_features(X * 1e200, y, method="corr", k=2, backend=backend, threads=1)
+        big = pt.select_features(X * 1e200, y, method="corr", k=2, _backend=backend, threads=1)
     except PolicytraceError as e:
         assert re.search(r"\bX\b", str(e)) and "flow" in str(e).lower(), str(e)
         return
@@ -305,20 +305,20 @@ def test_select_corr_huge_inputs(backend):
 )
 def test_bad_lam_grid(backend, grid):
     X, y = _problem()
-    raises(lambda: pt.fit_policy(X, y, lam="gcv", lam_grid=grid, backend=backend, threads=1), "lam_grid")
+    raises(lambda: pt.fit_policy(X, y, lam="gcv", lam_grid=grid, _backend=backend, threads=1), "lam_grid")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_negative_lam_grid_with_fixed_lam(backend):
     # The grid is unused with a fixed lambda, but a negative grid is still a bad argument.
     X, y = _problem()
-    raises(lambda: pt.fit_policy(X, y, lam=5.0, lam_grid=[-1.0], backend=backend, threads=1), "lam_grid")
+    raises(lambda: pt.fit_policy(X, y, lam=5.0, lam_grid=[-1.0], _backend=backend, threads=1), "lam_grid")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_two_dimensional_lam_grid(backend):
     X, y = _problem()
-    raises(lambda: pt.fit_policy(X, y, lam="gcv", lam_grid=[[1.0, 2.0], [3.0, 4.0]], backend=backend,
+    raises(lambda: pt.fit_policy(X, y, lam="gcv", lam_grid=[[1.0, 2.0], [3.0, 4.0]], _backend=backend,
                                  threads=1), "lam_grid")
 
 
@@ -326,7 +326,7 @@ def test_two_dimensional_lam_grid(backend):
 @pytest.mark.parametrize("lam", ["GCV", math.nan, -1.0, True, None], ids=["GCV", "nan", "negative", "True", "None"])
 def test_bad_lam(backend, lam):
     X, y = _problem()
-    raises(lambda: pt.fit_policy(X, y, lam=lam, backend=backend, threads=1), "lam")
+    raises(lambda: pt.fit_policy(X, y, lam=lam, _backend=backend, threads=1), "lam")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -334,6 +334,6 @@ def test_bad_lam(backend, lam):
 def test_huge_lam_grid_stays_finite(backend, grid):
     # Absurd but valid: the fit shrinks to the intercept, never NaN.
     X, y = _problem()
-    pol = pt.fit_policy(X, y, lam="gcv", lam_grid=grid, backend=backend, threads=1)
+    pol = pt.fit_policy(X, y, lam="gcv", lam_grid=grid, _backend=backend, threads=1)
     assert np.isfinite(pol.coef).all() and math.isfinite(pol.intercept) and math.isfinite(pol.df)
     assert np.isfinite(pol.predict(X)).all()

@@ -44,7 +44,7 @@ def test_fit_matches_reference(d, intercept, standardize, lam):
     X, y, sparse, _ = d
     Xin = sp.csr_matrix(X) if sparse else X
     a = pt.fit_policy(Xin, y, lam=lam, intercept=intercept, standardize=standardize)
-    b = pt.fit_policy(X, y, lam=lam, intercept=intercept, standardize=standardize, backend="numpy")
+    b = pt.fit_policy(X, y, lam=lam, intercept=intercept, standardize=standardize, _backend="numpy")
     np.testing.assert_allclose(a.scale, b.scale, rtol=1e-13)
     cond = design_cond(X, b.scale, intercept, lam)
     size = reach(X, y, b.scale, intercept, lam, b.coef)
@@ -60,7 +60,7 @@ def test_fit_matches_reference(d, intercept, standardize, lam):
 def test_gcv_matches_reference(d, intercept, standardize):
     X, y, sparse, _ = d
     a = pt.fit_policy(X, y, lam="gcv", intercept=intercept, standardize=standardize)
-    b = pt.fit_policy(X, y, lam="gcv", intercept=intercept, standardize=standardize, backend="numpy")
+    b = pt.fit_policy(X, y, lam="gcv", intercept=intercept, standardize=standardize, _backend="numpy")
     np.testing.assert_allclose(a.gcv_grid, b.gcv_grid, rtol=1e-12)
     fin = np.isfinite(b.gcv_score)
     np.testing.assert_array_equal(np.isfinite(a.gcv_score), fin)
@@ -87,7 +87,7 @@ def test_decompose_matches_reference(d, intercept, standardize, lam, p, method, 
     dy = rng.normal(size=(p, n)) * 0.05
     dXin = sp.csr_matrix(dX.reshape(p * n, k)) if sparse else dX
     fa = pt.decompose(pol, X, y, dXin, dy, method=method)
-    fb = pt.decompose(pol, X, y, dX, dy, method=method, backend="numpy")
+    fb = pt.decompose(pol, X, y, dX, dy, method=method, _backend="numpy")
     assert fa.columns == fb.columns == list(pt.numeric.PAIR_FEATURE_COLUMNS)
     cond = design_cond(X + np.abs(dX).max(axis=0), pol.scale, intercept, lam) + design_cond(
         X, pol.scale, intercept, lam
@@ -127,7 +127,7 @@ def test_feature_stats_match_reference(d, use_y, n_groups):
     groups[:3] = [0, 1, 2]
     Xin = sp.csr_matrix(X) if sparse else X
     a, la = pt.feature_stats(Xin, y if use_y else None, groups)
-    b, lb = pt.feature_stats(X, y if use_y else None, groups, backend="numpy")
+    b, lb = pt.feature_stats(X, y if use_y else None, groups, _backend="numpy")
     assert la == lb == [0, 1, 2]
     np.testing.assert_array_equal(a["n_active"].to_numpy(), b["n_active"].to_numpy())
     scale = np.abs(X).max() or 1.0
@@ -171,7 +171,7 @@ def test_rank_deficient_lam0_min_norm(rng):
     X[:, 3] = X[:, 1]
     y = X @ np.array([1.0, 2.0, -1.0, 2.0]) + 0.01 * rng.normal(size=50)
     for backend in ("rust", "numpy"):
-        pol = pt.fit_policy(X, y, lam=0.0, standardize=False, backend=backend)
+        pol = pt.fit_policy(X, y, lam=0.0, standardize=False, _backend=backend)
         assert pol.solver == "eigh-pinv"
         # Minimum-norm: the duplicated columns share the weight equally.
         assert abs(pol.coef[1] - pol.coef[3]) < 1e-8 * abs(pol.coef[1])
@@ -183,7 +183,7 @@ def test_wide_design_uses_dual(rng):
     X = sae_like(rng, 10, 30, 0.5)
     y = rng.normal(size=10)
     pol = pt.fit_policy(X, y, lam=0.5)
-    ref = pt.fit_policy(X, y, lam=0.5, backend="numpy")
+    ref = pt.fit_policy(X, y, lam=0.5, _backend="numpy")
     assert pol.dual
     np.testing.assert_allclose(pol.coef, ref.coef, rtol=1e-9, atol=1e-12)
 

@@ -85,7 +85,7 @@ GROUPS0 = np.where(Y0 > 0, "pos", "neg")
 
 @lru_cache(maxsize=None)
 def policy(backend: str) -> pt.Policy:
-    return pt.fit_policy(X0, Y0, lam=2.0, backend=backend, threads=1)
+    return pt.fit_policy(X0, Y0, lam=2.0, _backend=backend, threads=1)
 
 
 def with_value(a: np.ndarray, idx, value) -> np.ndarray:
@@ -125,16 +125,16 @@ NONFINITE = pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan"
 def test_nonfinite_X_dense(backend, bad):
     X = with_value(X0, (7, 3), bad)
     frags = ("`X`", "row 7", "column 3")
-    expect(NonFiniteError, lambda: pt.fit_policy(X, Y0, backend=backend, threads=1), *frags)
-    expect(NonFiniteError, lambda: pt.feature_stats(X, Y0, backend=backend, threads=1), *frags)
+    expect(NonFiniteError, lambda: pt.fit_policy(X, Y0, _backend=backend, threads=1), *frags)
+    expect(NonFiniteError, lambda: pt.feature_stats(X, Y0, _backend=backend, threads=1), *frags)
     expect(
         NonFiniteError,
-        lambda: pt.select_features(X, groups=GROUPS0, positive="pos", backend=backend),
+        lambda: pt.select_features(X, groups=GROUPS0, positive="pos", _backend=backend),
         *frags,
     )
     expect(
         NonFiniteError,
-        lambda: pt.decompose(policy(backend), X, Y0, DX0, DY0, backend=backend, threads=1),
+        lambda: pt.decompose(policy(backend), X, Y0, DX0, DY0, _backend=backend, threads=1),
         *frags,
     )
     expect(NonFiniteError, lambda: policy(backend).predict(X), *frags)
@@ -145,12 +145,12 @@ def test_nonfinite_X_dense(backend, bad):
 def test_nonfinite_X_sparse(backend, bad):
     Xs = sp.csr_matrix(with_value(X0, (11, 2), bad))
     frags = ("`X`", "row 11", "column 2")
-    expect(NonFiniteError, lambda: pt.fit_policy(Xs, Y0, backend=backend, threads=1), *frags)
-    expect(NonFiniteError, lambda: pt.feature_stats(Xs.tocsc(), backend=backend), *frags)
-    expect(NonFiniteError, lambda: pt.fit_policy(csr_tuple(Xs), Y0, backend=backend), *frags)
+    expect(NonFiniteError, lambda: pt.fit_policy(Xs, Y0, _backend=backend, threads=1), *frags)
+    expect(NonFiniteError, lambda: pt.feature_stats(Xs.tocsc(), _backend=backend), *frags)
+    expect(NonFiniteError, lambda: pt.fit_policy(csr_tuple(Xs), Y0, _backend=backend), *frags)
     expect(
         NonFiniteError,
-        lambda: pt.decompose(policy(backend), Xs, Y0, DX0, DY0, backend=backend, threads=1),
+        lambda: pt.decompose(policy(backend), Xs, Y0, DX0, DY0, _backend=backend, threads=1),
         *frags,
     )
 
@@ -159,17 +159,17 @@ def test_nonfinite_X_sparse(backend, bad):
 @NONFINITE
 def test_nonfinite_y(backend, bad):
     y = with_value(Y0, 9, bad)
-    expect(NonFiniteError, lambda: pt.fit_policy(X0, y, backend=backend), "`y`", "index 9")
-    expect(NonFiniteError, lambda: pt.feature_stats(X0, y, backend=backend), "`y`", "index 9")
+    expect(NonFiniteError, lambda: pt.fit_policy(X0, y, _backend=backend), "`y`", "index 9")
+    expect(NonFiniteError, lambda: pt.feature_stats(X0, y, _backend=backend), "`y`", "index 9")
     expect(
         NonFiniteError,
-        lambda: pt.select_features(X0, y, method="corr", k=2, backend=backend),
+        lambda: pt.select_features(X0, y, method="corr", k=2, _backend=backend),
         "`y`",
         "index 9",
     )
     expect(
         NonFiniteError,
-        lambda: pt.decompose(policy(backend), X0, y, DX0, DY0, backend=backend, threads=1),
+        lambda: pt.decompose(policy(backend), X0, y, DX0, DY0, _backend=backend, threads=1),
         "`y`",
         "index 9",
     )
@@ -188,7 +188,7 @@ def test_nonfinite_dX(backend, bad, form):
         dX = [sp.csr_matrix(d) for d in dX]
     expect(
         NonFiniteError,
-        lambda: pt.decompose(policy(backend), X0, Y0, dX, DY0, backend=backend, threads=1),
+        lambda: pt.decompose(policy(backend), X0, Y0, dX, DY0, _backend=backend, threads=1),
         "`dX`",
         "pair 1",
         "probe 4",
@@ -202,12 +202,12 @@ def test_nonfinite_dy(backend, bad):
     dy = with_value(DY0, (2, 5), bad)
     expect(
         NonFiniteError,
-        lambda: pt.decompose(policy(backend), X0, Y0, DX0, dy, backend=backend, threads=1),
+        lambda: pt.decompose(policy(backend), X0, Y0, DX0, dy, _backend=backend, threads=1),
         "`dy`",
         "pair 2",
         "probe 5",
     )
-    att = pt.Attributor(policy(backend), X0, Y0, backend=backend, threads=1)
+    att = pt.Attributor(policy(backend), X0, Y0, _backend=backend, threads=1)
     expect(NonFiniteError, lambda: att.add(DX0[0], dy[2]), "`dy`", "probe 5")
     assert att.n_pairs == 0
 
@@ -220,26 +220,26 @@ def test_nonfinite_dy(backend, bad):
 @backends
 def test_y_length_mismatch(backend):
     for y in (Y0[:-1], np.r_[Y0, 1.0]):
-        expect(ShapeError, lambda: pt.fit_policy(X0, y, backend=backend), "`y`", str(N))
-        expect(ShapeError, lambda: pt.feature_stats(X0, y, backend=backend), "`y`", str(N))
+        expect(ShapeError, lambda: pt.fit_policy(X0, y, _backend=backend), "`y`", str(N))
+        expect(ShapeError, lambda: pt.feature_stats(X0, y, _backend=backend), "`y`", str(N))
         expect(
             ShapeError,
-            lambda: pt.decompose(policy(backend), X0, y, DX0, DY0, backend=backend),
+            lambda: pt.decompose(policy(backend), X0, y, DX0, DY0, _backend=backend),
             "`y`",
             str(N),
         )
-    expect(ShapeError, lambda: pt.fit_policy(X0, Y0[:, None], backend=backend), "`y`")
+    expect(ShapeError, lambda: pt.fit_policy(X0, Y0[:, None], _backend=backend), "`y`")
 
 
 @backends
 def test_X_dimension_errors(backend):
-    expect(ShapeError, lambda: pt.fit_policy(X0[0], Y0, backend=backend), "`X`", "2-D")
-    expect(ShapeError, lambda: pt.fit_policy(X0[None], Y0, backend=backend), "`X`", "2-D")
+    expect(ShapeError, lambda: pt.fit_policy(X0[0], Y0, _backend=backend), "`X`", "2-D")
+    expect(ShapeError, lambda: pt.fit_policy(X0[None], Y0, _backend=backend), "`X`", "2-D")
     pol = policy(backend)
     expect(ShapeError, lambda: pol.predict(X0[:, :-1]), "`X`", str(K))
     expect(
         ShapeError,
-        lambda: pt.decompose(pol, X0[:, :-1], Y0, DX0[:, :, :-1], DY0, backend=backend),
+        lambda: pt.decompose(pol, X0[:, :-1], Y0, DX0[:, :, :-1], DY0, _backend=backend),
         "`X`",
         str(K),
     )
@@ -260,7 +260,7 @@ def test_X_dimension_errors(backend):
 def test_dX_shape_mismatch(backend, dX):
     expect(
         ShapeError,
-        lambda: pt.decompose(policy(backend), X0, Y0, dX, DY0, backend=backend, threads=1),
+        lambda: pt.decompose(policy(backend), X0, Y0, dX, DY0, _backend=backend, threads=1),
         "`dX`",
     )
 
@@ -270,7 +270,7 @@ def test_dX_list_item_shape_mismatch(backend):
     dX = [DX0[0], DX0[1][:-1], DX0[2]]
     expect(
         ShapeError,
-        lambda: pt.decompose(policy(backend), X0, Y0, dX, DY0, backend=backend),
+        lambda: pt.decompose(policy(backend), X0, Y0, dX, DY0, _backend=backend),
         "`dX[1]`",
         f"({N}, {K})",
     )
@@ -289,7 +289,7 @@ def test_dX_list_item_shape_mismatch(backend):
 def test_dy_shape_mismatch(backend, dy):
     expect(
         ShapeError,
-        lambda: pt.decompose(policy(backend), X0, Y0, DX0, dy, backend=backend, threads=1),
+        lambda: pt.decompose(policy(backend), X0, Y0, DX0, dy, _backend=backend, threads=1),
         "`dy`",
         f"({P}, {N})",
     )
@@ -299,30 +299,30 @@ def test_dy_shape_mismatch(backend, dy):
 def test_feature_ids_and_labels_length(backend):
     expect(
         ShapeError,
-        lambda: pt.fit_policy(X0, Y0, feature_ids=range(K - 1), backend=backend),
+        lambda: pt.fit_policy(X0, Y0, feature_ids=range(K - 1), _backend=backend),
         "`feature_ids`",
         str(K),
     )
     expect(
         ShapeError,
-        lambda: pt.fit_policy(X0, Y0, feature_ids=np.arange(2 * K).reshape(2, K), backend=backend),
+        lambda: pt.fit_policy(X0, Y0, feature_ids=np.arange(2 * K).reshape(2, K), _backend=backend),
         "`feature_ids`",
     )
     expect(
         ShapeError,
-        lambda: pt.feature_stats(X0, feature_ids=range(K + 1), backend=backend),
+        lambda: pt.feature_stats(X0, feature_ids=range(K + 1), _backend=backend),
         "`feature_ids`",
         str(K),
     )
     expect(
         ShapeError,
-        lambda: pt.fit_policy(X0, Y0, labels=["a"] * (K + 1), backend=backend),
+        lambda: pt.fit_policy(X0, Y0, labels=["a"] * (K + 1), _backend=backend),
         "`labels`",
         str(K),
     )
     expect(
         FeatureMismatchError,
-        lambda: pt.fit_policy(X0, Y0, feature_ids=[3, 3, 4, 5, 6], backend=backend),
+        lambda: pt.fit_policy(X0, Y0, feature_ids=[3, 3, 4, 5, 6], _backend=backend),
         "`feature_ids`",
         "duplicate",
     )
@@ -333,25 +333,25 @@ def test_pair_and_group_lengths(backend):
     pol = policy(backend)
     expect(
         ShapeError,
-        lambda: pt.decompose(pol, X0, Y0, DX0, DY0, pair_ids=["a", "b"], backend=backend),
+        lambda: pt.decompose(pol, X0, Y0, DX0, DY0, pair_ids=["a", "b"], _backend=backend),
         "`pair_ids`",
     )
-    att = pt.Attributor(pol, X0, Y0, backend=backend, threads=1)
+    att = pt.Attributor(pol, X0, Y0, _backend=backend, threads=1)
     expect(ShapeError, lambda: att.add(DX0, DY0, pair_ids=range(P + 1)), "`pair_ids`")
     expect(ShapeError, lambda: att.add(DX0, DY0, pair_groups=["g"] * (P - 1)), "`pair_groups`")
     assert att.n_pairs == 0
     expect(
         ShapeError,
-        lambda: pt.Attributor(pol, X0, Y0, probe_groups=[0] * (N - 1), backend=backend),
+        lambda: pt.Attributor(pol, X0, Y0, probe_groups=[0] * (N - 1), _backend=backend),
         "`probe_groups`",
     )
     expect(
         ShapeError,
-        lambda: pt.Attributor(pol, X0, Y0, feature_groups=[0] * (K + 1), backend=backend),
+        lambda: pt.Attributor(pol, X0, Y0, feature_groups=[0] * (K + 1), _backend=backend),
         "`feature_groups`",
     )
     expect(
-        ShapeError, lambda: pt.feature_stats(X0, groups=GROUPS0[:-1], backend=backend), "`groups`"
+        ShapeError, lambda: pt.feature_stats(X0, groups=GROUPS0[:-1], _backend=backend), "`groups`"
     )
 
 
@@ -373,8 +373,8 @@ def test_pair_and_group_lengths(backend):
 )
 def test_empty_X(backend, X):
     n = X[3][0] if isinstance(X, tuple) else X.shape[0]
-    expect(EmptyInputError, lambda: pt.fit_policy(X, np.zeros(n), backend=backend), "`X`")
-    expect(EmptyInputError, lambda: pt.feature_stats(X, backend=backend), "`X`")
+    expect(EmptyInputError, lambda: pt.fit_policy(X, np.zeros(n), _backend=backend), "`X`")
+    expect(EmptyInputError, lambda: pt.feature_stats(X, _backend=backend), "`X`")
 
 
 @backends
@@ -385,7 +385,7 @@ def test_empty_X(backend, X):
 def test_zero_pairs(backend, dX):
     expect(
         EmptyInputError,
-        lambda: pt.decompose(policy(backend), X0, Y0, dX, np.zeros((0, N)), backend=backend),
+        lambda: pt.decompose(policy(backend), X0, Y0, dX, np.zeros((0, N)), _backend=backend),
         "`dX`",
         "no pairs",
     )
@@ -396,7 +396,7 @@ def test_zero_pairs_sparse(backend):
     expect(
         EmptyInputError,
         lambda: pt.decompose(
-            policy(backend), X0, Y0, sp.csr_matrix((0, K)), np.zeros((0, N)), backend=backend
+            policy(backend), X0, Y0, sp.csr_matrix((0, K)), np.zeros((0, N)), _backend=backend
         ),
         "`dX`",
     )
@@ -406,7 +406,7 @@ def test_zero_pairs_sparse(backend):
 def test_empty_lam_grid(backend):
     expect(
         EmptyInputError,
-        lambda: pt.fit_policy(X0, Y0, lam="gcv", lam_grid=[], backend=backend),
+        lambda: pt.fit_policy(X0, Y0, lam="gcv", lam_grid=[], _backend=backend),
         "lam_grid",
     )
 
@@ -419,7 +419,7 @@ def test_empty_lam_grid(backend):
 @backends
 @pytest.mark.parametrize("lam", [-1.0, -1e-12, np.nan, np.inf, -np.inf, float("nan")])
 def test_bad_lam_number(backend, lam):
-    expect(InvalidValueError, lambda: pt.fit_policy(X0, Y0, lam=lam, backend=backend), "`lam`")
+    expect(InvalidValueError, lambda: pt.fit_policy(X0, Y0, lam=lam, _backend=backend), "`lam`")
 
 
 @backends
@@ -427,7 +427,7 @@ def test_bad_lam_number(backend, lam):
 def test_bad_lam_string(backend, lam):
     expect(
         InvalidValueError,
-        lambda: pt.fit_policy(X0, Y0, lam=lam, backend=backend),
+        lambda: pt.fit_policy(X0, Y0, lam=lam, _backend=backend),
         "`lam`",
         f"'{lam}'",
     )
@@ -438,7 +438,7 @@ def test_bad_lam_string(backend, lam):
 def test_bad_lam_grid_value(backend, value):
     expect(
         InvalidValueError,
-        lambda: pt.fit_policy(X0, Y0, lam="gcv", lam_grid=[1.0, value], backend=backend),
+        lambda: pt.fit_policy(X0, Y0, lam="gcv", lam_grid=[1.0, value], _backend=backend),
         "lam",
     )
 
@@ -446,7 +446,7 @@ def test_bad_lam_grid_value(backend, value):
 @backends
 @pytest.mark.parametrize("lam", [None, 1j, [1.0]], ids=["None", "complex", "list"])
 def test_lam_of_wrong_type(backend, lam):
-    expect(InvalidValueError, lambda: pt.fit_policy(X0, Y0, lam=lam, backend=backend), "lam")
+    expect(InvalidValueError, lambda: pt.fit_policy(X0, Y0, lam=lam, _backend=backend), "lam")
 
 
 @backends
@@ -454,18 +454,18 @@ def test_unknown_method_strings(backend):
     pol = policy(backend)
     expect(
         InvalidValueError,
-        lambda: pt.decompose(pol, X0, Y0, DX0, DY0, method="Exact", backend=backend),
+        lambda: pt.decompose(pol, X0, Y0, DX0, DY0, method="Exact", _backend=backend),
         "`method`",
         "'Exact'",
     )
     expect(
         InvalidValueError,
-        lambda: pt.Attributor(pol, X0, Y0, method="second_order", backend=backend),
+        lambda: pt.Attributor(pol, X0, Y0, method="second_order", _backend=backend),
         "`method`",
     )
     expect(
         InvalidValueError,
-        lambda: pt.select_features(X0, Y0, method="pearson", k=2, backend=backend),
+        lambda: pt.select_features(X0, Y0, method="pearson", k=2, _backend=backend),
         "`method`",
         "'pearson'",
     )
@@ -474,22 +474,22 @@ def test_unknown_method_strings(backend):
 @pytest.mark.parametrize("bad", ["torch", "Rust", "", "numpy "])
 def test_unknown_backend_strings(bad):
     frags = ("`backend`", f"'{bad}'")
-    expect(InvalidValueError, lambda: pt.fit_policy(X0, Y0, backend=bad), *frags)
-    expect(InvalidValueError, lambda: pt.feature_stats(X0, backend=bad), *frags)
+    expect(InvalidValueError, lambda: pt.fit_policy(X0, Y0, _backend=bad), *frags)
+    expect(InvalidValueError, lambda: pt.feature_stats(X0, _backend=bad), *frags)
     expect(
         InvalidValueError,
-        lambda: pt.select_features(X0, groups=GROUPS0, positive="pos", backend=bad),
+        lambda: pt.select_features(X0, groups=GROUPS0, positive="pos", _backend=bad),
         *frags,
     )
     expect(
         InvalidValueError,
-        lambda: pt.decompose(policy("rust"), X0, Y0, DX0, DY0, backend=bad),
+        lambda: pt.decompose(policy("rust"), X0, Y0, DX0, DY0, _backend=bad),
         *frags,
     )
-    expect(InvalidValueError, lambda: pt.Attributor(policy("rust"), X0, Y0, backend=bad), *frags)
+    expect(InvalidValueError, lambda: pt.Attributor(policy("rust"), X0, Y0, _backend=bad), *frags)
     expect(
         InvalidValueError,
-        lambda: pt.interference(np.ones((2, 3)), [0, 1, 2], [0, 1], backend=bad),
+        lambda: pt.interference(np.ones((2, 3)), [0, 1, 2], [0, 1], _backend=bad),
         *frags,
     )
 
@@ -498,7 +498,7 @@ def test_unknown_backend_strings(bad):
 def test_negative_threads(backend):
     expect(
         InvalidValueError,
-        lambda: pt.fit_policy(X0, Y0, backend=backend, threads=-1),
+        lambda: pt.fit_policy(X0, Y0, _backend=backend, threads=-1),
         "`threads`",
     )
 
@@ -523,19 +523,19 @@ BAD_DTYPES = pytest.mark.parametrize(
 @BAD_DTYPES
 def test_bad_dtype_X(backend, convert):
     X = convert(X0)
-    expect(DTypeError, lambda: pt.fit_policy(X, Y0, backend=backend), "`X`", str(X.dtype))
-    expect(DTypeError, lambda: pt.feature_stats(X, backend=backend), "`X`")
+    expect(DTypeError, lambda: pt.fit_policy(X, Y0, _backend=backend), "`X`", str(X.dtype))
+    expect(DTypeError, lambda: pt.feature_stats(X, _backend=backend), "`X`")
     pol = policy(backend)
-    expect(DTypeError, lambda: pt.decompose(pol, X, Y0, DX0, DY0, backend=backend), "`X`")
+    expect(DTypeError, lambda: pt.decompose(pol, X, Y0, DX0, DY0, _backend=backend), "`X`")
     expect(DTypeError, lambda: policy(backend).predict(X), "`X`")
 
 
 @backends
 def test_bad_dtype_X_sparse(backend):
     Xs = sp.csr_matrix(X0.astype(np.complex128))
-    expect(DTypeError, lambda: pt.fit_policy(Xs, Y0, backend=backend), "`X`", "complex")
-    expect(DTypeError, lambda: pt.feature_stats(Xs, backend=backend), "`X`", "complex")
-    e = expect(DTypeError, lambda: pt.fit_policy(Xs, Y0, backend=backend))
+    expect(DTypeError, lambda: pt.fit_policy(Xs, Y0, _backend=backend), "`X`", "complex")
+    expect(DTypeError, lambda: pt.feature_stats(Xs, _backend=backend), "`X`", "complex")
+    e = expect(DTypeError, lambda: pt.fit_policy(Xs, Y0, _backend=backend))
     assert isinstance(e, TypeError)  # documented: dtype errors are TypeErrors too
 
 
@@ -543,10 +543,10 @@ def test_bad_dtype_X_sparse(backend):
 @BAD_DTYPES
 def test_bad_dtype_y(backend, convert):
     y = convert(Y0)
-    expect(DTypeError, lambda: pt.fit_policy(X0, y, backend=backend), "`y`")
-    expect(DTypeError, lambda: pt.feature_stats(X0, y, backend=backend), "`y`")
+    expect(DTypeError, lambda: pt.fit_policy(X0, y, _backend=backend), "`y`")
+    expect(DTypeError, lambda: pt.feature_stats(X0, y, _backend=backend), "`y`")
     pol = policy(backend)
-    expect(DTypeError, lambda: pt.decompose(pol, X0, y, DX0, DY0, backend=backend), "`y`")
+    expect(DTypeError, lambda: pt.decompose(pol, X0, y, DX0, DY0, _backend=backend), "`y`")
 
 
 @backends
@@ -554,24 +554,24 @@ def test_bad_dtype_y(backend, convert):
 def test_bad_dtype_dX_dy(backend, convert):
     pol = policy(backend)
     dX, dy = convert(DX0), convert(DY0)
-    expect(DTypeError, lambda: pt.decompose(pol, X0, Y0, dX, DY0, backend=backend), "`dX`")
+    expect(DTypeError, lambda: pt.decompose(pol, X0, Y0, dX, DY0, _backend=backend), "`dX`")
     expect(
         DTypeError,
-        lambda: pt.decompose(pol, X0, Y0, [DX0[0], convert(DX0[1]), DX0[2]], DY0, backend=backend),
+        lambda: pt.decompose(pol, X0, Y0, [DX0[0], convert(DX0[1]), DX0[2]], DY0, _backend=backend),
         "`dX[1]`",
     )
-    expect(DTypeError, lambda: pt.decompose(pol, X0, Y0, DX0, dy, backend=backend), "`dy`")
+    expect(DTypeError, lambda: pt.decompose(pol, X0, Y0, DX0, dy, _backend=backend), "`dy`")
 
 
 @backends
 def test_bad_dtype_dX_sparse(backend):
     pol = policy(backend)
     dXs = sp.csr_matrix(DX0.reshape(P * N, K).astype(np.complex128))
-    expect(DTypeError, lambda: pt.decompose(pol, X0, Y0, dXs, DY0, backend=backend), "`dX`")
+    expect(DTypeError, lambda: pt.decompose(pol, X0, Y0, dXs, DY0, _backend=backend), "`dX`")
     expect(
         DTypeError,
         lambda: pt.decompose(pol, X0, Y0, [sp.csr_matrix(d.astype(complex)) for d in DX0], DY0,
-                             backend=backend),
+                             _backend=backend),
         "`dX[0]`",
     )
 
@@ -607,8 +607,8 @@ def _policy_arrays(p: pt.Policy):
 @backends
 @pytest.mark.parametrize("xv", X_VARIANTS)
 def test_fit_accepts_converted_X(backend, xv):
-    ref = pt.fit_policy(X0, Y0, lam="gcv", backend=backend, threads=1)
-    got = pt.fit_policy(xv(X0), Y0, lam="gcv", backend=backend, threads=1)
+    ref = pt.fit_policy(X0, Y0, lam="gcv", _backend=backend, threads=1)
+    got = pt.fit_policy(xv(X0), Y0, lam="gcv", _backend=backend, threads=1)
     if sp.issparse(xv(X0)):  # dense vs sparse kernels may round differently
         for a, b in zip(_policy_arrays(got), _policy_arrays(ref)):
             np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
@@ -622,8 +622,8 @@ def test_fit_accepts_converted_X(backend, xv):
 @backends
 @pytest.mark.parametrize("yv", V_VARIANTS)
 def test_fit_accepts_converted_y(backend, yv):
-    ref = pt.fit_policy(X0, Y0, lam=1.5, backend=backend, threads=1)
-    got = pt.fit_policy(X0, yv(Y0), lam=1.5, backend=backend, threads=1)
+    ref = pt.fit_policy(X0, Y0, lam=1.5, _backend=backend, threads=1)
+    got = pt.fit_policy(X0, yv(Y0), lam=1.5, _backend=backend, threads=1)
     for a, b in zip(_policy_arrays(got), _policy_arrays(ref)):
         np.testing.assert_array_equal(a, b)
 
@@ -631,9 +631,9 @@ def test_fit_accepts_converted_y(backend, yv):
 @backends
 @pytest.mark.parametrize("xv", X_VARIANTS[:7])
 def test_feature_stats_accept_converted_inputs(backend, xv):
-    ref, lv_ref = pt.feature_stats(X0, Y0, groups=GROUPS0, backend=backend, threads=1)
+    ref, lv_ref = pt.feature_stats(X0, Y0, groups=GROUPS0, _backend=backend, threads=1)
     got, lv = pt.feature_stats(xv(X0), Y0.astype(np.float32), groups=list(GROUPS0),
-                               backend=backend, threads=1)
+                               _backend=backend, threads=1)
     assert lv == lv_ref
     assert got.equals(ref)
 
@@ -651,12 +651,12 @@ def test_feature_stats_accept_converted_inputs(backend, xv):
 @pytest.mark.parametrize("method", ["exact", "first_order"])
 def test_decompose_accepts_converted_inputs(backend, conv, method):
     pol = policy(backend)
-    ref = pt.decompose(pol, X0, Y0, DX0, DY0, method=method, backend=backend, threads=1)
+    ref = pt.decompose(pol, X0, Y0, DX0, DY0, method=method, _backend=backend, threads=1)
     got = pt.decompose(pol, conv(X0), conv(Y0), conv(DX0), conv(DY0), method=method,
-                       backend=backend, threads=1)
+                       _backend=backend, threads=1)
     assert got.equals(ref)
     got_list = pt.decompose(pol, X0, Y0, [conv(d) for d in DX0], DY0, method=method,
-                            backend=backend, threads=1)
+                            _backend=backend, threads=1)
     assert got_list.equals(ref)
 
 
@@ -664,8 +664,8 @@ def test_decompose_accepts_converted_inputs(backend, conv, method):
 def test_decompose_accepts_sparse_fit_data(backend):
     """The refit check compares values, not layouts: sparse X of the fit data is fine."""
     pol = policy(backend)
-    ref = pt.decompose(pol, X0, Y0, DX0, DY0, backend=backend, threads=1)
-    got = pt.decompose(pol, sp.csr_matrix(X0), Y0, DX0, DY0, backend=backend, threads=1)
+    ref = pt.decompose(pol, X0, Y0, DX0, DY0, _backend=backend, threads=1)
+    got = pt.decompose(pol, sp.csr_matrix(X0), Y0, DX0, DY0, _backend=backend, threads=1)
     np.testing.assert_allclose(got["d_coef"].to_numpy(), ref["d_coef"].to_numpy(), atol=1e-12)
 
 
@@ -688,35 +688,35 @@ TRIPLES = {
 @pytest.mark.parametrize("name", sorted(TRIPLES))
 def test_malformed_triple_public(backend, name):
     T = TRIPLES[name]
-    expect(SparseFormatError, lambda: pt.fit_policy(T, Y2, backend=backend), "`X`")
-    expect(SparseFormatError, lambda: pt.feature_stats(T, backend=backend), "`X`")
+    expect(SparseFormatError, lambda: pt.fit_policy(T, Y2, _backend=backend), "`X`")
+    expect(SparseFormatError, lambda: pt.feature_stats(T, _backend=backend), "`X`")
 
 
 @backends
 def test_triple_without_shape_needs_one(backend):
     T = (i64([0, 1, 2]), i64([0, 1]), np.array([1.0, 2.0]))
-    expect(ShapeError, lambda: pt.fit_policy(T, Y2, backend=backend), "`X`", "shape")
+    expect(ShapeError, lambda: pt.fit_policy(T, Y2, _backend=backend), "`X`", "shape")
 
 
 @backends
 def test_triple_unsorted_is_canonicalized(backend):
     T = (i64([0, 2, 3]), i64([3, 1, 2]), np.array([1.0, 2.0, 3.0]), (2, 4))
     dense = np.array([[0.0, 2.0, 0.0, 1.0], [0.0, 0.0, 3.0, 0.0]])
-    a, _ = pt.feature_stats(T, backend=backend)
-    b, _ = pt.feature_stats(dense, backend=backend)
+    a, _ = pt.feature_stats(T, _backend=backend)
+    b, _ = pt.feature_stats(dense, _backend=backend)
     assert a.equals(b)
 
 
 @backends
 def test_malformed_triple_decreasing_indptr(backend):
     T = (i64([0, 2, 1]), i64([0, 1]), np.array([1.0, 2.0]), (2, 4))
-    expect(SparseFormatError, lambda: pt.fit_policy(T, Y2, backend=backend), "`X`")
+    expect(SparseFormatError, lambda: pt.fit_policy(T, Y2, _backend=backend), "`X`")
 
 
 @backends
 def test_malformed_triple_float_indices(backend):
     T = (i64([0, 1, 2]), np.array([0.5, 1.0]), np.array([1.0, 2.0]), (2, 4))
-    expect((SparseFormatError, DTypeError), lambda: pt.feature_stats(T, backend=backend), "`X`")
+    expect((SparseFormatError, DTypeError), lambda: pt.feature_stats(T, _backend=backend), "`X`")
 
 
 @pytest.mark.parametrize(
@@ -754,9 +754,9 @@ def _run_isolated(call: str, indices) -> subprocess.CompletedProcess:
     "call",
     [
         pytest.param(
-            "pt.fit_policy(T, np.array([1.0, 2.0]), backend='numpy', threads=1)", id="fit"
+            "pt.fit_policy(T, np.array([1.0, 2.0]), _backend='numpy', threads=1)", id="fit"
         ),
-        pytest.param("pt.feature_stats(T, backend='numpy', threads=1)", id="feature_stats"),
+        pytest.param("pt.feature_stats(T, _backend='numpy', threads=1)", id="feature_stats"),
         pytest.param("pol.predict(T)", id="predict"),
     ],
 )
@@ -777,50 +777,50 @@ def test_select_features_rules(backend):
     three = np.array(["a", "b", "c"] * (N // 3))
     expect(
         InvalidValueError,
-        lambda: pt.select_features(X0, groups=three, method="mean_diff", backend=backend),
+        lambda: pt.select_features(X0, groups=three, method="mean_diff", _backend=backend),
         "two probe groups",
         "got 3",
     )
     expect(
         InvalidValueError,
-        lambda: pt.select_features(X0, Y0, method="mean_diff", backend=backend),
+        lambda: pt.select_features(X0, Y0, method="mean_diff", _backend=backend),
         "`groups`",
     )
     expect(
         InvalidValueError,
-        lambda: pt.select_features(X0, groups=GROUPS0, positive="nope", backend=backend),
+        lambda: pt.select_features(X0, groups=GROUPS0, positive="nope", _backend=backend),
         "`positive`",
     )
     expect(
         InvalidValueError,
-        lambda: pt.select_features(X0, method="corr", k=2, backend=backend),
+        lambda: pt.select_features(X0, method="corr", k=2, _backend=backend),
         "`y`",
     )
     expect(
         InvalidValueError,
-        lambda: pt.select_features(X0, Y0, method="corr", backend=backend),
+        lambda: pt.select_features(X0, Y0, method="corr", _backend=backend),
         "`k`",
     )
     expect(
         InvalidValueError,
-        lambda: pt.select_features(X0, Y0, method="corr", k=0, backend=backend),
+        lambda: pt.select_features(X0, Y0, method="corr", k=0, _backend=backend),
         "`k`",
     )
     expect(
         InvalidValueError,
         lambda: pt.select_features(X0, groups=GROUPS0, positive="pos", min_active=-1,
-                                   backend=backend),
+                                   _backend=backend),
         "`min_active`",
     )
     expect(
         InvalidValueError,
         lambda: pt.select_features(X0, groups=GROUPS0, positive="pos", threshold=-0.5,
-                                   backend=backend),
+                                   _backend=backend),
         "`threshold`",
     )
     expect(
         NonFiniteError,
-        lambda: pt.select_features(X0, groups=with_value(Y0, 3, np.nan), backend=backend),
+        lambda: pt.select_features(X0, groups=with_value(Y0, 3, np.nan), _backend=backend),
         "`groups`",
     )
 
@@ -832,7 +832,7 @@ def test_select_features_rules(backend):
 
 @backends
 def test_duplicate_pair_ids_across_batches(backend):
-    att = pt.Attributor(policy(backend), X0, Y0, backend=backend, threads=1)
+    att = pt.Attributor(policy(backend), X0, Y0, _backend=backend, threads=1)
     att.add(DX0[:2], DY0[:2], pair_ids=["p0", "p1"])
     before = att.pairs()
     expect(
@@ -851,7 +851,7 @@ def test_duplicate_pair_ids_across_batches(backend):
 
 @backends
 def test_duplicate_pair_ids_within_batch(backend):
-    att = pt.Attributor(policy(backend), X0, Y0, backend=backend, threads=1)
+    att = pt.Attributor(policy(backend), X0, Y0, _backend=backend, threads=1)
     expect(
         InvalidValueError,
         lambda: att.add(DX0, DY0, pair_ids=[4, 5, 4]),
@@ -883,15 +883,15 @@ def test_decompose_with_other_data_says_refit(backend, which):
     pol = policy(backend)
     expect(
         InvalidValueError,
-        lambda: pt.decompose(pol, X, y, DX0, DY0, backend=backend, threads=1),
+        lambda: pt.decompose(pol, X, y, DX0, DY0, _backend=backend, threads=1),
         "refit",
     )
-    expect(InvalidValueError, lambda: pt.Attributor(pol, X, y, backend=backend), "refit")
+    expect(InvalidValueError, lambda: pt.Attributor(pol, X, y, _backend=backend), "refit")
 
 
 @backends
 def test_index_of_unknown_ids(backend):
-    pol = pt.fit_policy(X0, Y0, feature_ids=[10, 20, 30, 40, 50], backend=backend)
+    pol = pt.fit_policy(X0, Y0, feature_ids=[10, 20, 30, 40, 50], _backend=backend)
     np.testing.assert_array_equal(pol.index_of([30, 10]), [2, 0])
     expect(FeatureMismatchError, lambda: pol.index_of([10, 99, 31]), "[99, 31]")
     expect(FeatureMismatchError, lambda: pol.index_of([0]), "[0]")
@@ -901,7 +901,7 @@ def test_index_of_unknown_ids(backend):
 def test_policy_argument_must_be_a_policy(backend):
     expect(
         InvalidValueError,
-        lambda: pt.decompose({"coef": [1]}, X0, Y0, DX0, DY0, backend=backend),
+        lambda: pt.decompose({"coef": [1]}, X0, Y0, DX0, DY0, _backend=backend),
         "`policy`",
     )
 
@@ -912,17 +912,17 @@ def test_policy_argument_must_be_a_policy(backend):
 )
 def test_interference_bad_inputs(backend):
     d = np.arange(8.0).reshape(2, 4)
-    expect(ShapeError, lambda: pt.interference(d, [0, 1, 2], [0, 1], backend=backend),
+    expect(ShapeError, lambda: pt.interference(d, [0, 1, 2], [0, 1], _backend=backend),
            "feature_group")
-    expect(ShapeError, lambda: pt.interference(d, [0, 1, 2, 3], [0], backend=backend),
+    expect(ShapeError, lambda: pt.interference(d, [0, 1, 2, 3], [0], _backend=backend),
            "pair_group")
     expect(NonFiniteError, lambda: pt.interference(with_value(d, (1, 2), np.nan), [0, 1, 2, 3],
-                                                   [0, 1], backend=backend), "d_coef")
+                                                   [0, 1], _backend=backend), "d_coef")
 
 
 @backends
 def test_interference_d_coef_must_be_2d(backend):
-    expect(ShapeError, lambda: pt.interference(np.ones(4), [0] * 4, [0], backend=backend),
+    expect(ShapeError, lambda: pt.interference(np.ones(4), [0] * 4, [0], _backend=backend),
            "`d_coef`")
 
 

@@ -47,7 +47,7 @@ def gcv_policy(request):
         lam_grid=[0.0, 1e-3, 0.1, 1.0, 10.0],
         feature_ids=IDS,
         labels=[f"latent {i}: ünïcode \"q\"" for i in IDS],
-        backend=request.param,
+        _backend=request.param,
         threads=1,
     )
     assert np.isinf(pol.gcv_score).any() and np.isfinite(pol.gcv_score).any()

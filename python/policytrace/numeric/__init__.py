@@ -4,7 +4,6 @@ symbolic policy, its pathway decomposition, interference, fidelity and rank metr
 Never imports torch; everything here works on arrays a user already has. See docs/design.md.
 """
 
-from . import reference
 from .decompose import PAIR_FEATURE_COLUMNS, Attributor, decompose
 from .features import feature_stats, select_features, selected_columns
 from .interference import interference, summarize_interference
@@ -18,7 +17,6 @@ __all__ = [
     "feature_stats",
     "fit_policy",
     "interference",
-    "reference",
     "select_features",
     "selected_columns",
     "summarize_interference",

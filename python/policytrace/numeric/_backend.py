@@ -18,13 +18,13 @@ def backend(name: str) -> ModuleType:
 
         return _core
     if name == "numpy":
-        from . import reference
+        from . import _reference
 
-        return reference
+        return _reference
     raise InvalidValueError(f"`backend` '{name}' is not one of {BACKENDS}")
 
 
-MAX_THREADS = 4096
+from .._core import MAX_THREADS  # the core refuses more; one number for both
 
 
 def threads(n: int | None) -> int:

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 import polars as pl
 
-from . import _backend
+from . import _backend as backends
 from ._inputs import as_dy, as_matrix, as_vector, csr_tuple, stack_pairs
 from ..errors import InvalidValueError, NonFiniteError, ShapeError, SparseFormatError
 from .interference import group_codes, summarize_interference
@@ -63,7 +63,7 @@ class Attributor:
         method: str = "exact",
         probe_groups: Sequence[Any] | None = None,
         feature_groups: Any = None,
-        backend: str = "rust",
+        _backend: str = "rust",
         threads: int | None = None,
         keep: bool = True,
     ) -> None:
@@ -77,10 +77,10 @@ class Attributor:
         xa = as_matrix("X", X, ncols=policy.n_features)
         self.n = int(xa[3][0] if isinstance(xa, tuple) else xa.shape[0])
         ya = as_vector("y", y, length=self.n)
-        self._threads = _backend.threads(threads)
-        self._backend_name = backend
-        self._is_rust = backend == "rust"
-        self._core = _backend.backend(backend).Decomposer(
+        self._threads = backends.threads(threads)
+        self._backend_name = _backend
+        self._is_rust = _backend == "rust"
+        self._core = backends.backend(_backend).Decomposer(
             np.ascontiguousarray(policy.coef, dtype=np.float64),
             float(policy.intercept),
             float(policy.lam),
@@ -228,7 +228,7 @@ class Attributor:
         }
         if self._feature_codes is not None and groups is not None:
             pcodes = group_codes(groups, self._labels)
-            res_i = _backend.backend(self._backend_name).interference(
+            res_i = backends.backend(self._backend_name).interference(
                 np.ascontiguousarray(d), self._feature_codes, pcodes
             )
             dom, share, flag = np.asarray(res_i.dominant), res_i.off_target_share, res_i.flag
@@ -306,7 +306,7 @@ def decompose(
     dy: Any,
     method: str = "exact",
     pair_ids: Sequence[Any] | None = None,
-    backend: str = "rust",
+    _backend: str = "rust",
     threads: int | None = None,
 ) -> pl.DataFrame:
     """Split every pair's policy shift into pathways; one row per (pair, feature).
@@ -316,5 +316,5 @@ def decompose(
     ``alignment = d_coef * coef``, summing to the paper's pair score ΔW·W).
     See :class:`Attributor` for the accepted ``dX`` / ``dy`` forms and for batches.
     """
-    att = Attributor(policy, X, y, method=method, backend=backend, threads=threads)
+    att = Attributor(policy, X, y, method=method, _backend=_backend, threads=threads)
     return att.add(dX, dy, pair_ids=pair_ids)

@@ -10,7 +10,7 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
-from . import _backend
+from . import _backend as backends
 from ._inputs import as_codes, as_matrix, as_vector, to_scipy
 from ..errors import InvalidValueError, ShapeError
 
@@ -22,7 +22,7 @@ def feature_stats(
     y: Any = None,
     groups: Any = None,
     feature_ids: Sequence[int] | None = None,
-    backend: str = "rust",
+    _backend: str = "rust",
     threads: int | None = None,
 ) -> tuple[pl.DataFrame, list]:
     """Per-feature statistics in one pass over the non-zeros.
@@ -32,11 +32,11 @@ def feature_stats(
     (the probe group where the feature's mean activation is highest) and ``group_means``
     (a fixed-size array aligned with ``levels``, the sorted distinct group labels).
     """
-    frame, levels, _ = _feature_stats(X, y, groups, feature_ids, backend, threads)
+    frame, levels, _ = _feature_stats(X, y, groups, feature_ids, _backend, threads)
     return frame, levels
 
 
-def _feature_stats(X, y, groups, feature_ids, backend, threads):
+def _feature_stats(X, y, groups, feature_ids, _backend, threads):
     xa = as_matrix("X", X)
     n, f = xa[3] if isinstance(xa, tuple) else xa.shape
     ya = None if y is None else as_vector("y", y, length=n)
@@ -47,8 +47,8 @@ def _feature_stats(X, y, groups, feature_ids, backend, threads):
     ids = np.arange(f, dtype=np.int64) if feature_ids is None else np.asarray(feature_ids, np.int64)
     if ids.shape != (f,):
         raise ShapeError(f"`feature_ids` must have one id per column ({f}), got {ids.shape}")
-    res = _backend.backend(backend).feature_stats(
-        xa, ya, codes, len(levels) if codes is not None else 0, _backend.threads(threads)
+    res = backends.backend(_backend).feature_stats(
+        xa, ya, codes, len(levels) if codes is not None else 0, backends.threads(threads)
     )
     gm = np.asarray(res.group_means).reshape(f, -1)
     frame = pl.DataFrame(
@@ -81,7 +81,7 @@ def select_features(
     min_active: int = 1,
     positive: Any = True,
     feature_ids: Sequence[int] | None = None,
-    backend: str = "rust",
+    _backend: str = "rust",
     threads: int | None = None,
 ) -> pl.DataFrame:
     """Score every candidate feature and flag the selected ones.
@@ -98,7 +98,7 @@ def select_features(
     The paper's rule is ``select_features(X, groups=harmful, threshold=0.1)``.
     """
     _check_selection_args(method, k, threshold, min_active)
-    frame, levels, gm = _feature_stats(X, y, groups, feature_ids, backend, threads)
+    frame, levels, gm = _feature_stats(X, y, groups, feature_ids, _backend, threads)
     if method == "mean_diff":
         frame, score = _mean_diff_scores(frame, groups, levels, gm, positive)
         threshold = 0.1 if threshold is None else threshold

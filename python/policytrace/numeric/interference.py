@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 import polars as pl
 
-from . import _backend
+from . import _backend as backends
 from ..errors import ShapeError
 
 
@@ -47,7 +47,7 @@ def interference(
     d_coef: np.ndarray,
     feature_groups: Sequence[Any],
     pair_groups: Sequence[Any],
-    backend: str = "rust",
+    _backend: str = "rust",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per pair: dominant feature index (argmax |d_coef|, -1 if none moved), off-target share
     and interference flag, for a (P, K) ``d_coef`` matrix and group labels."""
@@ -57,7 +57,7 @@ def interference(
     table: dict = {}
     fg = group_codes(list(feature_groups), table)
     pg = group_codes(list(pair_groups), table)
-    res = _backend.backend(backend).interference(d, fg, pg)
+    res = backends.backend(_backend).interference(d, fg, pg)
     return np.asarray(res.dominant), np.asarray(res.off_target_share), np.asarray(res.flag, dtype=bool)
 
 

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 import polars as pl
 
-from . import _backend
+from . import _backend as backends
 from ._inputs import as_matrix, as_vector, to_scipy
 from ..errors import FeatureMismatchError, InvalidValueError, ShapeError
 
@@ -155,7 +155,7 @@ def fit_policy(
     feature_ids: Sequence[int] | None = None,
     labels: Sequence[str] | None = None,
     lam_grid: Sequence[float] | None = None,
-    backend: str = "rust",
+    _backend: str = "rust",
     threads: int | None = None,
 ) -> Policy:
     """Fit the symbolic policy.
@@ -171,7 +171,6 @@ def fit_policy(
             the scales are then fixed for every decomposition.
         feature_ids: SAE latent index of each column (default 0..K-1).
         labels: a human-readable label per feature.
-        backend: ``"rust"`` (compiled core) or ``"numpy"`` (the float64 reference).
         threads: worker threads (default: all cores or POLICYTRACE_NUM_THREADS).
     """
     xa = as_matrix("X", X)
@@ -183,8 +182,8 @@ def fit_policy(
     lam_value, grid = _lam_value(lam), _lam_grid(lam_grid)
     if grid is not None and lam_value is not None:
         raise InvalidValueError("`lam_grid` is only used with lam='gcv'; drop it or set lam='gcv'")
-    res = _backend.backend(backend).fit_policy(
-        xa, ya, lam_value, grid, intercept, standardize, _backend.threads(threads)
+    res = backends.backend(_backend).fit_policy(
+        xa, ya, lam_value, grid, intercept, standardize, backends.threads(threads)
     )
     return Policy(
         coef=np.asarray(res.coef),

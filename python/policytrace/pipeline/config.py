@@ -24,6 +24,7 @@ from .._tables import describe, fail, field_docs, from_mapping, table, to_mappin
 from ..behaviours import BehaviourCfg, get as get_behaviour
 from ..errors import ConfigError
 from ..model.config import ModelCfg, ProbeCfg, SaeCfg, UpdateCfg
+from ..numeric._backend import MAX_THREADS
 
 
 @table("data")
@@ -129,8 +130,8 @@ class RunCfg:
             raise fail(self, "seed", "must be between 0 and 2**63 - 1")
         if self.pair_batch < 1:
             raise fail(self, "pair_batch", "must be >= 1")
-        if not 0 <= self.threads <= 4096:
-            raise fail(self, "threads", "must be between 0 (all cores) and 4096")
+        if not 0 <= self.threads <= MAX_THREADS:
+            raise fail(self, "threads", f"must be between 0 (all cores) and {MAX_THREADS}")
 
     def cache_path(self) -> Path:
         if self.cache_dir:

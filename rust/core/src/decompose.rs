@@ -36,7 +36,7 @@ pub struct Base {
 
 /// Disagreement of fitted values, relative to the spread of y, above which X, y are taken not
 /// to be the data the policy was fit on.
-const REFIT_TOLERANCE: f64 = 1e-6;
+pub const REFIT_TOLERANCE: f64 = 1e-6;
 
 /// What the decomposition needs of a fitted policy (a full [`Policy`] converts into it).
 #[derive(Debug, Clone, Copy)]

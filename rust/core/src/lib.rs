@@ -25,3 +25,11 @@ pub use matrix::{Csr, Dense, Matrix};
 pub use ridge::{fit, FitOptions, Lam, Policy};
 pub use score::gradient_scores;
 pub use stats::{feature_stats, FeatureStats};
+
+/// The numeric constants the float64 reference (Python, tests only) must share with the core;
+/// the extension exports them so the reference reads them instead of keeping copies.
+pub mod constants {
+    pub use crate::decompose::REFIT_TOLERANCE;
+    pub use crate::linalg::{MAX_THREADS, PIVOT_RATIO_MIN};
+    pub use crate::ridge::{GCV_GRID_HI, GCV_GRID_LO, GCV_GRID_POINTS};
+}

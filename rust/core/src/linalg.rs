@@ -8,7 +8,7 @@ use faer::{Mat, MatMut, MatRef, Par, Side};
 use crate::error::{CoreError, Result};
 
 /// Below this squared ratio of Cholesky pivots the factorization is not trusted.
-const PIVOT_RATIO_MIN: f64 = 1e-13;
+pub const PIVOT_RATIO_MIN: f64 = 1e-13;
 
 /// Which factorization solved a system; reported on the policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

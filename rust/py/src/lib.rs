@@ -22,5 +22,13 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<numeric::SplitResult>()?;
     m.add_class::<numeric::InterferenceResult>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    // Shared with the float64 reference (policytrace.numeric._reference), which reads them.
+    use policytrace_core::constants as c;
+    m.add("PIVOT_RATIO_MIN", c::PIVOT_RATIO_MIN)?;
+    m.add("MAX_THREADS", c::MAX_THREADS)?;
+    m.add("REFIT_TOLERANCE", c::REFIT_TOLERANCE)?;
+    m.add("GCV_GRID_POINTS", c::GCV_GRID_POINTS)?;
+    m.add("GCV_GRID_LO", c::GCV_GRID_LO)?;
+    m.add("GCV_GRID_HI", c::GCV_GRID_HI)?;
     Ok(())
 }

@@ -3,8 +3,8 @@
 This module is deliberately the obvious implementation of the method's steps 2, 3, 5 and 6 (docs/design.md §1):
 statistics column by column, the policy by solving the normal equations, the exact
 decomposition by three literal refits per pair, the first-order split by the paper's formula
-pair by pair. Select it at run time with ``backend="numpy"``; the tests hold the Rust core to it.
-Function signatures mirror ``policytrace._core``.
+pair by pair. Private and for the tests: the numeric functions take ``_backend="numpy"`` to run
+on it, and the tests hold the Rust core to it. Function signatures mirror ``policytrace._core``.
 """
 
 from __future__ import annotations
@@ -16,12 +16,7 @@ import scipy.sparse as sp
 
 from ..errors import EmptyInputError, InvalidValueError, NonFiniteError, ShapeError, SolverError
 
-# Same constants as the Rust core (rust/core/src/{linalg,ridge}.rs).
-PIVOT_RATIO_MIN = 1e-13
-GCV_GRID_POINTS = 25
-GCV_GRID_LO = 1e-6
-GCV_GRID_HI = 1e3
-REFIT_TOLERANCE = 1e-6
+from .._core import GCV_GRID_HI, GCV_GRID_LO, GCV_GRID_POINTS, PIVOT_RATIO_MIN, REFIT_TOLERANCE  # the core's own
 
 
 @dataclass(frozen=True)
