@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
-import pytest
 import torch
 
 from policytrace.model.probe import TargetSet
@@ -168,11 +167,3 @@ def digest(model) -> str:
         h.update(p.detach().contiguous().cpu().numpy().tobytes())
     return h.hexdigest()
 
-
-def expect(cls, fn, *fragments):
-    with pytest.raises(cls) as info:
-        fn()
-    msg = str(info.value)
-    for frag in fragments:
-        assert frag in msg, f"{frag!r} not in {msg!r}"
-    return info.value

@@ -16,7 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("sae_lens")
 
-from policytrace.errors import ConfigError, NonFiniteError  # noqa: E402
+from policytrace.errors import ConfigError, NonFiniteError, PolicytraceError  # noqa: E402
 from policytrace.model.config import UpdateCfg  # noqa: E402
 from policytrace.model.loading import load_model  # noqa: E402
 from policytrace.model.probe import TargetSet  # noqa: E402
@@ -25,7 +25,7 @@ from policytrace.model.sites import capture_block_output  # noqa: E402
 from policytrace.model.update import UpdateEngine  # noqa: E402
 
 from _tiny import tiny_causal_lm, tiny_tokenizer, write_tiny_model  # noqa: E402
-from _helpers import raises  # noqa: E402
+from _helpers import expect  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -47,23 +47,23 @@ def tok():
 
 @pytest.mark.parametrize("device", ["banana", "", "CPU", "cuda:banana"])
 def test_load_model_unknown_device(model_dir, device):
-    raises(lambda: load_model(str(model_dir), device=device), "model.device", cls=ConfigError)
+    expect(ConfigError, lambda: load_model(str(model_dir), device=device), "model.device")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 @pytest.mark.parametrize("device", ["cuda", "cuda:0"])
 def test_load_model_cuda_without_cuda(model_dir, device):
-    raises(lambda: load_model(str(model_dir), device=device), "model.device", cls=ConfigError)
+    expect(ConfigError, lambda: load_model(str(model_dir), device=device), "model.device")
 
 
 def test_load_model_cuda_index_out_of_range(model_dir):
-    raises(lambda: load_model(str(model_dir), device="cuda:4096"), "model.device", cls=ConfigError)
+    expect(ConfigError, lambda: load_model(str(model_dir), device="cuda:4096"), "model.device")
 
 
 @pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")
 def test_load_model_mps_without_mps(model_dir):
     # A known device type this machine lacks: today torch's RuntimeError leaks.
-    raises(lambda: load_model(str(model_dir), device="mps"), "model.device", cls=ConfigError)
+    expect(ConfigError, lambda: load_model(str(model_dir), device="mps"), "model.device")
 
 
 # --------------------------------------------------------------------------------------
@@ -78,7 +78,7 @@ def test_load_model_mps_without_mps(model_dir):
 )
 def test_load_model_malformed_chat_template(model_dir, template):
     # At load, not at the first probe.
-    raises(lambda: load_model(str(model_dir), chat_template=template), "chat_template", cls=ConfigError)
+    expect(ConfigError, lambda: load_model(str(model_dir), chat_template=template), "chat_template")
 
 
 # --------------------------------------------------------------------------------------
@@ -90,25 +90,25 @@ def test_load_model_truncated_config_json(tmp_path):
     folder = write_tiny_model(tmp_path / "m")
     text = (folder / "config.json").read_text()
     (folder / "config.json").write_text(text[: len(text) // 2])
-    raises(lambda: load_model(str(folder)), "config.json", cls=ConfigError)
+    expect(ConfigError, lambda: load_model(str(folder)), "config.json")
 
 
 def test_load_model_damaged_weights(tmp_path):
     # Today safetensors' SafetensorError leaks.
     folder = write_tiny_model(tmp_path / "m")
     (folder / "model.safetensors").write_bytes(b"garbage" * 10)
-    raises(lambda: load_model(str(folder)), "model.safetensors", cls=ConfigError)
+    expect(ConfigError, lambda: load_model(str(folder)), "model.safetensors")
 
 
 def test_load_model_truncated_weights(tmp_path):
     folder = write_tiny_model(tmp_path / "m")
     raw = (folder / "model.safetensors").read_bytes()
     (folder / "model.safetensors").write_bytes(raw[: len(raw) // 2])
-    raises(lambda: load_model(str(folder)), "model.safetensors", cls=ConfigError)
+    expect(ConfigError, lambda: load_model(str(folder)), "model.safetensors")
 
 
 def test_load_model_unknown_dtype(model_dir):
-    raises(lambda: load_model(str(model_dir), dtype="float8"), "model.dtype", cls=ConfigError)
+    expect(ConfigError, lambda: load_model(str(model_dir), dtype="float8"), "model.dtype")
 
 
 # --------------------------------------------------------------------------------------
@@ -159,47 +159,47 @@ def test_sae_truncated_cfg_json(tmp_path):
     folder = _sae_folder(tmp_path / "sae")
     text = (folder / "cfg.json").read_text()
     (folder / "cfg.json").write_text(text[: len(text) // 2])
-    raises(lambda: load_sae(path=str(folder)), "cfg.json", cls=ConfigError)
+    expect(ConfigError, lambda: load_sae(path=str(folder)), "cfg.json")
 
 
 def test_sae_cfg_json_not_utf8(tmp_path):
     folder = _sae_folder(tmp_path / "sae")
     (folder / "cfg.json").write_bytes(b"\xff\xfe{}")
-    raises(lambda: load_sae(path=str(folder)), "cfg.json", cls=ConfigError)
+    expect(ConfigError, lambda: load_sae(path=str(folder)), "cfg.json")
 
 
 def test_sae_weights_missing(tmp_path):
     folder = _sae_folder(tmp_path / "sae")
     (folder / "sae_weights.safetensors").unlink()
-    raises(lambda: load_sae(path=str(folder)), "sae_weights.safetensors", cls=ConfigError)
+    expect(ConfigError, lambda: load_sae(path=str(folder)), "sae_weights.safetensors")
 
 
 def test_sae_weights_truncated(tmp_path):
     folder = _sae_folder(tmp_path / "sae")
     raw = (folder / "sae_weights.safetensors").read_bytes()
     (folder / "sae_weights.safetensors").write_bytes(raw[: len(raw) // 2])
-    raises(lambda: load_sae(path=str(folder)), "sae_weights.safetensors", cls=ConfigError)
+    expect(ConfigError, lambda: load_sae(path=str(folder)), "sae_weights.safetensors")
 
 
 @pytest.mark.parametrize("field,value", [("d_in", 24), ("d_sae", 64)])
 def test_sae_cfg_contradicts_weights(tmp_path, field, value):
     folder = _sae_folder(tmp_path / "sae")
     _edit_cfg(folder, **{field: value})
-    raises(lambda: load_sae(path=str(folder)), field, cls=ConfigError)
+    expect(ConfigError, lambda: load_sae(path=str(folder)), field)
 
 
 def test_sae_unknown_architecture(tmp_path):
     # Today sae-lens' KeyError('banana') leaks.
     folder = _sae_folder(tmp_path / "sae")
     _edit_cfg(folder, architecture="banana")
-    raises(lambda: load_sae(path=str(folder)), "architecture", cls=ConfigError)
+    expect(ConfigError, lambda: load_sae(path=str(folder)), "architecture")
 
 
 def test_sae_topk_k_larger_than_d_sae(tmp_path):
     # Loads today; encoding then leaks torch's RuntimeError("selected index k out of range").
     folder = _sae_folder(tmp_path / "sae")
     _edit_cfg(folder, k=100)
-    msg = raises(lambda: _load_and_encode(folder), cls=ConfigError)
+    msg = str(expect(ConfigError, lambda: _load_and_encode(folder)))
     assert re.search(r"\bk\b", msg), f"the error does not name `k`: {msg!r}"
 
 
@@ -207,13 +207,13 @@ def test_sae_decoder_of_wrong_shape(tmp_path):
     # Today torch's load_state_dict RuntimeError leaks.
     folder = _sae_folder(tmp_path / "sae")
     _edit_weights(folder, lambda w: w.__setitem__("W_dec", torch.zeros(32, 24)))
-    raises(lambda: load_sae(path=str(folder)), "W_dec", cls=ConfigError)
+    expect(ConfigError, lambda: load_sae(path=str(folder)), "W_dec")
 
 
 def test_sae_decoder_missing(tmp_path):
     folder = _sae_folder(tmp_path / "sae")
     _edit_weights(folder, lambda w: w.pop("W_dec"))
-    raises(lambda: load_sae(path=str(folder)), "W_dec", cls=ConfigError)
+    expect(ConfigError, lambda: load_sae(path=str(folder)), "W_dec")
 
 
 def test_sae_nan_weights(tmp_path):
@@ -224,12 +224,12 @@ def test_sae_nan_weights(tmp_path):
         w["W_enc"][0, 0] = float("nan")
 
     _edit_weights(folder, poison)
-    raises(lambda: _load_and_encode(folder), "W_enc")
+    expect(PolicytraceError, lambda: _load_and_encode(folder), "W_enc")
 
 
 def test_sae_path_is_a_file(tmp_path):
     folder = _sae_folder(tmp_path / "sae")
-    raises(lambda: load_sae(path=str(folder / "cfg.json")), "sae.path", cls=ConfigError)
+    expect(ConfigError, lambda: load_sae(path=str(folder / "cfg.json")), "sae.path")
 
 
 # --------------------------------------------------------------------------------------
@@ -243,13 +243,12 @@ def test_update_lr_1e308_diverges_with_typed_error(tok, optimizer):
     for p in model.parameters():
         p.requires_grad_(False)
     engine = UpdateEngine(model, tok, UpdateCfg(lr=1e308, optimizer=optimizer))
-    raises(lambda: engine.update("tell me story", "sure here is the answer", "pair-17"),
-           "update.lr", "pair-17", cls=NonFiniteError)
+    expect(NonFiniteError, lambda: engine.update("tell me story", "sure here is the answer", "pair-17"), "update.lr", "pair-17")
 
 
 @pytest.mark.parametrize("lr", [float("inf"), float("nan"), 0.0, -1e-4, "1e-4"])
 def test_update_cfg_bad_lr(lr):
-    raises(lambda: UpdateCfg(lr=lr), "update.lr", cls=ConfigError)
+    expect(ConfigError, lambda: UpdateCfg(lr=lr), "update.lr")
 
 
 # --------------------------------------------------------------------------------------
@@ -259,7 +258,7 @@ def test_update_cfg_bad_lr(lr):
 
 @pytest.mark.parametrize("targets", [[""], [], ["i can't", "i"]], ids=["empty-string", "none", "prefix"])
 def test_target_set_bad_targets(tok, targets):
-    raises(lambda: TargetSet.from_strings(tok, targets), "behaviour.targets", cls=ConfigError)
+    expect(ConfigError, lambda: TargetSet.from_strings(tok, targets), "behaviour.targets")
 
 
 @pytest.mark.parametrize("layer", [2, -1, 2**70])
@@ -270,4 +269,4 @@ def test_hook_layer_out_of_range(tok, layer):
         with capture_block_output(model, layer):
             pass
 
-    raises(run, "sae.layer")
+    expect(PolicytraceError, run, "sae.layer")

@@ -12,6 +12,7 @@ from policytrace.errors import ConfigError, InvalidValueError, PolicytraceError
 from policytrace.model.chat import encode_prompts, format_prompt
 from policytrace.model.probe import ProbeRunner, TargetSet
 
+from _helpers import expect
 from _model_helpers import (
     ANTI,
     LAYER,
@@ -21,7 +22,6 @@ from _model_helpers import (
     assert_f32_of,
     build_tokenizer,
     digest,
-    expect,
     naive_pooled,
     naive_scores,
     params_of,

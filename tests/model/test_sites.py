@@ -12,7 +12,8 @@ from policytrace.model.chat import format_prompt
 from policytrace.model.probe import ProbeRunner
 from policytrace.model.sites import capture_block_output, decoder_layers
 
-from _model_helpers import LAYER, N_LAYERS, expect
+from _helpers import expect
+from _model_helpers import LAYER, N_LAYERS
 
 # --------------------------------------------------------------------------------------
 # the hook reads the block output

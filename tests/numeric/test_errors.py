@@ -22,6 +22,7 @@ from hypothesis.extra import numpy as hnp
 
 import policytrace as pt
 from policytrace import _core
+from _helpers import expect, is_panic
 from policytrace.errors import (
     DTypeError,
     EmptyInputError,
@@ -41,31 +42,6 @@ N, K, P = 24, 5, 3
 # --------------------------------------------------------------------------------------
 # helpers and shared data
 # --------------------------------------------------------------------------------------
-
-
-def _is_panic(e: BaseException) -> bool:
-    return type(e).__name__ == "PanicException"
-
-
-def expect(cls, fn, *fragments):
-    """Call ``fn``; it must raise ``cls`` (a class or tuple), never a panic, and the message
-    must contain every fragment. Returns the exception."""
-    try:
-        fn()
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as e:  # PanicException derives from BaseException
-        assert not _is_panic(e), f"pyo3 PanicException escaped: {e!r}"
-        names = cls.__name__ if isinstance(cls, type) else "/".join(c.__name__ for c in cls)
-        assert isinstance(e, cls), (
-            f"expected {names}, got {type(e).__module__}.{type(e).__name__}: {e}"
-        )
-        msg = str(e)
-        for frag in fragments:
-            assert frag in msg, f"{frag!r} not in message {msg!r}"
-        return e
-    names = cls.__name__ if isinstance(cls, type) else "/".join(c.__name__ for c in cls)
-    raise AssertionError(f"expected {names}, nothing was raised")
 
 
 def _data():
@@ -1190,7 +1166,7 @@ def _accepted_or_typed(fn):
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:
-        assert not _is_panic(e), f"panic: {e!r}"
+        assert not is_panic(e), f"panic: {e!r}"
         assert isinstance(e, PolicytraceError), f"{type(e).__module__}.{type(e).__name__}: {e}"
 
 

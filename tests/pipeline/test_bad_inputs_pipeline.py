@@ -14,7 +14,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from policytrace.errors import ConfigError, DataError, RunFolderError  # noqa: E402
+from policytrace.errors import ConfigError, DataError, PolicytraceError, RunFolderError  # noqa: E402
 from policytrace.pipeline import config as cfgmod  # noqa: E402
 from policytrace.pipeline.cli import main  # noqa: E402
 from policytrace.pipeline.data import load_pairs, load_probes  # noqa: E402
@@ -22,7 +22,7 @@ from policytrace.pipeline.report import write_report  # noqa: E402
 from policytrace.pipeline.run import execute  # noqa: E402
 
 from _tiny import tiny_config, write_tiny_data, write_tiny_model  # noqa: E402
-from _helpers import raises  # noqa: E402
+from _helpers import expect  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -72,33 +72,33 @@ def _toml(tiny, path: Path) -> Path:
          "table-not-a-table", "seed-negative", "seed-2**70", "train_seed-2**70"],
 )
 def test_config_bad_value(user, key):
-    raises(lambda: cfgmod.resolve(user), key, cls=ConfigError)
+    expect(ConfigError, lambda: cfgmod.resolve(user), key)
 
 
 def test_config_path_is_a_directory(tmp_path):
-    raises(lambda: cfgmod.load(tmp_path), str(tmp_path), cls=ConfigError)
+    expect(ConfigError, lambda: cfgmod.load(tmp_path), str(tmp_path))
 
 
 def test_config_file_missing(tmp_path):
-    raises(lambda: cfgmod.load(tmp_path / "nope.toml"), "nope.toml", cls=ConfigError)
+    expect(ConfigError, lambda: cfgmod.load(tmp_path / "nope.toml"), "nope.toml")
 
 
 def test_config_file_invalid_utf8(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_bytes(b"[run]\nseed = 1\n# caf\xe9 \xff\n")
-    raises(lambda: cfgmod.load(path), "bad.toml", cls=ConfigError)
+    expect(ConfigError, lambda: cfgmod.load(path), "bad.toml")
 
 
 def test_config_file_invalid_toml(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text("[run\nseed = 1\n")
-    raises(lambda: cfgmod.load(path), "bad.toml", cls=ConfigError)
+    expect(ConfigError, lambda: cfgmod.load(path), "bad.toml")
 
 
 def test_config_file_big_integer(tmp_path):
     path = tmp_path / "big.toml"
     path.write_text("[run]\nthreads = 99999999999999999999999\n")
-    raises(lambda: cfgmod.load(path), "run.threads", cls=ConfigError)
+    expect(ConfigError, lambda: cfgmod.load(path), "run.threads")
 
 
 # --------------------------------------------------------------------------------------
@@ -120,7 +120,7 @@ def test_jsonl_invalid_utf8_on_line_3(tmp_path, kind):
     lines[2] = lines[2].replace(b'"id": "', b'"id": "\xff\xfe', 1)
     bad = tmp_path / f"bad-{kind}.jsonl"
     bad.write_bytes(b"".join(lines))
-    msg = raises(lambda: LOADERS[kind](bad), bad.name, cls=DataError)
+    msg = str(expect(DataError, lambda: LOADERS[kind](bad), bad.name))
     assert re.search(r"(:3\b|line 3\b)", msg), f"line 3 is not named: {msg!r}"
 
 
@@ -132,7 +132,7 @@ def test_jsonl_deeply_nested_line(tmp_path, kind):
     lines[1] = b"[" * 100_000 + b"]" * 100_000 + b"\n"
     bad = tmp_path / f"deep-{kind}.jsonl"
     bad.write_bytes(b"".join(lines))
-    msg = raises(lambda: LOADERS[kind](bad), bad.name, cls=DataError)
+    msg = str(expect(DataError, lambda: LOADERS[kind](bad), bad.name))
     assert re.search(r"(:2\b|line 2\b)", msg), f"line 2 is not named: {msg!r}"
 
 
@@ -143,7 +143,7 @@ def test_parquet_that_is_not_parquet(tmp_path, kind, content):
 
     bad = tmp_path / f"{kind}.parquet"
     bad.write_bytes(np.random.default_rng(3).bytes(500) if content is None else content)
-    raises(lambda: LOADERS[kind](bad), bad.name, cls=DataError)
+    expect(DataError, lambda: LOADERS[kind](bad), bad.name)
 
 
 @pytest.mark.parametrize("kind", ["probes", "pairs"])
@@ -151,7 +151,7 @@ def test_parquet_that_is_not_parquet(tmp_path, kind, content):
 def test_directory_as_data_file(tmp_path, kind, name):
     folder = tmp_path / name
     folder.mkdir()
-    raises(lambda: LOADERS[kind](folder), str(folder))
+    expect(PolicytraceError, lambda: LOADERS[kind](folder), str(folder))
 
 
 # --------------------------------------------------------------------------------------
@@ -168,13 +168,13 @@ def test_run_folder_is_a_regular_file(tiny, tmp_path):
     # Today: FileExistsError from mkdir.
     target = tmp_path / "afile"
     target.write_text("not a folder")
-    raises(lambda: _execute(tiny, target), str(target))
+    expect(PolicytraceError, lambda: _execute(tiny, target), str(target))
 
 
 def test_run_folder_under_a_regular_file(tiny, tmp_path):
     # Today: NotADirectoryError from mkdir.
     (tmp_path / "afile").write_text("not a folder")
-    raises(lambda: _execute(tiny, tmp_path / "afile" / "run"), str(tmp_path / "afile"))
+    expect(PolicytraceError, lambda: _execute(tiny, tmp_path / "afile" / "run"), str(tmp_path / "afile"))
 
 
 @pytest.mark.parametrize(
@@ -186,7 +186,7 @@ def test_run_folder_damaged_fingerprint(tiny, tmp_path, content):
     folder = tmp_path / "run"
     folder.mkdir()
     (folder / "fingerprint.json").write_bytes(content if isinstance(content, bytes) else content.encode())
-    raises(lambda: _execute(tiny, folder), "fingerprint.json", cls=RunFolderError)
+    expect(RunFolderError, lambda: _execute(tiny, folder), "fingerprint.json")
 
 
 @pytest.mark.parametrize(
@@ -197,7 +197,7 @@ def test_run_folder_damaged_fingerprint(tiny, tmp_path, content):
 )
 def test_report_on_damaged_run_folder(tmp_path, content, fragment):
     (tmp_path / "manifest.json").write_bytes(content if isinstance(content, bytes) else content.encode())
-    raises(lambda: write_report(tmp_path), fragment, cls=RunFolderError)
+    expect(RunFolderError, lambda: write_report(tmp_path), fragment)
 
 
 # --------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ probe/pair leaks, and Parquet read the same as JSONL."""
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import polars as pl
@@ -12,6 +11,8 @@ import pytest
 
 from policytrace.pipeline import data
 from policytrace.errors import ConfigError, DataError, EmptyInputError, InvalidValueError
+
+from _helpers import Re, expect
 
 PROBE = {"id": "p1", "prompt": "Tell me a story.", "category": "benign", "harmful": False}
 PAIR = {
@@ -38,18 +39,8 @@ def pair(i: int, **kw) -> dict:
     return {**PAIR, "id": f"q{i}", "prompt": f"Pair prompt number {i}.", **kw}
 
 
-def expect(cls, fn, *patterns):
-    """fn raises cls; the message matches every regex pattern."""
-    with pytest.raises(cls) as info:
-        fn()
-    msg = str(info.value)
-    for pat in patterns:
-        assert re.search(pat, msg), f"{pat!r} not found in {msg!r}"
-    return info.value
-
-
-def at_line(n: int) -> str:
-    return rf"(line {n}\b|:{n}:)"
+def at_line(n: int) -> Re:
+    return Re(rf"(line {n}\b|:{n}:)")
 
 
 # --------------------------------------------------------------------------------------
@@ -232,7 +223,7 @@ def test_overlap_case_and_space_folded(tmp_path):
         lambda: data.load_dataset(fp, fq),
         lambda: data.check_overlap(data.load_probes(fp), data.load_pairs(fq)),
     ):
-        e = expect(DataError, fn, r"\bq2\b", r"\bp1\b", r"\bq4\b", r"\bp3\b", r"\b2\b")
+        e = expect(DataError, fn, Re(r"\bq2\b"), Re(r"\bp1\b"), Re(r"\bq4\b"), Re(r"\bp3\b"), Re(r"\b2\b"))
         assert "q1" not in str(e) and "q3" not in str(e)
 
 
@@ -247,7 +238,7 @@ def test_overlap_with_shipped_files(tmp_path):
     shipped = data.load_probes(data.shipped_path("probes.jsonl"))
     leaked = shipped["prompt"][5]
     fq = write_jsonl(tmp_path / "pairs.jsonl", [pair(1), pair(2, prompt=leaked.upper())])
-    expect(DataError, lambda: data.load_dataset(pairs=fq), r"\bq2\b", re.escape(shipped["id"][5]))
+    expect(DataError, lambda: data.load_dataset(pairs=fq), Re(r"\bq2\b"), shipped["id"][5])
 
 
 # --------------------------------------------------------------------------------------
@@ -281,15 +272,15 @@ def test_parquet_small_roundtrip_and_optional_harmful(tmp_path):
 def test_parquet_errors_name_rows(tmp_path):
     pq = tmp_path / "probes.parquet"
     pl.DataFrame([probe(1), probe(2), {**probe(3), "id": "p1"}]).write_parquet(pq)
-    expect(DataError, lambda: data.load_probes(pq), "p1", r"row 0\b", r"row 2\b", "probes.parquet")
+    expect(DataError, lambda: data.load_probes(pq), "p1", Re(r"row 0\b"), Re(r"row 2\b"), "probes.parquet")
     pl.DataFrame([probe(1), {**probe(2), "prompt": None}]).write_parquet(pq)
-    expect(DataError, lambda: data.load_probes(pq), r"row 1\b", "prompt")
+    expect(DataError, lambda: data.load_probes(pq), Re(r"row 1\b"), "prompt")
     pl.DataFrame([probe(1), {**probe(2), "prompt": "  "}]).write_parquet(pq)
-    expect(DataError, lambda: data.load_probes(pq), r"row 1\b", "prompt")
+    expect(DataError, lambda: data.load_probes(pq), Re(r"row 1\b"), "prompt")
     pl.DataFrame({"id": ["p1"], "prompt": ["x"], "category": ["c"], "harmful": [1]}).write_parquet(pq)
-    expect(DataError, lambda: data.load_probes(pq), r"row 0\b", "harmful")
+    expect(DataError, lambda: data.load_probes(pq), Re(r"row 0\b"), "harmful")
     pl.DataFrame({"id": [1], "prompt": ["x"], "category": ["c"]}).write_parquet(pq)
-    expect(DataError, lambda: data.load_probes(pq), r"row 0\b", "id")
+    expect(DataError, lambda: data.load_probes(pq), Re(r"row 0\b"), "id")
     pl.DataFrame({"id": ["p1"], "prompt": ["x"]}).write_parquet(pq)
     expect(DataError, lambda: data.load_probes(pq), "category")
 
