@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -37,18 +39,29 @@ def test_probe_pass_and_update_on_family(arch, tok):
     targets = TargetSet.from_strings(tok, ["i can't", "sorry"])
     runner = ProbeRunner(model, tok, 0, targets, batch_size=2)
     H, y = runner.run(ids)
-    naive = []
-    with torch.no_grad():
-        for p in ids:
-            lps = []
-            for s in targets.targets:
-                logp = torch.log_softmax(model(torch.tensor([p + list(s)])).logits[0], -1)
-                lps.append(sum(logp[len(p) - 1 + t, s[t]] for t in range(len(s))))
-            naive.append(torch.logsumexp(torch.stack(lps), 0).item())
-    np.testing.assert_allclose(y, naive, rtol=0, atol=1e-9)
+
+    def naive(m):
+        """log P(targets | prompt) from one full forward pass per prompt and target."""
+        out = []
+        with torch.no_grad():
+            for p in ids:
+                lps = []
+                for s in targets.targets:
+                    logp = torch.log_softmax(m(torch.tensor([p + list(s)])).logits[0], -1)
+                    lps.append(sum(logp[len(p) - 1 + t, s[t]] for t in range(len(s))))
+                out.append(torch.logsumexp(torch.stack(lps), 0).item())
+        return np.array(out)
+
+    np.testing.assert_allclose(y, naive(model), rtol=0, atol=1e-9)
     params = UpdateEngine(model, tok, UpdateCfg(lr=1e-2)).update("tell me story", "sure here is the answer", "p")
     H1, y1 = runner.run(ids, params=params)
-    assert np.abs(y1 - y).max() > 0
+    # the probe pass through params= is the plain model with those weights written in
+    updated = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in updated.named_parameters():
+            p.copy_(params[n])
+    assert np.abs(y1 - y).max() > 1e-6  # the update is visible at this tolerance
+    np.testing.assert_allclose(y1, naive(updated), rtol=0, atol=1e-9)
 
 
 def test_hook_sites(tok):

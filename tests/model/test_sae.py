@@ -15,7 +15,8 @@ from policytrace.model import sae_train
 from policytrace.model.probe import ProbeRunner
 from policytrace.model.sites import HookSite
 
-from _model_helpers import LAYER, PROMPTS, expect
+from _helpers import expect
+from _model_helpers import LAYER, PROMPTS
 
 SAE_CFG = sae_train.TrainSpec(d_sae=64, k=4, steps=60, batch_size=256, lr=1e-2, seed=0, max_tokens=2000)
 
@@ -78,11 +79,32 @@ def test_sae_encoder_matches_training_formula(trained_sae, acts):
 
 
 def test_sae_quality(trained_sae, acts):
+    """FVU, L0 and the dead fraction equal a direct float64 computation from the SAE's weights:
+    codes = ReLU of the k largest (x − b_dec) W_enc + b_enc, reconstruction codes W_dec + b_dec."""
     q = sae_train.sae_quality(trained_sae, acts)
-    assert 0.0 <= q["fvu"] <= 1.5
+    W_enc, b_enc, W_dec, b_dec = (getattr(trained_sae, n).detach().double().numpy()
+                                  for n in ("W_enc", "b_enc", "W_dec", "b_dec"))
+    x, k = acts.astype(np.float64), SAE_CFG.k
+    pre = (x - b_dec) @ W_enc + b_enc
+    srt = np.sort(pre, axis=1)
+    # float32 rounding of pre (sae_quality's precision) cannot change which latents are chosen:
+    # the k-th largest is clear of the (k+1)-th and of zero by far more than that rounding
+    eps32 = float(np.finfo(np.float32).eps)
+    slack = 8 * eps32 * (np.abs(x - b_dec) @ np.abs(W_enc) + np.abs(b_enc)).max(axis=1)
+    assert (srt[:, -k] - srt[:, -k - 1] > slack).all() and (np.abs(srt[:, -k]) > slack).all()
+    top = np.argsort(-pre, axis=1)[:, :k]
+    codes = np.zeros_like(pre)
+    np.put_along_axis(codes, top, np.maximum(np.take_along_axis(pre, top, 1), 0.0), 1)
+    r = codes @ W_dec + b_dec - x
+    fvu = (r**2).sum() / ((x - x.mean(0)) ** 2).sum()
+    # float32 error of sae_quality: each residual is off by eps32 times the row's largest term,
+    # the squares' sum by twice that times Σ|r|, plus the summation's own rounding
+    big = (np.abs(x) + np.abs(b_dec) + np.abs(codes) @ np.abs(W_dec)).max()
+    rtol = 2 * eps32 * big * np.abs(r).sum() / (r**2).sum() + 2 * eps32 * np.log2(r.size)
+    assert q["fvu"] == pytest.approx(fvu, rel=rtol)
     assert q["fvu"] < 0.9  # it learned something on this low-rank data
-    assert 0 < q["l0"] <= SAE_CFG.k
-    assert 0.0 <= q["dead_fraction"] <= 1.0
+    assert q["l0"] == (codes != 0).sum(1).mean()
+    assert q["dead_fraction"] == ((codes != 0).sum(0) == 0).mean()
     assert q["n_tokens"] == len(acts)
 
 

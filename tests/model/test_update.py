@@ -15,6 +15,7 @@ from policytrace.model.config import UpdateCfg
 from policytrace.model.probe import ProbeRunner, TargetSet
 from policytrace.model.update import UpdateEngine
 
+from _helpers import expect
 from _model_helpers import (
     ANTI,
     LAYER,
@@ -25,7 +26,6 @@ from _model_helpers import (
     WORDS,
     build_model,
     digest,
-    expect,
     params_of,
 )
 
@@ -199,13 +199,21 @@ def test_base_weights_bit_identical_after_thousands_of_updates(model, tok):
         return h.hexdigest()
 
     before = digest()
+    pair = ("tell me a story", "sure here is a story .")
     engines = [
         UpdateEngine(model, tok, UpdateCfg(optimizer="sgd", lr=1e-2)),
         UpdateEngine(model, tok, UpdateCfg(optimizer="adam", lr=1e-3, params="mlp")),
     ]
+    first = [e.update(*pair, "p") for e in engines]
+    # the first updates are the right ones (plain autograd on a copy) ...
+    mlp = {n for n in params_of(model) if ".mlp." in n}
+    assert _delta_rel_err(model, first[0], manual_update(model, tok, *pair, "sgd", 1e-2, 1)) <= TIGHT
+    assert _delta_rel_err(model, first[1], manual_update(model, tok, *pair, "adam", 1e-3, 1, names=mlp)) <= TIGHT
+    # ... and every later one is bit-identical to them: nothing carries over between updates
     for i in range(2000):
-        out = engines[i % 2].update("tell me a story", "sure here is a story .", f"p{i}")
-        assert out is not None
+        out = engines[i % 2].update(*pair, f"p{i}")
+        ref = first[i % 2]
+        assert out.keys() == ref.keys() and all(torch.equal(out[n], ref[n]) for n in ref), i
     assert digest() == before
 
 
@@ -227,11 +235,19 @@ def test_lora_update(model, tok, tset):
     np.testing.assert_array_equal(H1, H0)
     np.testing.assert_array_equal(y1, y0)
     assert engine.trainable and all("lora_" in n for n in engine.trainable)
-    params = engine.update("tell me a story", "sure here is a story .", "p")
+    pair = ("tell me a story", "sure here is a story .")
+    params = engine.update(*pair, "p")
     changed = [n for n in params if not torch.equal(params[n], engine.base[n])]
     assert changed and all("lora_B" in n for n in changed)  # one SGD step from B = 0 moves only B
+    # the adapters' step is plain autograd's on a copy of the adapted model ...
+    ref = manual_update(m, tok, *pair, "sgd", 1e-1, 1, names=set(engine.trainable))
+    assert _delta_rel_err(m, params, ref) <= TIGHT
+    # ... and the probe pass through params= is that copy's probe pass
     H2, y2 = runner.run(ids, params=params)
-    assert np.abs(y2 - y0).max() > 0
+    Hr, yr = ProbeRunner(ref, tok, LAYER, tset).run(ids)
+    assert np.abs(y2 - y0).max() > 1e3 * TIGHT  # the update is visible at this tolerance
+    np.testing.assert_allclose(y2, yr, rtol=0, atol=TIGHT)
+    np.testing.assert_allclose(H2, Hr, rtol=0, atol=TIGHT)
     with pytest.raises(ConfigError, match="lora_targets"):
         UpdateEngine(copy.deepcopy(model), tok, UpdateCfg(lora_rank=2, lora_targets=("nope",)))
 
