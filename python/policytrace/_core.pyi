@@ -16,6 +16,8 @@ _U64 = npt.NDArray[np.uint64]
 _Csr = tuple[_I64, _I64, _F64, tuple[int, int]]
 _Csr32or64 = Union[_Csr, tuple[_I32, _I32, _F64, tuple[int, int]]]
 _Matrix = Union[_F64, _Csr]
+_DenseDx = Union[_F64, npt.NDArray[np.float32]]
+_PairsDx = Union[_Csr32or64, _DenseDx, list[Union[_Csr32or64, _DenseDx]]]
 
 __all__ = [
     "feature_stats",
@@ -95,6 +97,12 @@ class SplitResult:
     def pred_dy(self) -> _F64: ...
     @property
     def n_fallback(self) -> int: ...
+    @property
+    def predicted(self) -> _F64:
+        """The policy's predicted change per probe, (P, n)."""
+    @property
+    def mean_dx(self) -> _F64:
+        """Mean ΔX over probes per feature (unscaled), (P, K)."""
 
 @final
 class InterferenceResult:
@@ -146,9 +154,12 @@ class Decomposer:
     ) -> Decomposer: ...
     @property
     def shape(self) -> tuple[int, int]: ...
-    def run(self, dx: _Csr32or64, dy: _F64, method: str = "exact", threads: int | None = None) -> SplitResult:
-        """``dx``: pair-major stacked CSR (P*n, K) with int32 or int64 indices (used without
-        copying); ``dy``: (P, n)."""
+    def run(
+        self, dx: _PairsDx, dy: _F64, method: str = "exact", threads: int | None = None
+    ) -> SplitResult:
+        """``dx``: a pair-major stacked CSR (P*n, K) with int32 or int64 indices, a
+        C-contiguous float64/float32 array (P, n, K) or (P*n, K), or a list with one CSR or
+        (n, K) array per pair (all used without copying); ``dy``: (P, n)."""
 
 # Constants shared with the float64 reference (policytrace.numeric._reference reads them).
 PIVOT_RATIO_MIN: float

@@ -1051,7 +1051,9 @@ def test_core_other_typed_errors():
            "refit")
     D = _core_pol()
     dx = csr_tuple(DX0.reshape(P * N, K))
-    expect(SparseFormatError, lambda: D.run(np.zeros((N, K)), DY0[:1]), "`dX`", "CSR")
+    # Dense float64/float32 ΔX is read as it is; other dtypes are refused, naming the forms.
+    expect(DTypeError, lambda: D.run(np.zeros((N, K), dtype=np.int64), DY0[:1]), "`dX`", "CSR", "float32")
+    expect(DTypeError, lambda: D.run([[0.0] * K] * N, DY0[:1]), "`dX[0]`", "CSR")
     expect(InvalidValueError, lambda: D.run(dx, DY0, "second_order"), "`method`")
     expect(DTypeError, lambda: D.run(dx, DY0.astype(np.float32)), "`dy`")
     expect(DTypeError, lambda: D.run(dx, DY0[0]), "`dy`")

@@ -176,26 +176,56 @@ def to_scipy(x: MatrixArg) -> np.ndarray | sp.csr_matrix:
 
 
 def stack_pairs(dX: Any, n: int, k: int, validate: bool = True) -> tuple[sp.csr_matrix, int]:
-    """Every accepted form of per-pair ΔX as one pair-major CSR of shape (P*n, K).
+    """Every accepted form of per-pair ΔX (:func:`pairs_arg`) as one pair-major scipy CSR of
+    shape (P*n, K): the float64 reference's input, and the route that words a value error in
+    pair/probe terms (``validate``: check structure and finiteness)."""
+    arg, p = pairs_arg(dX, n, k)
+    parts = arg if isinstance(arg, list) else [arg]
+    mats = [to_scipy(a) if isinstance(a, tuple) else sp.csr_matrix(a.astype(np.float64, copy=False)) for a in parts]
+    if validate:
+        for i, m in enumerate(mats):
+            _checked_csr("dX" if len(mats) == 1 and not isinstance(arg, list) else f"dX[{i}]", m)
+    m = mats[0] if len(mats) == 1 else sp.vstack(mats, format="csr")
+    if validate and m.nnz and not np.isfinite(m.data).all():
+        bad = int(np.flatnonzero(~np.isfinite(m.data))[0])
+        row = int(np.searchsorted(m.indptr, bad, side="right") - 1)
+        raise NonFiniteError(
+            f"`dX` holds a non-finite value at pair {row // n}, probe {row % n}, "
+            f"feature column {int(m.indices[bad])}"
+        )
+    return m, p
 
-    Accepted: dense (n, K) or (P, n, K); sparse (n, K) for one pair or (P*n, K) stacked;
-    a sequence of per-pair (n, K) dense or sparse matrices. ``validate=False`` skips the
-    O(nnz) structure and finiteness checks of a stacked sparse ΔX, for callers whose next
-    step (the compiled core) checks them anyway.
-    """
+
+def _core_csr(name: str, m: sp.spmatrix) -> CsrTuple:
+    """A scipy matrix as the core reads it: CSR with canonical rows, float64 values; the index
+    arrays keep their width and nothing is copied when it is already so."""
+    csr = m if m.format == "csr" else m.tocsr()
+    if not csr.has_canonical_format:
+        csr = csr.copy()
+        csr.sum_duplicates()
+    return csr_tuple(csr.astype(np.float64, copy=False))
+
+
+def _core_dense(name: str, a: np.ndarray) -> np.ndarray:
+    """Dense ΔX as the core reads it: float64 or float32, C-contiguous (a copy only if not)."""
+    if a.dtype in (np.float64, np.float32) and a.flags.c_contiguous:
+        return a
+    return np.ascontiguousarray(a, dtype=np.float64)
+
+
+def pairs_arg(dX: Any, n: int, k: int) -> tuple[Any, int]:
+    """``(arg, P)``: the form of per-pair ΔX the compiled core reads without an intermediate
+    copy (a stacked CSR tuple, a dense (P·n, K) block, or a list of per-pair CSR tuples / dense
+    blocks), after the shape and dtype checks that word errors in the caller's terms. Values
+    (finite, canonical structure) are checked by the core, in parallel."""
     if sp.issparse(dX):
         _check_dtype("dX", dX.dtype)
         if dX.shape[0] == 0:
             raise EmptyInputError("`dX` holds no pairs")
         if dX.shape[1] != k or dX.shape[0] % n != 0:
-            raise ShapeError(
-                f"sparse `dX` must have shape (n, K) = ({n}, {k}) or (P*n, K), got {dX.shape}"
-            )
-        if validate:
-            m = _checked_csr("dX", dX).astype(np.float64, copy=False)
-        else:
-            m = (dX if dX.format == "csr" else dX.tocsr()).astype(np.float64, copy=False)
-    elif isinstance(dX, np.ndarray) or (not isinstance(dX, Sequence)):
+            raise ShapeError(f"sparse `dX` must have shape (n, K) = ({n}, {k}) or (P*n, K), got {dX.shape}")
+        return _core_csr("dX", dX), dX.shape[0] // n
+    if isinstance(dX, np.ndarray) or not isinstance(dX, Sequence):
         a = np.asarray(dX)
         _check_dtype("dX", a.dtype)
         if a.ndim == 2:
@@ -204,35 +234,18 @@ def stack_pairs(dX: Any, n: int, k: int, validate: bool = True) -> tuple[sp.csr_
             raise ShapeError(f"dense `dX` must have shape (P, n, K) with n={n}, K={k}; got {a.shape}")
         if a.shape[0] == 0:
             raise EmptyInputError("`dX` holds no pairs")
-        m = sp.csr_matrix(a.reshape(-1, k).astype(np.float64, copy=False))
-    else:
-        if len(dX) == 0:
-            raise EmptyInputError("`dX` holds no pairs")
-        parts = []
-        for i, d in enumerate(dX):
-            if sp.issparse(d):
-                _check_dtype(f"dX[{i}]", d.dtype)
-                part = _checked_csr(f"dX[{i}]", d)
-            else:
-                a = np.asarray(d)
-                _check_dtype(f"dX[{i}]", a.dtype)
-                part = sp.csr_matrix(a) if a.ndim == 2 else None
-            if part is None or part.shape != (n, k):
-                got = part.shape if part is not None else np.asarray(d).shape
-                raise ShapeError(f"`dX[{i}]` must have shape ({n}, {k}), got {got}")
-            parts.append(part.astype(np.float64, copy=False))
-        m = sp.vstack(parts, format="csr")
-    if not m.has_canonical_format:
-        m = m.copy()
-        m.sum_duplicates()
-    if validate and m.nnz and not np.isfinite(m.data).all():
-        bad = int(np.flatnonzero(~np.isfinite(m.data))[0])
-        row = int(np.searchsorted(m.indptr, bad, side="right") - 1)
-        raise NonFiniteError(
-            f"`dX` holds a non-finite value at pair {row // n}, probe {row % n}, "
-            f"feature column {int(m.indices[bad])}"
-        )
-    return m, m.shape[0] // n
+        return _core_dense("dX", a).reshape(-1, k), a.shape[0]
+    if len(dX) == 0:
+        raise EmptyInputError("`dX` holds no pairs")
+    items = []
+    for i, d in enumerate(dX):
+        name = f"dX[{i}]"
+        a = d if sp.issparse(d) else np.asarray(d)
+        _check_dtype(name, a.dtype)
+        if a.shape != (n, k):
+            raise ShapeError(f"`{name}` must have shape ({n}, {k}), got {a.shape}")
+        items.append(_core_csr(name, a) if sp.issparse(a) else _core_dense(name, a))
+    return items, len(items)
 
 
 def as_dy(dy: Any, n_pairs: int, n: int) -> np.ndarray:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from .mediation import sums_of
 from ..errors import EmptyInputError, InvalidValueError, NonFiniteError, ShapeError, SolverError
 
 from .._core import GCV_GRID_HI, GCV_GRID_LO, GCV_GRID_POINTS, PIVOT_RATIO_MIN, REFIT_TOLERANCE  # the core's own
@@ -55,6 +56,8 @@ class SplitResult:
     d_y: np.ndarray
     pred_dy: np.ndarray
     n_fallback: int
+    predicted: np.ndarray
+    mean_dx: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -309,7 +312,8 @@ class Decomposer:
                 out["d_total"][p] = out["d_x"][p] + out["d_y"][p]
             else:
                 raise InvalidValueError(f"`method` '{method}' is not 'exact' or 'first_order'")
-        return SplitResult(out["d_total"], out["d_x"], out["d_y"], pred, fallback)
+        predicted, mean_dx = sums_of(D, n, self.coef, self.scale)
+        return SplitResult(out["d_total"], out["d_x"], out["d_y"], pred, fallback, predicted, mean_dx)
 
 
 def interference(d_coef, feature_group, pair_group):

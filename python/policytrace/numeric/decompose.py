@@ -14,7 +14,7 @@ import numpy as np
 import polars as pl
 
 from . import _backend as backends
-from ._inputs import as_dy, as_matrix, as_vector, csr_tuple, stack_pairs
+from ._inputs import as_dy, as_matrix, as_vector, csr_tuple, pairs_arg, stack_pairs
 from ..errors import InvalidValueError, NonFiniteError, ShapeError, SparseFormatError
 from .interference import group_codes, summarize_interference
 from .mediation import Mediation, mediation
@@ -145,38 +145,31 @@ class Attributor:
         count; ``pair_groups`` (category or label per pair) enable interference flags.
         """
         k = self.policy.n_features
-        # The compiled core validates a stacked ΔX itself (in parallel); the Python checks
-        # run for the reference backend, or to word the core's complaint in pair/probe terms.
-        stacked, p = stack_pairs(dX, self.n, k, validate=not self._is_rust)
-        dya = as_dy(dy, p, self.n)
-        if pair_ids is None:
-            # Continue after the largest integer id seen so defaults never collide.
-            start = self._next_default
-            pair_ids = list(range(start, start + p))
+        if self._is_rust:
+            # Dense, stacked and per-pair ΔX reach the core as they are (no scipy copy); the
+            # core checks values in parallel and the Python checks only word its complaint.
+            arg, p = pairs_arg(dX, self.n, k)
         else:
-            pair_ids = list(pair_ids)
-            if len(pair_ids) != p:
-                raise ShapeError(f"`pair_ids` has {len(pair_ids)} ids for {p} pairs")
-        dup = [i for i in pair_ids if i in self._seen]
-        if dup or len(set(pair_ids)) != len(pair_ids):
-            seen: set = set()
-            dup = dup or [i for i in pair_ids if i in seen or seen.add(i)]
-            raise InvalidValueError(f"duplicate pair ids: {dup[:10]}")
+            stacked, p = stack_pairs(dX, self.n, k, validate=True)
+            arg = csr_tuple(stacked)
+        dya = as_dy(dy, p, self.n)
+        pair_ids = self._checked_ids(pair_ids, p)
         if pair_groups is not None:
             pair_groups = list(pair_groups)
             if len(pair_groups) != p:
                 raise ShapeError(f"`pair_groups` has {len(pair_groups)} entries for {p} pairs")
         try:
-            res = self._core.run(csr_tuple(stacked), dya, self.method, self._threads)
+            res = self._core.run(arg, dya, self.method, self._threads)
         except (SparseFormatError, NonFiniteError):
             if self._is_rust:
-                stack_pairs(stacked, self.n, k, validate=True)  # raises the worded error
+                stack_pairs(dX, self.n, k, validate=True)  # raises the worded error
             raise
         self._seen.update(pair_ids)
         ints = [i for i in pair_ids if isinstance(i, (int, np.integer)) and not isinstance(i, bool)]
         if ints:
             self._next_default = max(self._next_default, int(max(ints)) + 1)
-        med = mediation(stacked, dya, self.policy.coef, self.policy.scale, res.pred_dy)
+        med = mediation(np.asarray(res.predicted), np.asarray(res.mean_dx), dya, self.policy.coef,
+                        self.policy.scale, res.pred_dy)
         frame = self._pair_feature_frame(pair_ids, res, med)
         pairs = self._pair_frame(pair_ids, pair_groups, res, dya, med)
         self.last_pairs = pairs  # this batch's one-row-per-pair summary (kept or not)
@@ -187,6 +180,21 @@ class Attributor:
             if self.last_behaviour is not None:
                 self._behaviour.append(self.last_behaviour)
         return frame
+
+    def _checked_ids(self, pair_ids: Sequence[Any] | None, p: int) -> list:
+        if pair_ids is None:
+            # Continue after the largest integer id seen so defaults never collide.
+            start = self._next_default
+            return list(range(start, start + p))
+        pair_ids = list(pair_ids)
+        if len(pair_ids) != p:
+            raise ShapeError(f"`pair_ids` has {len(pair_ids)} ids for {p} pairs")
+        dup = [i for i in pair_ids if i in self._seen]
+        if dup or len(set(pair_ids)) != len(pair_ids):
+            seen: set = set()
+            dup = dup or [i for i in pair_ids if i in seen or seen.add(i)]
+            raise InvalidValueError(f"duplicate pair ids: {dup[:10]}")
+        return pair_ids
 
     def _pair_feature_frame(self, pair_ids: list, res: Any, med: Mediation) -> pl.DataFrame:
         pol = self.policy

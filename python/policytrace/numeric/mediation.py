@@ -33,17 +33,13 @@ class Mediation:
     predicted: np.ndarray  # (P, n) policy-predicted change per probe
 
 
-def mediation(stacked: sp.csr_matrix, dy: np.ndarray, coef: np.ndarray, scale: np.ndarray,
+def mediation(predicted: np.ndarray, mean_dx: np.ndarray, dy: np.ndarray, coef: np.ndarray, scale: np.ndarray,
               mediated: np.ndarray | None = None) -> Mediation:
-    """``stacked``: pair-major ΔX (P·n, K); ``dy``: (P, n); the policy's ``coef`` and ``scale``.
-    ``mediated``: the core's mean predicted change per pair when already computed (the same
-    quantity, reused so the two columns agree to the bit)."""
-    p, n = dy.shape
-    w = coef / scale
-    predicted = np.asarray(stacked @ w).reshape(p, n)
-    owner = sp.csr_matrix((np.full(p * n, 1.0 / n), (np.repeat(np.arange(p), n), np.arange(p * n))), shape=(p, p * n))
-    mean_dz = np.asarray((owner @ stacked).todense()) / scale
-    per_feature = mean_dz * coef
+    """From the core's sums: ``predicted`` (P, n), the policy's change per probe ``ΔX_j·(coef/s)``,
+    and ``mean_dx`` (P, K), the mean ΔX per feature; ``dy``: (P, n); the policy's ``coef`` and
+    ``scale``. ``mediated``: the core's mean predicted change per pair when already computed
+    (the same quantity, reused so the two columns agree to the bit)."""
+    per_feature = mean_dx / scale * coef
     mediated = predicted.mean(axis=1) if mediated is None else np.asarray(mediated, dtype=np.float64)
     dy_mean = dy.mean(axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -51,3 +47,12 @@ def mediation(stacked: sp.csr_matrix, dy: np.ndarray, coef: np.ndarray, scale: n
         ss = (dy**2).sum(axis=1)
         r2 = np.where(ss > 0, 1.0 - ((dy - predicted) ** 2).sum(axis=1) / ss, np.nan)
     return Mediation(mediated, dy_mean - mediated, share, r2, per_feature, predicted)
+
+
+def sums_of(stacked: sp.csr_matrix, n: int, coef: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(predicted, mean_dx)`` of a pair-major stacked ΔX (P·n, K) with scipy, as the compiled
+    core computes them (the float64 reference's twin)."""
+    p = stacked.shape[0] // n
+    predicted = np.asarray(stacked @ (coef / scale)).reshape(p, n)
+    owner = sp.csr_matrix((np.full(p * n, 1.0 / n), (np.repeat(np.arange(p), n), np.arange(p * n))), shape=(p, p * n))
+    return predicted, np.asarray((owner @ stacked).todense())

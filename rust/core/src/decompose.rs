@@ -16,6 +16,7 @@ use rayon::prelude::*;
 use crate::error::{check_finite, CoreError, Result};
 use crate::linalg::{at_b, SolverKind, SpdSolver};
 use crate::matrix::{Csr, Index, Matrix};
+use crate::pairs::{non_finite, Compact, PairRows, RowSink};
 use crate::ridge::{add_ridge, Design, Policy};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +33,9 @@ pub struct Base {
     pub r: Vec<f64>,
     pub a: Mat<f64>,
     pub solver: SpdSolver,
+    /// The policy's own `coef / scale` (not the refit `b`): the weights of the mediation
+    /// columns, `ΔX_j · w` per probe, computed as the Python layer always has.
+    pub w_raw: Vec<f64>,
 }
 
 /// Disagreement of fitted values, relative to the spread of y, above which X, y are taken not
@@ -120,12 +124,19 @@ impl Base {
         for (ri, row) in r.iter_mut().zip(design.z.chunks_exact(k)) {
             *ri -= row.iter().zip(&b).map(|(z, c)| z * c).sum::<f64>();
         }
+        let w_raw = policy
+            .coef
+            .iter()
+            .zip(policy.scale)
+            .map(|(c, s)| c / s)
+            .collect();
         Ok(Self {
             design,
             b,
             r,
             a,
             solver,
+            w_raw,
         })
     }
 }
@@ -142,6 +153,10 @@ pub struct Split {
     pub pred_dy: Vec<f64>,
     /// Pairs whose perturbed system needed the eigendecomposition fallback.
     pub n_fallback: usize,
+    /// The policy's predicted change per probe, `ΔX_j · (coef / s)`, row-major `P x n`.
+    pub predicted: Vec<f64>,
+    /// Mean of ΔX over probes per feature (unscaled), row-major `P x K`.
+    pub mean_dx: Vec<f64>,
 }
 
 impl Split {
@@ -155,6 +170,8 @@ impl Split {
             d_y: Vec::new(),
             pred_dy: Vec::new(),
             n_fallback: 0,
+            predicted: Vec::new(),
+            mean_dx: Vec::new(),
         }
     }
 
@@ -167,6 +184,8 @@ impl Split {
         self.d_y.extend(other.d_y);
         self.pred_dy.extend(other.pred_dy);
         self.n_fallback += other.n_fallback;
+        self.predicted.extend(other.predicted);
+        self.mean_dx.extend(other.mean_dx);
     }
 
     pub fn d_xy(&self) -> Vec<f64> {
@@ -185,12 +204,11 @@ pub fn decompose<I: Index>(
     method: Method,
     par: Par,
 ) -> Result<Split> {
-    let d = &base.design;
-    let (n, k) = (d.n, d.k);
-    if dx.ncols != k {
+    let n = base.design.n;
+    if dx.ncols != base.design.k {
         return Err(CoreError::shape(
             "dX",
-            format!("{k} columns"),
+            format!("{} columns", base.design.k),
             format!("{} columns", dx.ncols),
         ));
     }
@@ -201,7 +219,27 @@ pub fn decompose<I: Index>(
             format!("{} rows", dx.nrows),
         ));
     }
-    let p = dx.nrows / n;
+    let views: Vec<PairRows<'_>> = (0..dx.nrows / n)
+        .map(|j| I::wrap(dx.slice_rows(j * n, (j + 1) * n)))
+        .collect();
+    decompose_pairs(base, &views, dy, method, par)
+}
+
+/// Decompose a batch of pairs given one view per pair (any layout: [`PairRows`]); `dy` is
+/// pair-major `P·n`. Runs on the current Rayon pool; `par` drives the GEMMs.
+pub fn decompose_pairs(
+    base: &Base,
+    pairs: &[PairRows<'_>],
+    dy: &[f64],
+    method: Method,
+    par: Par,
+) -> Result<Split> {
+    let d = &base.design;
+    let (n, k) = (d.n, d.k);
+    let p = pairs.len();
+    for (j, v) in pairs.iter().enumerate() {
+        v.check_shape(j, n, k)?;
+    }
     if dy.len() != p * n {
         return Err(CoreError::shape(
             "dy",
@@ -211,15 +249,7 @@ pub fn decompose<I: Index>(
     }
     check_finite("dy", dy, n)?;
     if p == 0 {
-        return Ok(Split {
-            n_pairs: 0,
-            k,
-            d_total: vec![],
-            d_x: vec![],
-            d_y: vec![],
-            pred_dy: vec![],
-            n_fallback: 0,
-        });
+        return Ok(Split::empty(k));
     }
     let inv_s: Vec<f64> = d.scale.iter().map(|s| 1.0 / s).collect();
     let dy_mat = MatRef::from_column_major_slice(dy, n, p);
@@ -228,11 +258,10 @@ pub fn decompose<I: Index>(
     let mut d_y = zt_dy.clone();
     base.solver.solve_in_place(d_y.as_mut());
 
-    let split = match method {
-        Method::FirstOrder => first_order(base, dx, &inv_s, &d_y, p, par),
-        Method::Exact => exact(base, dx, dy, &inv_s, &zt_dy, &d_y, p),
-    }?;
-    Ok(split)
+    match method {
+        Method::FirstOrder => first_order(base, pairs, &inv_s, &d_y, par),
+        Method::Exact => exact(base, pairs, dy, &inv_s, &zt_dy, &d_y),
+    }
 }
 
 fn to_rows(m: &Mat<f64>) -> Vec<f64> {
@@ -247,60 +276,110 @@ fn to_rows(m: &Mat<f64>) -> Vec<f64> {
     out
 }
 
-/// `w = ΔZ β` and `q = ΔZᵀ r` for one pair, dispatched to the widest SIMD the CPU has.
-#[multiversion::multiversion(targets("x86_64+avx512f+avx512dq+avx2+fma", "x86_64+avx2+fma"))]
-fn first_order_pair<I: Index>(
-    base: &Base,
-    rows: &Csr<'_, I>,
-    inv_s: &[f64],
-) -> (Vec<f64>, Vec<f64>) {
-    let (n, k) = (base.design.n, base.design.k);
-    let mut w = vec![0.0; n];
-    let mut q = vec![0.0; k];
-    for (i, wi) in w.iter_mut().enumerate() {
-        let (idx, val) = rows.row(i);
-        let ri = base.r[i];
-        for (&c, &v) in idx.iter().zip(val) {
-            let c = c.to_i64() as usize;
-            let z = v * inv_s[c];
-            *wi += z * base.b[c];
-            q[c] += z * ri;
-        }
-    }
-    (w, q)
+/// The mediation columns' sums for one pair: the policy's predicted change per probe and
+/// the mean ΔX per feature, accumulated in the order the Python layer used (row by row,
+/// columns ascending), so they keep their bits.
+struct Mediated {
+    predicted: Vec<f64>,
+    mean_dx: Vec<f64>,
+    inv_n: f64,
 }
 
-fn first_order<I: Index>(
+impl Mediated {
+    fn new(n: usize, k: usize) -> Self {
+        Self {
+            predicted: vec![0.0; n],
+            mean_dx: vec![0.0; k],
+            inv_n: 1.0 / n as f64,
+        }
+    }
+}
+
+/// Per pair of the first-order split: `w = ΔZ β` (n) and `q = ΔZᵀ r` (K), O(nnz).
+struct FirstOrderSink<'b> {
+    base: &'b Base,
+    inv_s: &'b [f64],
+    w: Vec<f64>,
+    q: Vec<f64>,
+    med: Mediated,
+}
+
+impl RowSink for FirstOrderSink<'_> {
+    #[inline(always)]
+    fn row<I: Index>(&mut self, i: usize, idx: &[I], val: &[f64]) {
+        let (b, w_raw, ri) = (&self.base.b, &self.base.w_raw, self.base.r[i]);
+        let (mut wi, mut pi) = (0.0, 0.0);
+        for (&c, &v) in idx.iter().zip(val) {
+            let c = c.to_i64() as usize;
+            let z = v * self.inv_s[c];
+            wi += z * b[c];
+            self.q[c] += z * ri;
+            pi += v * w_raw[c];
+            self.med.mean_dx[c] += self.med.inv_n * v;
+        }
+        self.w[i] = wi;
+        self.med.predicted[i] = pi;
+    }
+}
+
+/// One pair's first-order sums, dispatched to the widest SIMD the CPU has.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx512dq+avx2+fma", "x86_64+avx2+fma"))]
+fn first_order_pair<'b>(
+    base: &'b Base,
+    pair: &PairRows<'_>,
+    j: usize,
+    inv_s: &'b [f64],
+    buf: &mut Compact,
+) -> Result<FirstOrderSink<'b>> {
+    let (n, k) = (base.design.n, base.design.k);
+    let mut sink = FirstOrderSink {
+        base,
+        inv_s,
+        w: vec![0.0; n],
+        q: vec![0.0; k],
+        med: Mediated::new(n, k),
+    };
+    pair.visit(n, k, &mut sink, buf)
+        .map_err(|bad| non_finite(j, bad))?;
+    Ok(sink)
+}
+
+fn first_order(
     base: &Base,
-    dx: &Csr<'_, I>,
+    pairs: &[PairRows<'_>],
     inv_s: &[f64],
     d_y: &Mat<f64>,
-    p: usize,
     par: Par,
 ) -> Result<Split> {
     let d = &base.design;
-    let (n, k) = (d.n, d.k);
-    // Per pair: w = ΔZ β (length n) and q = ΔZᵀ r (length K), both O(nnz).
-    let per_pair: Vec<(Vec<f64>, Vec<f64>)> = (0..p)
+    let (n, k, p) = (d.n, d.k, pairs.len());
+    let per_pair: Vec<Result<FirstOrderSink<'_>>> = (0..p)
         .into_par_iter()
-        .map(|j| first_order_pair(base, &dx.slice_rows(j * n, (j + 1) * n), inv_s))
+        .map_init(Compact::default, |buf, j| {
+            first_order_pair(base, &pairs[j], j, inv_s, buf)
+        })
         .collect();
+    let per_pair = per_pair.into_iter().collect::<Result<Vec<_>>>()?;
     let mut w_mat = Mat::<f64>::zeros(n, p);
-    for (j, (w, _)) in per_pair.iter().enumerate() {
+    for (j, s) in per_pair.iter().enumerate() {
         for i in 0..n {
-            w_mat[(i, j)] = w[i];
+            w_mat[(i, j)] = s.w[i];
         }
     }
     let zt_w = at_b(d.zref(), w_mat.as_ref(), par);
-    let mut rhs = Mat::<f64>::from_fn(k, p, |i, j| per_pair[j].1[i] - zt_w[(i, j)]);
+    let mut rhs = Mat::<f64>::from_fn(k, p, |i, j| per_pair[j].q[i] - zt_w[(i, j)]);
     base.solver.solve_in_place(rhs.as_mut());
     let d_x = to_rows(&rhs);
     let d_y_rows = to_rows(d_y);
     let d_total = d_x.iter().zip(&d_y_rows).map(|(a, b)| a + b).collect();
     let pred_dy = per_pair
         .iter()
-        .map(|(w, _)| w.iter().sum::<f64>() / n as f64)
+        .map(|s| s.w.iter().sum::<f64>() / n as f64)
         .collect();
+    let (predicted, mean_dx) = per_pair
+        .into_iter()
+        .map(|s| (s.med.predicted, s.med.mean_dx))
+        .unzip::<_, _, Vec<_>, Vec<_>>();
     Ok(Split {
         n_pairs: p,
         k,
@@ -309,6 +388,8 @@ fn first_order<I: Index>(
         d_y: d_y_rows,
         pred_dy,
         n_fallback: 0,
+        predicted: predicted.concat(),
+        mean_dx: mean_dx.concat(),
     })
 }
 
@@ -317,72 +398,114 @@ struct PairOut {
     d_t: Vec<f64>,
     pred: f64,
     kind: SolverKind,
+    predicted: Vec<f64>,
+    mean_dx: Vec<f64>,
 }
 
 /// Reused per-worker buffers of the exact kernel.
 struct ExactScratch {
     c1: Vec<f64>,
     dd: Vec<f64>,
+    compact: Compact,
+}
+
+/// Per pair of the exact split, one pass over the rows of ΔZ. Z~ is read row by row (a
+/// sequential stream); column c of Z~ᵀΔZ gains v·(row i of Z~) for every stored (i, c, v), and
+/// ΔZᵀΔZ gains each row's outer product.
+struct ExactSink<'b> {
+    base: &'b Base,
+    inv_s: &'b [f64],
+    dyj: &'b [f64],
+    dy_mean: f64,
+    sc: &'b mut ExactScratch,
+    m: Vec<f64>,
+    gx: Vec<f64>,
+    gyy: Vec<f64>,
+    pred: f64,
+    med: Mediated,
+}
+
+impl RowSink for ExactSink<'_> {
+    #[inline(always)]
+    fn row<I: Index>(&mut self, i: usize, idx: &[I], val: &[f64]) {
+        let d = &self.base.design;
+        let k = d.k;
+        let zrow = &d.z[i * k..(i + 1) * k];
+        let (yc, dyc) = (d.y_c[i], self.dyj[i] - self.dy_mean);
+        let (inv_s, b, w_raw) = (self.inv_s, &self.base.b, &self.base.w_raw);
+        let mut pi = 0.0;
+        for (&c, &raw) in idx.iter().zip(val) {
+            let c = c.to_i64() as usize;
+            let v = raw * inv_s[c];
+            let col = &mut self.sc.c1[c * k..(c + 1) * k];
+            col.iter_mut().zip(zrow).for_each(|(o, z)| *o += v * z);
+            let drow = &mut self.sc.dd[c * k..(c + 1) * k];
+            for (&c2, &v2) in idx.iter().zip(val) {
+                let c2 = c2.to_i64() as usize;
+                drow[c2] += v * v2 * inv_s[c2];
+            }
+            self.m[c] += v;
+            self.gx[c] += v * yc;
+            self.gyy[c] += v * dyc;
+            self.pred += v * b[c];
+            pi += raw * w_raw[c];
+            self.med.mean_dx[c] += self.med.inv_n * raw;
+        }
+        self.med.predicted[i] = pi;
+    }
 }
 
 /// One pair of the exact split. Compiled for AVX-512 and AVX2 as well as the baseline and
 /// dispatched at run time: the O(nnz·K) accumulations are most of the work.
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512dq+avx2+fma", "x86_64+avx2+fma"))]
-fn exact_pair<I: Index>(
-    base: &Base,
-    rows: &Csr<'_, I>,
-    dyj: &[f64],
-    inv_s: &[f64],
-    zt_dy: &Mat<f64>,
+fn exact_sums<'b>(
+    base: &'b Base,
+    pair: &PairRows<'_>,
+    dyj: &'b [f64],
+    inv_s: &'b [f64],
     j: usize,
-    sc: &mut ExactScratch,
-) -> Result<PairOut> {
+    sc: &'b mut ExactScratch,
+) -> Result<ExactSink<'b>> {
     let d = &base.design;
     let (n, k) = (d.n, d.k);
-    let nf = n as f64;
     let dy_mean = if d.intercept {
-        dyj.iter().sum::<f64>() / nf
+        dyj.iter().sum::<f64>() / n as f64
     } else {
         0.0
     };
-    let mut m = vec![0.0; k];
-    let mut gx = vec![0.0; k];
-    let mut gyy = vec![0.0; k];
-    let mut pred = 0.0;
-    // One pass over the rows of ΔZ. Z~ is read row by row (a sequential stream); column c of
-    // Z~ᵀΔZ gains v·(row i of Z~) for every stored (i, c, v), and ΔZᵀΔZ gains each row's
-    // outer product.
     sc.c1.iter_mut().for_each(|v| *v = 0.0);
     sc.dd.iter_mut().for_each(|v| *v = 0.0);
-    for i in 0..n {
-        let (idx, val) = rows.row(i);
-        if idx.is_empty() {
-            continue;
-        }
-        let zrow = &d.z[i * k..(i + 1) * k];
-        let (yc, dyc) = (d.y_c[i], dyj[i] - dy_mean);
-        for (&c, &v) in idx.iter().zip(val) {
-            let c = c.to_i64() as usize;
-            let v = v * inv_s[c];
-            let col = &mut sc.c1[c * k..(c + 1) * k];
-            col.iter_mut().zip(zrow).for_each(|(o, z)| *o += v * z);
-            let drow = &mut sc.dd[c * k..(c + 1) * k];
-            for (&c2, &v2) in idx.iter().zip(val) {
-                let c2 = c2.to_i64() as usize;
-                drow[c2] += v * v2 * inv_s[c2];
-            }
-            m[c] += v;
-            gx[c] += v * yc;
-            gyy[c] += v * dyc;
-            pred += v * base.b[c];
-        }
-    }
+    let mut buf = std::mem::take(&mut sc.compact);
+    let mut sink = ExactSink {
+        base,
+        inv_s,
+        dyj,
+        dy_mean,
+        sc,
+        m: vec![0.0; k],
+        gx: vec![0.0; k],
+        gyy: vec![0.0; k],
+        pred: 0.0,
+        med: Mediated::new(n, k),
+    };
+    let visited = pair.visit(n, k, &mut sink, &mut buf);
+    sink.sc.compact = buf;
+    visited.map_err(|bad| non_finite(j, bad))?;
+    Ok(sink)
+}
+
+/// Solve one pair's perturbed system from its sums: `(A + ΔG) [d_x, d_total] = rhs`.
+fn exact_solve(base: &Base, s: ExactSink<'_>, zt_dy: &Mat<f64>, j: usize) -> Result<PairOut> {
+    let d = &base.design;
+    let (n, k) = (d.n, d.k);
+    let nf = n as f64;
+    let mut m = s.m;
     if d.intercept {
         m.iter_mut().for_each(|v| *v /= nf);
     } else {
         m.iter_mut().for_each(|v| *v = 0.0);
     }
-    let (c1, dd) = (&sc.c1, &sc.dd);
+    let (c1, dd) = (&s.sc.c1, &s.sc.dd);
     // ΔG = Z~ᵀΔZ + ΔZᵀZ~ + ΔZᵀΔZ − n m mᵀ (the centred ΔZ's Gram).
     let dg = Mat::<f64>::from_fn(k, k, |a, b| {
         c1[b * k + a] + c1[a * k + b] + dd[a * k + b] - nf * m[a] * m[b]
@@ -390,9 +513,9 @@ fn exact_pair<I: Index>(
     let mut rhs = Mat::<f64>::zeros(k, 2);
     for a in 0..k {
         let dgb: f64 = (0..k).map(|b| dg[(a, b)] * base.b[b]).sum();
-        let rx = gx[a] - dgb;
+        let rx = s.gx[a] - dgb;
         rhs[(a, 0)] = rx;
-        rhs[(a, 1)] = rx + zt_dy[(a, j)] + gyy[a];
+        rhs[(a, 1)] = rx + zt_dy[(a, j)] + s.gyy[a];
     }
     let ax = Mat::<f64>::from_fn(k, k, |a, b| base.a[(a, b)] + dg[(a, b)]);
     let solver = SpdSolver::new(ax.as_ref()).map_err(|e| match e {
@@ -405,34 +528,35 @@ fn exact_pair<I: Index>(
     Ok(PairOut {
         d_x: (0..k).map(|a| rhs[(a, 0)]).collect(),
         d_t: (0..k).map(|a| rhs[(a, 1)]).collect(),
-        pred: pred / nf,
+        pred: s.pred / nf,
         kind: solver.kind(),
+        predicted: s.med.predicted,
+        mean_dx: s.med.mean_dx,
     })
 }
 
-#[allow(clippy::too_many_arguments)]
-fn exact<I: Index>(
+fn exact(
     base: &Base,
-    dx: &Csr<'_, I>,
+    pairs: &[PairRows<'_>],
     dy: &[f64],
     inv_s: &[f64],
     zt_dy: &Mat<f64>,
     d_y: &Mat<f64>,
-    p: usize,
 ) -> Result<Split> {
     let d = &base.design;
-    let (n, k) = (d.n, d.k);
+    let (n, k, p) = (d.n, d.k, pairs.len());
     let outs: Vec<Result<PairOut>> = (0..p)
         .into_par_iter()
         .map_init(
             || ExactScratch {
                 c1: vec![0.0; k * k],
                 dd: vec![0.0; k * k],
+                compact: Compact::default(),
             },
             |sc, j| {
-                let rows = dx.slice_rows(j * n, (j + 1) * n);
                 let dyj = &dy[j * n..(j + 1) * n];
-                exact_pair(base, &rows, dyj, inv_s, zt_dy, j, sc)
+                let sums = exact_sums(base, &pairs[j], dyj, inv_s, j, sc)?;
+                exact_solve(base, sums, zt_dy, j)
             },
         )
         .collect();
@@ -444,6 +568,8 @@ fn exact<I: Index>(
         d_y: to_rows(d_y),
         pred_dy: Vec::with_capacity(p),
         n_fallback: 0,
+        predicted: Vec::with_capacity(p * n),
+        mean_dx: Vec::with_capacity(p * k),
     };
     for o in outs {
         let o = o?;
@@ -451,6 +577,8 @@ fn exact<I: Index>(
         split.d_total.extend(o.d_t);
         split.pred_dy.push(o.pred);
         split.n_fallback += (o.kind == SolverKind::EighPinv) as usize;
+        split.predicted.extend(o.predicted);
+        split.mean_dx.extend(o.mean_dx);
     }
     Ok(split)
 }

@@ -4,22 +4,31 @@
 use rayon::prelude::*;
 
 use crate::error::{check_finite, zeros, CoreError, Result};
+use crate::pairs::PairRows;
 
 /// Integer type of CSR index arrays: scipy uses int32 until int64 is needed, and taking
 /// either avoids copying large ΔX index arrays.
 pub trait Index: Copy + Send + Sync + std::fmt::Display + 'static {
     fn to_i64(self) -> i64;
+    /// A pair's rows of this index width as a [`PairRows`] view.
+    fn wrap(c: Csr<'_, Self>) -> PairRows<'_>;
 }
 impl Index for i64 {
     #[inline(always)]
     fn to_i64(self) -> i64 {
         self
     }
+    fn wrap(c: Csr<'_, Self>) -> PairRows<'_> {
+        PairRows::Csr64(c)
+    }
 }
 impl Index for i32 {
     #[inline(always)]
     fn to_i64(self) -> i64 {
         self as i64
+    }
+    fn wrap(c: Csr<'_, Self>) -> PairRows<'_> {
+        PairRows::Csr32(c)
     }
 }
 

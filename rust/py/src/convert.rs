@@ -162,3 +162,127 @@ impl<'py> MatArg<'py> {
         }
     }
 }
+
+/// A batch of ΔX as the caller holds it: one stacked pair-major CSR tuple, one dense float64
+/// or float32 array ((P, n, K) or (P·n, K)), or a list with one CSR tuple or dense (n, K) array
+/// per pair. Borrowed, never copied.
+pub enum DxArg<'py> {
+    Csr(CsrArg<'py>),
+    F64(String, numpy::PyReadonlyArrayDyn<'py, f64>),
+    F32(String, numpy::PyReadonlyArrayDyn<'py, f32>),
+    List(Vec<DxArg<'py>>),
+}
+
+impl<'py> DxArg<'py> {
+    pub fn extract(field: &str, obj: &Bound<'py, PyAny>, top: bool) -> Result<Self> {
+        if let Ok(t) = obj.cast::<PyTuple>() {
+            return Ok(DxArg::Csr(CsrArg::extract(field, t)?));
+        }
+        if let Ok(a) = obj.cast::<numpy::PyArrayDyn<f64>>() {
+            return Ok(DxArg::F64(field.into(), contiguous(field, a.readonly())?));
+        }
+        if let Ok(a) = obj.cast::<numpy::PyArrayDyn<f32>>() {
+            return Ok(DxArg::F32(field.into(), contiguous(field, a.readonly())?));
+        }
+        if top {
+            if let Ok(l) = obj.cast::<pyo3::types::PyList>() {
+                let items = l
+                    .iter()
+                    .enumerate()
+                    .map(|(i, o)| DxArg::extract(&format!("{field}[{i}]"), &o, false))
+                    .collect::<Result<Vec<_>>>()?;
+                return Ok(DxArg::List(items));
+            }
+        }
+        Err(errors::dtype(format!(
+            "`{field}` must be a CSR tuple or a C-contiguous float64/float32 numpy array{}",
+            if top {
+                ", or a list of them (one per pair)"
+            } else {
+                ""
+            }
+        )))
+    }
+
+    /// The borrowed slices (plain data, safe to hand to worker threads).
+    pub fn slices(&self) -> RawDx<'_> {
+        match self {
+            DxArg::Csr(c) => RawDx::Csr(
+                match &c.indices {
+                    Indices::I32(a, b) => RawIdx::I32(slice(a), slice(b)),
+                    Indices::I64(a, b) => RawIdx::I64(slice(a), slice(b)),
+                },
+                &c.field,
+                c.nrows,
+                c.ncols,
+                slice(&c.data),
+            ),
+            DxArg::F64(f, a) => RawDx::F64(
+                f,
+                a.shape().to_vec(),
+                a.as_slice().expect("checked contiguous"),
+            ),
+            DxArg::F32(f, a) => RawDx::F32(
+                f,
+                a.shape().to_vec(),
+                a.as_slice().expect("checked contiguous"),
+            ),
+            DxArg::List(items) => RawDx::List(items.iter().map(|i| i.slices()).collect()),
+        }
+    }
+}
+
+pub enum RawIdx<'a> {
+    I32(&'a [i32], &'a [i32]),
+    I64(&'a [i64], &'a [i64]),
+}
+
+/// [`DxArg`]'s data as plain borrowed slices.
+pub enum RawDx<'a> {
+    Csr(RawIdx<'a>, &'a str, usize, usize, &'a [f64]),
+    F64(&'a str, Vec<usize>, &'a [f64]),
+    F32(&'a str, Vec<usize>, &'a [f32]),
+    List(Vec<RawDx<'a>>),
+}
+
+impl<'a> RawDx<'a> {
+    /// Validated per-pair views for a base design of `n` probes and `k` features (runs on the
+    /// current Rayon pool; call it with the GIL released).
+    pub fn views(&self, n: usize, k: usize) -> core::Result<Vec<core::PairRows<'a>>> {
+        use core::pairs::{csr_pairs, dense_pairs};
+        match self {
+            RawDx::Csr(RawIdx::I32(ip, ix), f, r, c, d) => csr_pairs(f, *r, *c, ip, ix, d, n, k),
+            RawDx::Csr(RawIdx::I64(ip, ix), f, r, c, d) => csr_pairs(f, *r, *c, ip, ix, d, n, k),
+            RawDx::F64(f, shape, d) => dense_pairs(f, shape, d, n, k, core::PairRows::Dense64),
+            RawDx::F32(f, shape, d) => dense_pairs(f, shape, d, n, k, core::PairRows::Dense32),
+            RawDx::List(items) => {
+                use rayon::prelude::*;
+                let per: Vec<core::Result<Vec<core::PairRows<'a>>>> =
+                    items.par_iter().map(|it| it.views(n, k)).collect();
+                let mut out = Vec::with_capacity(items.len());
+                for (i, v) in per.into_iter().enumerate() {
+                    let v = v?;
+                    if v.len() != 1 {
+                        return Err(core::CoreError::shape(
+                            &format!("dX[{i}]"),
+                            format!("({n}, {k}) (one pair: probes x features)"),
+                            format!("{} pairs' rows", v.len()),
+                        ));
+                    }
+                    out.extend(v);
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+fn contiguous<'py, T: numpy::Element>(
+    field: &str,
+    a: numpy::PyReadonlyArrayDyn<'py, T>,
+) -> Result<numpy::PyReadonlyArrayDyn<'py, T>> {
+    if !a.is_c_contiguous() {
+        return Err(errors::layout(format!("`{field}` must be C-contiguous")));
+    }
+    Ok(a)
+}

@@ -4,10 +4,9 @@
 use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyUntypedArrayMethods};
 use policytrace_core as core;
 use pyo3::prelude::*;
-use pyo3::types::PyTuple;
 
-use crate::convert::{self, slice, CsrArg, MatArg};
-use crate::errors::{self, Result};
+use crate::convert::{self, slice, DxArg, MatArg};
+use crate::errors::Result;
 
 fn vec1<T: numpy::Element>(py: Python<'_>, v: Vec<T>) -> Py<PyArray1<T>> {
     PyArray1::from_vec(py, v).unbind()
@@ -57,6 +56,10 @@ pub struct SplitResult {
     pred_dy: Py<PyArray1<f64>>,
     /// Pairs whose perturbed system needed the eigendecomposition fallback.
     n_fallback: usize,
+    /// The policy's predicted change per probe, `ΔX_j · (coef / scale)`, (P, n).
+    predicted: Py<PyArray2<f64>>,
+    /// Mean ΔX over probes per feature (unscaled), (P, K).
+    mean_dx: Py<PyArray2<f64>>,
 }
 
 /// Dominant feature, off-target share and flag per pair (`interference`).
@@ -203,8 +206,9 @@ impl Decomposer {
         (self.base.design.n, self.base.design.k)
     }
 
-    /// Decompose P pairs. `dx`: CSR tuple of shape (P*n, K), pair-major, int32 or int64
-    /// indices; `dy`: (P, n).
+    /// Decompose P pairs. `dx`: a stacked pair-major CSR tuple of shape (P*n, K) (int32 or
+    /// int64 indices), a C-contiguous float64/float32 array of shape (P, n, K) or (P*n, K), or a
+    /// list with one CSR tuple or (n, K) array per pair; `dy`: (P, n). Nothing is copied.
     #[pyo3(signature = (dx, dy, method="exact", threads=None))]
     fn run<'py>(
         &self,
@@ -216,7 +220,7 @@ impl Decomposer {
     ) -> Result<SplitResult> {
         let method = self::method(method)?;
         let dya = convert::matrix("dy", dy)?;
-        let (n, p) = (self.base.design.n, dya.shape()[0]);
+        let (n, k, p) = (self.base.design.n, self.base.design.k, dya.shape()[0]);
         if dya.shape()[1] != n {
             return Err(core::CoreError::shape(
                 "dy",
@@ -225,58 +229,49 @@ impl Decomposer {
             )
             .into());
         }
-        let t = dx
-            .cast::<PyTuple>()
-            .map_err(|_| errors::sparse("`dX` must be given to the core as a CSR tuple"))?;
-        let arg = CsrArg::extract("dX", t)?;
-        if arg.nrows != p * n {
-            let want = format!("{} rows ({p} pairs x {n} probes)", p * n);
-            return Err(core::CoreError::shape("dX", want, format!("{} rows", arg.nrows)).into());
-        }
+        let arg = DxArg::extract("dX", dx, true)?;
         let dys = dya.as_slice().expect("checked contiguous");
-        let threads = threads.unwrap_or(self.threads);
-        let split = crate::with_indices!(arg, |ip, ix| self
-            .run_chunks(py, &arg, ip, ix, dys, p, method, threads))?;
-        let k = self.base.design.k;
+        let (pool, par) = core::pool(threads.unwrap_or(self.threads))?;
+        let raw = arg.slices();
+        let views = py.detach(|| pool.install(|| raw.views(n, k)))?;
+        if views.len() != p {
+            let want = format!("{p} pairs (the rows of dy)");
+            return Err(
+                core::CoreError::shape("dX", want, format!("{} pairs", views.len())).into(),
+            );
+        }
+        let split = self.run_chunks(py, &pool, par, &views, dys, method)?;
         Ok(SplitResult {
             d_total: mat2(py, split.d_total, p, k)?,
             d_x: mat2(py, split.d_x, p, k)?,
             d_y: mat2(py, split.d_y, p, k)?,
             pred_dy: vec1(py, split.pred_dy),
             n_fallback: split.n_fallback,
+            predicted: mat2(py, split.predicted, p, n)?,
+            mean_dx: mat2(py, split.mean_dx, p, k)?,
         })
     }
 }
 
 impl Decomposer {
-    /// Validate the stacked ΔX (in parallel) and decompose it chunk by chunk, checking for
-    /// Ctrl-C between chunks.
-    #[allow(clippy::too_many_arguments)]
-    fn run_chunks<I: core::matrix::Index>(
+    /// Decompose the pairs chunk by chunk, checking for Ctrl-C between chunks.
+    fn run_chunks(
         &self,
         py: Python<'_>,
-        arg: &CsrArg<'_>,
-        indptr: &[I],
-        indices: &[I],
+        pool: &rayon::ThreadPool,
+        par: core::Par,
+        views: &[core::PairRows<'_>],
         dys: &[f64],
-        p: usize,
         method: core::Method,
-        threads: usize,
     ) -> Result<core::Split> {
-        let (n, k) = (self.base.design.n, self.base.design.k);
-        let (pool, par) = core::pool(threads)?;
-        let (data, nrows, ncols) = (slice(&arg.data), arg.nrows, arg.ncols);
-        let dxc = py.detach(|| {
-            pool.install(|| core::Csr::new("dX", nrows, ncols, indptr, indices, data))
-        })?;
-        let mut acc = core::Split::empty(k);
+        let (n, p) = (self.base.design.n, views.len());
+        let mut acc = core::Split::empty(self.base.design.k);
         let mut start = 0;
         while start < p {
             let end = (start + PAIRS_PER_CHUNK).min(p);
-            let chunk = dxc.slice_rows(start * n, end * n);
-            let dyc = &dys[start * n..end * n];
+            let (chunk, dyc) = (&views[start..end], &dys[start * n..end * n]);
             acc.append(py.detach(|| {
-                pool.install(|| core::decompose(&self.base, &chunk, dyc, method, par))
+                pool.install(|| core::decompose_pairs(&self.base, chunk, dyc, method, par))
             })?);
             start = end;
             py.check_signals()?;
