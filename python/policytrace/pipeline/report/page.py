@@ -1,51 +1,54 @@
-"""The whole page: the sections in reading order, the drill-down panels, the configuration."""
+"""``report.html``: one self-contained, offline page for a run folder, to read and to explore.
+
+It leads with what is faithful to the model: each pair's measured behaviour change, the part the
+policy's features mediate, and the curator's suspicion ranking; SMDA's alignment score follows as
+the policy-alignment measure it is. Tables sort (click a header) and filter (type above them);
+every pair and feature opens a panel (``#pair-<id>``, ``#feature-<id>``; plain anchors and
+``:target``, so links work without scripts) with its drill-down. Opening ``report.html#selftest``
+makes the page check its own layout and controls and write the result into ``#selftest-result``,
+which the browser test reads. Wording comes from the run's behaviour.
+
+Here the Jinja templates (``templates/``, autoescaping on) lay out the view layer's plain data
+(:mod:`.view`); the CSS and JS (``static/``) are included verbatim, nothing is fetched.
+docs/design.md, module table.
+"""
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
-from . import sections as sec
-from .html import CSS, SCRIPT, RunView, esc, fmt, open_run
+import jinja2
+
+from ..rundir import RunDir
+from . import svg
+from .frames import open_run
+from .view import ReportView, report_view
+
+# Templates and static files are package data beside this module (maturin ships every file
+# under python/policytrace), so the loader reads them from wherever the package is installed.
+HERE = Path(__file__).parent
 
 
-def render(v: RunView) -> str:
-    b, base = v.behaviour, v.base
-    config = v.rd.file("config.toml").read_text() if v.rd.file("config.toml").exists() else ""
-    q = base.get("sae_quality") or {}
-    qtext = (f"default TopK SAE: FVU {fmt(q.get('fvu'))} on its training tokens, L0 {fmt(q.get('l0'))}, dead "
-             f"{fmt(100 * q.get('dead_fraction', float('nan')))}%, CE loss +{fmt(q.get('ce_delta'))} nats when spliced"
-             if q else "SAE: user-supplied")
-    align, _ = sec.alignment(v)
-    nav = " ".join(f'<a href="#{i}">{t}</a>' for i, t in (
-        ("summary", "Behaviour change"), ("curator", "Curator's ranking"), ("policy", "Policy & features"),
-        ("alignment", "Policy alignment"), ("interference", "Interference"), ("fidelity", "Fidelity"),
-        ("validation", "Validation"), ("config", "Config")))
-    return f"""<!doctype html><html><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>policytrace report · {esc(b.name)}</title><style>{CSS}</style></head><body>
-<nav>{nav}</nav><main>
-<h1>policytrace report · {esc(b.name)}</h1>
-<p class=muted>{esc(v.rd.path.resolve())} · {base.get('n_probes', '?')} probes · {v.pairs.height} pairs · {base.get('n_features', '?')} features · λ = {fmt(base.get('lam'))} · {esc(qtext)}</p>
-{sec.warnings(v)}
-<p>Which training pairs moved the model's {esc(b.score_name)}, through which SAE features? The sections lead with the
-measured behaviour change and the pairs whose effect contradicts their label; the symbolic policy (a ridge regression of the
-score on SAE features) and SMDA's alignment score follow.</p>
-{sec.summary(v)}
-{sec.curator(v)}
-{sec.policy(v)}
-{align}
-{sec.interference(v)}
-{sec.fidelity(v)}
-{sec.validation(v)}
-<h2 id=drilldowns>Drill-downs</h2><p class=muted>A pair or feature link opens its panel here.</p>
-{sec.pair_panels(v)}
-{sec.feature_panels(v)}
-<h2 id=config>Configuration</h2><pre>{esc(config)}</pre>
-<pre id=selftest-result></pre>
-</main><script>{SCRIPT}</script></body></html>"""
+@lru_cache(maxsize=1)
+def environment() -> jinja2.Environment:
+    """The one environment: every ``{{ }}`` is escaped (autoescape), a name the view does not
+    provide is an error rather than an empty string, and ``chart`` (SVG markup built with
+    escaping in :mod:`.svg`) is the only thing that arrives as ready markup."""
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE), autoescape=True,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.globals["chart"] = svg.chart
+    return env
+
+
+def render(view: ReportView) -> str:
+    """The page's HTML for a view (:func:`.view.report_view`)."""
+    return environment().get_template("templates/page.html.j2").render(r=view)
 
 
 def write_report(run_dir: str | Path) -> Path:
     """Write ``RUN_DIR/report.html`` for a finished run; returns its path."""
-    v = open_run(run_dir)
-    v.rd.write("report.html", render(v))
-    return v.rd.file("report.html")
+    view = report_view(open_run(run_dir))
+    rd = RunDir(run_dir)
+    rd.write("report.html", render(view))
+    return rd.file("report.html")

@@ -1,0 +1,122 @@
+"""The report's drill-downs, as plain data: one panel per pair (``#pair-<id>``) and per policy
+feature (``#feature-<id>``). Part of the view layer (:mod:`.view`); docs/design.md, module table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+
+from .frames import RunFrames
+from .tables import FEATURE_LINK, MISSING, PAIR_LINK, Bars, Link, Table, anchor, fmt, table
+
+
+@dataclass(frozen=True)
+class PairPanel:
+    id: str
+    anchor: str
+    facts: tuple[tuple[str, str], ...]
+    """(what, value) lines, in reading order."""
+    dominant: Link | None
+    prompt: str
+    response: str
+    by_category: Table
+    bars: Bars | None
+    """The features the pair moves most (Δcoef·coef); None without per-feature shifts."""
+    features: Table
+
+
+@dataclass(frozen=True)
+class FeaturePanel:
+    id: str
+    anchor: str
+    facts: tuple[tuple[str, str], ...]
+    top_probes: Table
+    movers: Table
+
+
+def _by(frame: pl.DataFrame, key: str) -> dict:
+    """``frame`` split by ``key``: one pass instead of a filter per panel (240 pairs × K rows)."""
+    return {k[0]: part for k, part in frame.partition_by(key, as_dict=True).items()}
+
+
+def _largest(frame: pl.DataFrame, column: str, tie: str, n: int) -> pl.DataFrame:
+    """The ``n`` rows of largest |column|; ties by ``tie`` so the page is reproducible."""
+    return (frame.with_columns(pl.col(column).abs().alias("_abs"))
+            .sort(["_abs", tie], descending=[True, False]).head(n).drop("_abs"))
+
+
+def pair_facts(r: dict) -> tuple[tuple[str, str], ...]:
+    """One pair's lines: label, suspicion, the measured change and its parts, SMDA's score and,
+    where computed, its off-target share against chance."""
+    facts = [
+        ("mode", str(r.get("mode") or "engine")),
+        ("label · category", f"{r['label']} · {r['group']}"),
+        ("suspicion", f"{fmt(r.get('suspicion'))} — {r.get('suspicion_reason') or ''}"),
+        ("behaviour change (dy_mean)", fmt(r["dy_mean"])),
+        ("mediated / direct", f"{fmt(r['pred_dy_mean'])} / {fmt(r['direct_dy'])}"),
+        ("mediated share · R²", f"{fmt(r['mediated_share'])} · {fmt(r['mediated_r2'])}"),
+        ("SMDA score (x / y)", f"{fmt(r['score'])} ({fmt(r['score_x'])} / {fmt(r['score_y'])})"),
+    ]
+    if "off_target_chance" in r:
+        significant = ", significant" if r.get("interference_significant") else ""
+        facts.append(("off-target share vs chance", f"{fmt(r['off_target_share'])} vs {fmt(r['off_target_chance'])} "
+                                                    f"(p {fmt(r['off_target_p'])}{significant})"))
+    return tuple(facts)
+
+
+def pair_panels(run: RunFrames) -> tuple[PairPanel, ...]:
+    """One panel per pair, in the order of pairs.parquet."""
+    data = {r["id"]: r for r in run.pair_data.iter_rows(named=True)}
+    pf = run.pair_features.join(run.features.select("feature_id", "label"), on="feature_id", how="left")
+    feats_of, beh_of = _by(pf, "pair_id"), _by(run.pair_behaviour, "pair_id")
+    out = []
+    for r in run.pairs.iter_rows(named=True):
+        pid = r["pair_id"]
+        d = data.get(pid, {})
+        feats = _largest(feats_of.get(pid, pf.clear()), "alignment", "feature_id", 12)
+        bars = (Bars(tuple(f"{f} · {lab or ''}" for f, lab in zip(feats["feature_id"], feats["label"])),
+                     tuple(float(a) for a in feats["alignment"])) if feats.height else None)
+        per_cat = beh_of.get(pid, run.pair_behaviour.clear()).select("probe_group", "dy_mean", "mediated_dy",
+                                                                    "direct_dy")
+        dom = r.get("dominant_feature")
+        out.append(PairPanel(
+            str(pid), anchor("pair", pid), pair_facts(r),
+            Link(str(dom), anchor("feature", dom)) if dom is not None else None,
+            d.get("prompt") or "", d.get("response") or "", table(per_cat), bars,
+            table(feats.select("feature_id", "label", "d_coef_x", "d_coef_y", "alignment", "mediated_dy"),
+                  links=FEATURE_LINK)))
+    return tuple(out)
+
+
+def feature_facts(r: dict) -> tuple[tuple[str, str], ...]:
+    coef = f"{r['coef']:.4g}" if r.get("coef") is not None else MISSING
+    return (("label", str(r["label"] or "")), ("coefficient (rank)", f"{coef} ({r['rank']})"),
+            ("group", str(r["group"])), ("selection score", fmt(r["score"])),
+            ("active on probes", f"{r['n_active']} ({fmt(r['frac_active'])})"))
+
+
+def top_probes(ids_text: str | None, probes: dict) -> Table:
+    """A feature's top-activating probes (``top_probes`` is a comma-separated id list)."""
+    ids = [i.strip() for i in (ids_text or "").split(",") if i.strip()]
+    frame = pl.DataFrame({"probe": ids, "prompt": [probes.get(i, {}).get("prompt", "") for i in ids],
+                          "y": [probes.get(i, {}).get("y") for i in ids]},
+                         schema={"probe": pl.String, "prompt": pl.String, "y": pl.Float64})
+    return table(frame)
+
+
+def feature_panels(run: RunFrames) -> tuple[FeaturePanel, ...]:
+    """One panel per policy feature, in the order of features.parquet."""
+    pol = run.policy.select("feature_id", "coef", "coef_raw", "rank")
+    probes = {r["id"]: r for r in run.probes.iter_rows(named=True)}
+    pf = run.pair_features.join(run.pairs.select("pair_id", "label"), on="pair_id", how="left")
+    movers_of = _by(pf, "feature_id")
+    out = []
+    for r in run.features.join(pol, on="feature_id").iter_rows(named=True):
+        fid = r["feature_id"]
+        movers = _largest(movers_of.get(fid, pf.clear()), "d_coef", "pair_id", 10).select(
+            "pair_id", "label", "d_coef_x", "d_coef_y", "alignment", "mediated_dy")
+        out.append(FeaturePanel(str(fid), anchor("feature", fid), feature_facts(r),
+                                top_probes(r["top_probes"], probes), table(movers, links=PAIR_LINK)))
+    return tuple(out)
