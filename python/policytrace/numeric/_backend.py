@@ -7,6 +7,7 @@ from types import ModuleType
 
 import numpy as np
 
+from .._core import MAX_THREADS  # the core refuses more threads; one number for both
 from ..errors import InvalidValueError
 
 BACKENDS = ("rust", "numpy")
@@ -23,8 +24,6 @@ def backend(name: str) -> ModuleType:
         return _reference
     raise InvalidValueError(f"`backend` '{name}' is not one of {BACKENDS}")
 
-
-from .._core import MAX_THREADS  # the core refuses more; one number for both
 
 
 def threads(n: int | None) -> int:

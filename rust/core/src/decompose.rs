@@ -13,7 +13,7 @@
 use faer::{Mat, MatRef, Par};
 use rayon::prelude::*;
 
-use crate::error::{check_finite, CoreError, Result};
+use crate::error::{check_finite, zeros, CoreError, Result};
 use crate::linalg::{at_b, SolverKind, SpdSolver};
 use crate::matrix::{Csr, Index, Matrix};
 use crate::pairs::{non_finite, Compact, PairRows, RowSink};
@@ -295,13 +295,16 @@ impl Mediated {
     }
 }
 
-/// Per pair of the first-order split: `w = ΔZ β` (n) and `q = ΔZᵀ r` (K), O(nnz).
+/// Per pair of the first-order split: `w = ΔZ β` (n) and `q = ΔZᵀ r` (K), O(nnz), written
+/// into the pair's slices of the batch's outputs.
 struct FirstOrderSink<'b> {
     base: &'b Base,
     inv_s: &'b [f64],
-    w: Vec<f64>,
-    q: Vec<f64>,
-    med: Mediated,
+    w: &'b mut [f64],
+    q: &'b mut [f64],
+    predicted: &'b mut [f64],
+    mean_dx: &'b mut [f64],
+    inv_n: f64,
 }
 
 impl RowSink for FirstOrderSink<'_> {
@@ -315,33 +318,68 @@ impl RowSink for FirstOrderSink<'_> {
             wi += z * b[c];
             self.q[c] += z * ri;
             pi += v * w_raw[c];
-            self.med.mean_dx[c] += self.med.inv_n * v;
+            self.mean_dx[c] += self.inv_n * v;
         }
         self.w[i] = wi;
-        self.med.predicted[i] = pi;
+        self.predicted[i] = pi;
     }
 }
 
 /// One pair's first-order sums, dispatched to the widest SIMD the CPU has.
 #[multiversion::multiversion(targets("x86_64+avx512f+avx512dq+avx2+fma", "x86_64+avx2+fma"))]
-fn first_order_pair<'b>(
-    base: &'b Base,
+fn first_order_pair(
     pair: &PairRows<'_>,
-    j: usize,
-    inv_s: &'b [f64],
+    sink: &mut FirstOrderSink<'_>,
     buf: &mut Compact,
-) -> Result<FirstOrderSink<'b>> {
-    let (n, k) = (base.design.n, base.design.k);
-    let mut sink = FirstOrderSink {
-        base,
-        inv_s,
-        w: vec![0.0; n],
-        q: vec![0.0; k],
-        med: Mediated::new(n, k),
+    j: usize,
+) -> Result<()> {
+    let (n, k) = (sink.base.design.n, sink.base.design.k);
+    pair.visit(n, k, sink, buf)
+        .map_err(|bad| non_finite(j, bad))
+}
+
+/// Batch outputs of the first-order pass, one contiguous slice per pair in each.
+struct FirstOrderSums {
+    /// Column-major `n x P` (pair j's `w` is column j).
+    w: Vec<f64>,
+    q: Vec<f64>,
+    predicted: Vec<f64>,
+    mean_dx: Vec<f64>,
+}
+
+fn first_order_sums(base: &Base, pairs: &[PairRows<'_>], inv_s: &[f64]) -> Result<FirstOrderSums> {
+    let (n, k, p) = (base.design.n, base.design.k, pairs.len());
+    let mut s = FirstOrderSums {
+        w: zeros("w", n * p)?,
+        q: zeros("q", k * p)?,
+        predicted: zeros("predicted", n * p)?,
+        mean_dx: zeros("mean_dx", k * p)?,
     };
-    pair.visit(n, k, &mut sink, buf)
-        .map_err(|bad| non_finite(j, bad))?;
-    Ok(sink)
+    let inv_n = 1.0 / n as f64;
+    let outs: Vec<Result<()>> =
+        s.w.par_chunks_mut(n)
+            .zip(s.q.par_chunks_mut(k))
+            .zip(s.predicted.par_chunks_mut(n))
+            .zip(s.mean_dx.par_chunks_mut(k))
+            .enumerate()
+            .map_init(
+                Compact::default,
+                |buf, (j, (((w, q), predicted), mean_dx))| {
+                    let mut sink = FirstOrderSink {
+                        base,
+                        inv_s,
+                        w,
+                        q,
+                        predicted,
+                        mean_dx,
+                        inv_n,
+                    };
+                    first_order_pair(&pairs[j], &mut sink, buf, j)
+                },
+            )
+            .collect();
+    outs.into_iter().collect::<Result<Vec<()>>>()?;
+    Ok(s)
 }
 
 fn first_order(
@@ -353,33 +391,17 @@ fn first_order(
 ) -> Result<Split> {
     let d = &base.design;
     let (n, k, p) = (d.n, d.k, pairs.len());
-    let per_pair: Vec<Result<FirstOrderSink<'_>>> = (0..p)
-        .into_par_iter()
-        .map_init(Compact::default, |buf, j| {
-            first_order_pair(base, &pairs[j], j, inv_s, buf)
-        })
-        .collect();
-    let per_pair = per_pair.into_iter().collect::<Result<Vec<_>>>()?;
-    let mut w_mat = Mat::<f64>::zeros(n, p);
-    for (j, s) in per_pair.iter().enumerate() {
-        for i in 0..n {
-            w_mat[(i, j)] = s.w[i];
-        }
-    }
-    let zt_w = at_b(d.zref(), w_mat.as_ref(), par);
-    let mut rhs = Mat::<f64>::from_fn(k, p, |i, j| per_pair[j].q[i] - zt_w[(i, j)]);
+    let s = first_order_sums(base, pairs, inv_s)?;
+    let zt_w = at_b(d.zref(), MatRef::from_column_major_slice(&s.w, n, p), par);
+    let mut rhs = Mat::<f64>::from_fn(k, p, |i, j| s.q[j * k + i] - zt_w[(i, j)]);
     base.solver.solve_in_place(rhs.as_mut());
     let d_x = to_rows(&rhs);
     let d_y_rows = to_rows(d_y);
     let d_total = d_x.iter().zip(&d_y_rows).map(|(a, b)| a + b).collect();
-    let pred_dy = per_pair
-        .iter()
-        .map(|s| s.w.iter().sum::<f64>() / n as f64)
-        .collect();
-    let (predicted, mean_dx) = per_pair
-        .into_iter()
-        .map(|s| (s.med.predicted, s.med.mean_dx))
-        .unzip::<_, _, Vec<_>, Vec<_>>();
+    let pred_dy =
+        s.w.chunks_exact(n)
+            .map(|w| w.iter().sum::<f64>() / n as f64)
+            .collect();
     Ok(Split {
         n_pairs: p,
         k,
@@ -388,8 +410,8 @@ fn first_order(
         d_y: d_y_rows,
         pred_dy,
         n_fallback: 0,
-        predicted: predicted.concat(),
-        mean_dx: mean_dx.concat(),
+        predicted: s.predicted,
+        mean_dx: s.mean_dx,
     })
 }
 

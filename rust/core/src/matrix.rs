@@ -105,35 +105,23 @@ impl<'a, I: Index> Csr<'a, I> {
             ));
         }
         // Rows are independent: check them in parallel (on the caller's pool), reporting the
-        // first bad row so the message does not depend on scheduling.
+        // first bad row so the message does not depend on scheduling. A branch-free pass says
+        // whether a row is sound; only a faulty row is walked again to word the fault.
         let check_row = |r: usize| -> Option<CoreError> {
+            let (a, b) = (indptr[r].to_i64() as usize, indptr[r + 1].to_i64() as usize);
+            let (idx, val) = (&indices[a..b], &data[a..b]);
+            let mut sound = true;
             let mut prev = -1i64;
-            for p in indptr[r].to_i64() as usize..indptr[r + 1].to_i64() as usize {
-                let c = indices[p].to_i64();
-                if c < 0 || c as usize >= ncols {
-                    return Some(CoreError::sparse(
-                        field,
-                        format!("row {r} has column index {c}, outside 0..{ncols}"),
-                    ));
-                }
-                if c <= prev {
-                    return Some(CoreError::sparse(
-                        field,
-                        format!(
-                            "row {r} has unsorted or duplicate column indices; \
-                             canonicalize it first (scipy: X.sum_duplicates(); X.sort_indices())"
-                        ),
-                    ));
-                }
+            for (&c, &v) in idx.iter().zip(val) {
+                let c = c.to_i64();
+                sound &= (c > prev) & ((c as u64) < ncols as u64) & v.is_finite();
                 prev = c;
-                if !data[p].is_finite() {
-                    return Some(CoreError::NonFinite {
-                        field: field.into(),
-                        location: format!("row {r}, column {c}"),
-                    });
-                }
             }
-            None
+            if sound {
+                None
+            } else {
+                row_fault(field, r, ncols, idx, val)
+            }
         };
         let first_bad = (0..nrows.div_ceil(VALIDATE_ROWS))
             .into_par_iter()
@@ -177,6 +165,43 @@ impl<'a, I: Index> Csr<'a, I> {
     pub fn nnz(&self) -> usize {
         self.data.len()
     }
+}
+
+/// The first fault of a CSR row (out-of-range or unsorted column, non-finite value), worded.
+fn row_fault<I: Index>(
+    field: &str,
+    r: usize,
+    ncols: usize,
+    idx: &[I],
+    val: &[f64],
+) -> Option<CoreError> {
+    let mut prev = -1i64;
+    for (&c, &v) in idx.iter().zip(val) {
+        let c = c.to_i64();
+        if c < 0 || c as usize >= ncols {
+            return Some(CoreError::sparse(
+                field,
+                format!("row {r} has column index {c}, outside 0..{ncols}"),
+            ));
+        }
+        if c <= prev {
+            return Some(CoreError::sparse(
+                field,
+                format!(
+                    "row {r} has unsorted or duplicate column indices; \
+                     canonicalize it first (scipy: X.sum_duplicates(); X.sort_indices())"
+                ),
+            ));
+        }
+        prev = c;
+        if !v.is_finite() {
+            return Some(CoreError::NonFinite {
+                field: field.into(),
+                location: format!("row {r}, column {c}"),
+            });
+        }
+    }
+    None
 }
 
 /// A validated row-major dense matrix.

@@ -122,24 +122,26 @@ fn visit_dense<T: Copy, S: RowSink>(
     buf: &mut Compact,
     widen: impl Fn(T) -> f64,
 ) -> std::result::Result<(), BadValue> {
+    buf.idx.resize(k, 0);
+    buf.val.resize(k, 0.0);
     for i in 0..n {
-        buf.idx.clear();
-        buf.val.clear();
+        // Branch-free compaction: every value is written, the count advances only past
+        // non-zeros; a non-finite value is looked for only once a row is known to hold one.
+        let (mut len, mut finite) = (0usize, true);
         for (c, &raw) in d[i * k..(i + 1) * k].iter().enumerate() {
             let v = widen(raw);
-            if v != 0.0 {
-                if !v.is_finite() {
-                    return Err(BadValue {
-                        probe: i,
-                        feature: c,
-                    });
-                }
-                buf.idx.push(c as i32);
-                buf.val.push(v);
-            }
+            buf.idx[len] = c as i32;
+            buf.val[len] = v;
+            len += (v != 0.0) as usize;
+            finite &= v.is_finite();
         }
-        if !buf.idx.is_empty() {
-            sink.row(i, &buf.idx, &buf.val);
+        if !finite {
+            let row = &d[i * k..(i + 1) * k];
+            let feature = row.iter().position(|&r| !widen(r).is_finite()).unwrap_or(0);
+            return Err(BadValue { probe: i, feature });
+        }
+        if len > 0 {
+            sink.row(i, &buf.idx[..len], &buf.val[..len]);
         }
     }
     Ok(())
