@@ -51,6 +51,17 @@ def table(name: str) -> Callable[[type], type]:
     return wrap
 
 
+def output_neutral(cls: type) -> frozenset[str]:
+    """Fields a table marks as not changing a run's outputs (``OUTPUT_NEUTRAL``, a ClassVar):
+    everything else counts for a run folder's identity, so a field added later counts unless
+    it is marked."""
+    names = frozenset(cls.__dict__.get("OUTPUT_NEUTRAL", ()))
+    unknown = names - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise TypeError(f"{cls.__name__}.OUTPUT_NEUTRAL names no field {sorted(unknown)}")
+    return names
+
+
 def key(obj: Any, field: str) -> str:
     """``table.field`` for messages."""
     return f"{type(obj).TABLE}.{field}"

@@ -102,3 +102,72 @@ def test_config_file_errors(tmp_path):
     bin_.write_bytes(b"\xff\xfe[update]")
     with pytest.raises(ConfigError, match="UTF-8"):
         cfgmod.load(bin_)
+
+
+def _other_values(value):
+    """Candidate values of the same type that differ from ``value``."""
+    if isinstance(value, bool):
+        return [not value]
+    if isinstance(value, int):
+        return [value + 1, value + 2, 1, 2, 16]
+    if isinstance(value, float):
+        return [value * 2 + 0.25, 0.5, 2.0, 0.9]
+    if isinstance(value, tuple):
+        return [value + ("extra",), (), ("q_proj",)]
+    return ["x", "refusal", "sycophancy", "cpu:1", "<|im_end|>", "mlp", 5.0]
+
+
+def _variants(cls, name):
+    """A valid table with field ``name`` changed (choices of a Literal are tried first)."""
+    import typing
+
+    default = cls()
+    if cls.TABLE == "sae" and name in ("release", "id"):  # named together or not at all
+        return dataclasses.replace(default, release="some-release", id="some-id")
+    hint = typing.get_type_hints(cls)[name]
+    choices = [a for a in typing.get_args(hint) if typing.get_origin(hint) is typing.Literal]
+    for v in choices + _other_values(getattr(default, name)):
+        if v == getattr(default, name):
+            continue
+        try:
+            return dataclasses.replace(default, **{name: v})
+        except ConfigError:
+            continue
+    return None
+
+
+@pytest.mark.parametrize("table,name", [(t, f.name) for t, c in cfgmod.TABLES.items() for f in dataclasses.fields(c)])
+def test_every_setting_counts_for_the_run_identity_unless_marked(table, name):
+    from policytrace._tables import output_neutral
+
+    cls = cfgmod.TABLES[table]
+    changed = _variants(cls, name)
+    if changed is None:
+        pytest.skip(f"no other valid value for {table}.{name} is tried here")
+    base = cfgmod.Config()
+    other = dataclasses.replace(base, **{table: changed})
+    same = name in output_neutral(cls)
+    assert (cfgmod.digest(other) == cfgmod.digest(base)) is same, f"{table}.{name}"
+    assert (f"{table}.{name}" in cfgmod.identity(base)) is not same
+
+
+def test_identity_keeps_the_digest_of_earlier_folders():
+    # 0.2.0 hashed every table with [run] cut down to seed, pair_batch and mode; the opt-out
+    # identity gives the same digest, so folders started before it still resume.
+    import hashlib
+    import json
+
+    for user in ({}, {"preset": "demo"}, {"run": {"seed": 3, "threads": 2}}, {"preset": "smda-paper"}):
+        cfg = cfgmod.resolve(user)
+        d = cfg.to_dict()
+        d["run"] = {k: v for k, v in d["run"].items() if k in ("seed", "pair_batch", "mode")}
+        assert cfgmod.digest(cfg) == hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def test_an_explicit_empty_target_list_names_the_key():
+    with pytest.raises(ConfigError, match="behaviour.targets' is an empty list"):
+        cfgmod.resolve({"behaviour": {"targets": []}})
+    assert cfgmod.resolve({"behaviour": {}}).behaviour.targets  # left out: the behaviour's own
+    # a resolved config (a run folder's config.toml) reads back as it was
+    cfg = cfgmod.resolve({})
+    assert cfgmod.resolve(__import__("tomllib").loads(cfgmod.to_toml(cfg))) == cfg

@@ -47,8 +47,8 @@ def setup(tmp_path_factory):
     return {"root": root, "toml": toml, "cfg": cfg, "whole": root / "whole"}
 
 
-def cli(toml: Path, out: Path, fault: str = "") -> subprocess.CompletedProcess:
-    env = os.environ | {"OMP_NUM_THREADS": "1", "POLICYTRACE_FAULT": fault}
+def cli(toml: Path, out: Path, fault: str = "", torch_threads: int = 1) -> subprocess.CompletedProcess:
+    env = os.environ | {"OMP_NUM_THREADS": str(torch_threads), "POLICYTRACE_FAULT": fault}
     cmd = [sys.executable, "-m", "policytrace", "run", str(toml), "--out", str(out), "--quiet", "--no-report"]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
 
@@ -117,6 +117,32 @@ def test_resume_after_the_probes_file_gained_a_row_is_refused(setup, tmp_path):
     assert proc.returncode == 2 and "probes changed" in proc.stderr
 
 
+def test_resume_with_other_thread_counts_is_refused(setup, tmp_path):
+    toml, out = _killed_copy(setup, tmp_path)
+    proc = cli(toml, out, torch_threads=2)
+    assert proc.returncode == 2
+    assert "1 torch threads per process, this process has" in proc.stderr and "2 torch threads" in proc.stderr
+    assert "OMP_NUM_THREADS" in proc.stderr
+    done = cli(toml, out)  # the folder's own counts resume it
+    assert done.returncode == 0, done.stderr
+    same = [n for n in OUTPUTS if n != "config.toml"]  # the copy's config names its own data files
+    assert {n: digests(out)[n] for n in same} == {n: digests(setup["whole"])[n] for n in same}
+
+
+def test_finished_folder_opens_under_other_thread_counts(setup, tmp_path):
+    out = _finished_copy(setup, tmp_path)
+    proc = cli(setup["toml"], out, torch_threads=2)
+    assert proc.returncode == 0, proc.stderr
+    assert digests(out) == digests(setup["whole"])
+
+
+def test_changed_setting_is_named(setup, tmp_path):
+    toml, out = _killed_copy(setup, tmp_path)
+    toml.write_text(toml.read_text().replace("lr = 0.0001", "lr = 0.0002"))
+    proc = cli(toml, out)
+    assert proc.returncode == 2 and "update.lr changed" in proc.stderr
+
+
 def _finished_copy(setup, tmp_path) -> Path:
     out = tmp_path / "run"
     shutil.copytree(setup["whole"], out)
@@ -179,8 +205,9 @@ def test_validate_names_a_damaged_shard(setup, tmp_path, damage):
         shard.unlink()
     else:
         _truncate(shard)
-    with pytest.raises(RunFolderError, match="shard 1"):
+    with pytest.raises(RunFolderError, match="shard 1") as info:
         validate(out, subsets=2, baselines=False, removal_k=0, progress=False, log=lambda m: None)
+    assert str(shard) in str(info.value)
 
 
 def test_stale_temporaries_and_sae_folders_are_removed(setup, tmp_path):

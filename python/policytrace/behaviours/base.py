@@ -28,10 +28,11 @@ class BehaviourCfg:
     """The behaviour attributed: "refusal" or "sycophancy" (docs/design.md, "Adding a behaviour")."""
     targets: tuple[str, ...] = ()
     """Openings whose probability is the score, y = log Σ P(target | prompt), teacher-forced;
-    empty = the behaviour's own (refusal: "I can't", "I'm sorry", "I cannot")."""
+    left out = the behaviour's own (refusal: "I can't", "I'm sorry", "I cannot"); an explicit
+    empty list is an error."""
     anti_targets: tuple[str, ...] = ()
-    """If set, y is the log-odds of `targets` against these openings; empty = the behaviour's
-    own (refusal: none; sycophancy: correcting openings)."""
+    """If set, y is the log-odds of `targets` against these openings; left out or empty = the
+    behaviour's own (refusal: none; sycophancy: correcting openings)."""
 
 
 def robust_scaled(x: np.ndarray) -> np.ndarray:

@@ -21,7 +21,7 @@ import torch
 from .. import _progress
 from ..errors import ConfigError, InvalidValueError
 from .chat import encode_prompts, format_prompt
-from .config import POOLINGS, ProbeCfg
+from .config import POOLINGS, ProbeCfg, SaeCfg
 from .functional import Functional, decoder_call, upcast
 from .sites import HookSite, capture
 
@@ -108,12 +108,12 @@ class ProbeRunner:
         tokenizer: Any,
         layer: int,
         targets: TargetSet,
-        pooling: str = "last",
+        pooling: str = ProbeCfg.pooling,
         eot_token: str | None = None,
-        batch_size: int = 16,
+        batch_size: int = ProbeCfg.batch_size,
         device: str = "cpu",
-        share_prefix: bool = True,
-        site: str = "resid_post",
+        share_prefix: bool = ProbeCfg.share_prefix,
+        site: str = SaeCfg.site,
     ) -> None:
         if pooling not in POOLINGS:
             raise ConfigError(f"probe.pooling must be one of {POOLINGS}, got '{pooling}'")

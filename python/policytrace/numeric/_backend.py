@@ -43,3 +43,11 @@ def threads(n: int | None) -> int:
     if not 0 <= n <= MAX_THREADS:
         raise InvalidValueError(f"{name} = {n} must be between 0 (all cores) and {MAX_THREADS}")
     return int(n)
+
+
+def available_cores() -> int:
+    """What "all cores" (threads = 0) means for the core in this process (its CPU affinity)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1

@@ -18,9 +18,9 @@ import sys
 import tomllib
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from .._tables import describe, fail, field_docs, from_mapping, table, to_mapping
+from .._tables import describe, fail, field_docs, from_mapping, output_neutral, table, to_mapping
 from ..behaviours import BehaviourCfg, get as get_behaviour
 from ..errors import ConfigError
 from ..model.config import ModelCfg, ProbeCfg, SaeCfg, UpdateCfg
@@ -112,6 +112,10 @@ class GradientCfg:
 
 @table("run")
 class RunCfg:
+    # Not part of the config's identity: the cache only holds content-keyed SAEs, and the thread
+    # counts a folder was computed with are checked by the fingerprint itself (run.py).
+    OUTPUT_NEUTRAL: ClassVar[tuple[str, ...]] = ("threads", "cache_dir")
+
     mode: Literal["engine", "gradient"] = "engine"
     """engine: one update and one probe pass per pair (exact or first-order decomposition);
     gradient: every output to first order from one backward pass per pair (README, "Gradient
@@ -121,7 +125,8 @@ class RunCfg:
     pair_batch: int = 8
     """Pairs per shard: the unit of resumption."""
     threads: int = 0
-    """Numeric-core threads (0 = all cores); torch follows its own setting."""
+    """Numeric-core threads (0 = all cores); torch follows its own setting. A run folder records
+    the thread counts it was computed with and refuses to be resumed with others."""
     cache_dir: str = ""
     """Where the default SAE is cached; "" = $POLICYTRACE_CACHE or ~/.cache/policytrace."""
 
@@ -205,6 +210,14 @@ def _with_behaviour_defaults(cfg: Config) -> Config:
     return dataclasses.replace(cfg, behaviour=filled)
 
 
+def _refuse_empty_openings(behaviour: Any) -> None:
+    """An explicit empty target list would score nothing: the key is left out to mean the
+    behaviour's own. (An empty anti-target list is how a resolved config says "none".)"""
+    if isinstance(behaviour, dict) and isinstance(behaviour.get("targets"), (list, tuple)) and not behaviour["targets"]:
+        raise ConfigError("config 'behaviour.targets' is an empty list; leave the key out to use the behaviour's "
+                          "own targets, or list at least one opening")
+
+
 def resolve(user: dict | None = None) -> Config:
     """Defaults ← preset ← ``user`` (a parsed TOML document)."""
     if user is not None and not isinstance(user, dict):
@@ -217,6 +230,7 @@ def resolve(user: dict | None = None) -> Config:
     for name in user:
         if name not in TABLES:
             raise ConfigError(f"unknown config key '{name}' (known: {', '.join(['preset', *TABLES])})")
+    _refuse_empty_openings(user.get("behaviour"))
     tables = {name: from_mapping(TABLES[name], values, getattr(base, name)) for name, values in user.items()}
     return _with_behaviour_defaults(dataclasses.replace(base, preset=preset, **tables))
 
@@ -237,11 +251,25 @@ def load(path: str | os.PathLike) -> Config:
     return resolve(user)
 
 
+def identity(cfg: Config) -> dict[str, Any]:
+    """Every setting that determines a run's outputs, as ``{"table.key": value}``: all fields
+    but those a table marks ``OUTPUT_NEUTRAL`` (an opt-out, so a new field counts by default)."""
+    out: dict[str, Any] = {"preset": cfg.preset}
+    for name, tbl in cfg.tables().items():
+        neutral = output_neutral(type(tbl))
+        out |= {f"{name}.{k}": v for k, v in to_mapping(tbl).items() if k not in neutral}
+    return out
+
+
 def digest(cfg: Config) -> str:
-    """Hash of everything in the config that determines a run's outputs (the run folder checks
-    it on resume; threads and cache location do not change outputs)."""
-    d = cfg.to_dict()
-    d["run"] = {k: v for k, v in d["run"].items() if k in ("seed", "pair_batch", "mode")}
+    """Hash of :func:`identity` (the run folder checks it on resume)."""
+    d: dict[str, Any] = {}
+    for dotted, value in identity(cfg).items():
+        table_name, _, k = dotted.partition(".")
+        if k:
+            d.setdefault(table_name, {})[k] = value
+        else:
+            d[table_name] = value
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -17,6 +17,7 @@ import scipy.sparse as sp
 
 from .. import _faults, _progress
 from .._files import digest_file
+from ..numeric._backend import available_cores, threads as core_threads
 from ..errors import NonFiniteError, PolicytraceError, RunFolderError
 from ..model.loading import default_model_location, model_identity
 from ..model.sae import sae_identity
@@ -62,8 +63,19 @@ def fingerprint(cfg: Config, inputs: Inputs) -> Fingerprint:
         model = model_identity(str(folder), gguf)
     # The default SAE is a function of the config, the data and the model, all covered above.
     sae = sae_identity(cfg.sae) if cfg.sae.named else "default (trained from the inputs above)"
-    return Fingerprint(cfgmod.digest(cfg), {"probes": digest_file(data["probes"]),
-                                            "pairs": digest_file(data["pairs"]), "model": model, "sae": sae})
+    inputs = {"probes": digest_file(data["probes"]), "pairs": digest_file(data["pairs"]), "model": model, "sae": sae}
+    return Fingerprint(cfgmod.digest(cfg), inputs, _jsonable(cfgmod.identity(cfg)), thread_counts(cfg))
+
+
+def thread_counts(cfg: Config) -> dict[str, int]:
+    """The numeric core's and torch's thread counts in this process (0 = all cores resolved)."""
+    import torch
+
+    return {"core": core_threads(cfg.run.threads) or available_cores(), "torch": torch.get_num_threads()}
+
+
+def _jsonable(settings: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
 
 
 def cached_base_pass(rd: RunDir, progress: bool = False, readonly: bool = False) -> Callable[[ModelSide, Inputs], BasePass]:

@@ -25,7 +25,7 @@ import io
 import json
 import time
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -43,16 +43,30 @@ SHARD_KINDS = {"deltas": "npz", "pair_features": "parquet", "pairs": "parquet", 
 
 @dataclass(frozen=True)
 class Fingerprint:
-    """What a run's outputs depend on: the config's digest and each input's identity."""
+    """What a run's outputs depend on: the config's digest (and the settings behind it), each
+    input's identity, and the thread counts the numbers were computed with (float32 results
+    can depend on them)."""
 
     config_digest: str
     inputs: dict[str, str]
+    settings: dict[str, Any] = field(default_factory=dict)
+    threads: dict[str, int] = field(default_factory=dict)
 
     def diff(self, other: "Fingerprint") -> list[str]:
         """Names of what differs (``config`` and/or input names)."""
         out = ["config"] if self.config_digest != other.config_digest else []
         keys = sorted(set(self.inputs) | set(other.inputs))
         return out + [k for k in keys if self.inputs.get(k) != other.inputs.get(k)]
+
+    def changed_settings(self, other: "Fingerprint") -> list[str]:
+        """The ``table.key`` settings that differ (empty when a side did not record them)."""
+        if not self.settings or not other.settings:
+            return []
+        keys = sorted(set(self.settings) | set(other.settings))
+        return [k for k in keys if self.settings.get(k) != other.settings.get(k)]
+
+    def changed_threads(self, other: "Fingerprint") -> bool:
+        return bool(self.threads) and bool(other.threads) and self.threads != other.threads
 
 
 def parquet_bytes(frame: pl.DataFrame) -> bytes:
@@ -198,14 +212,23 @@ class RunDir:
             stored = self._stored_fingerprint()
             changed = stored.diff(fp)
             if "config" in changed:
+                keys = stored.changed_settings(fp)
+                which = f" ({', '.join(keys[:8])} changed)" if keys else ""
                 raise RunFolderError(
-                    f"{self.path} holds a run of a different configuration; pass a new run folder "
+                    f"{self.path} holds a run of a different configuration{which}; pass a new run folder "
                     "(or delete this one) to run this config"
                 )
             if changed:
                 raise RunFolderError(
                     f"{self.path} was started with other inputs: {', '.join(changed)} changed since "
                     "(a resumed run would mix two data sets); restore them or use a new run folder"
+                )
+            if stored.changed_threads(fp) and self._intact_manifest() is None:
+                raise RunFolderError(
+                    f"{self.path} was computed with {_threads(stored.threads)} per process, this process has "
+                    f"{_threads(fp.threads)}; float32 results can depend on the thread count, so the resumed "
+                    "shards would not match the finished ones. Set run.threads (numeric core) and "
+                    "OMP_NUM_THREADS or torch.set_num_threads (torch) to the folder's counts, or use a new run folder"
                 )
         for gone in remove_stale_temporaries(self.path):
             self.log(f"removed {gone.relative_to(self.path)}, left by a killed writer")
@@ -234,7 +257,8 @@ class RunDir:
     def _stored_fingerprint(self) -> Fingerprint:
         doc = self.read_json("fingerprint.json")
         try:
-            return Fingerprint(str(doc["config_digest"]), {str(k): str(v) for k, v in doc["inputs"].items()})
+            return Fingerprint(str(doc["config_digest"]), {str(k): str(v) for k, v in doc["inputs"].items()},
+                               dict(doc.get("settings", {})), {str(k): int(v) for k, v in doc.get("threads", {}).items()})
         except (KeyError, AttributeError, TypeError) as e:
             raise self._damaged("fingerprint.json", "is not a policytrace fingerprint") from e
 
@@ -265,6 +289,10 @@ class RunDir:
         if bad:
             raise self._damaged(bad[0], "is missing or changed since the run finished")
         return doc
+
+
+def _threads(counts: dict[str, int]) -> str:
+    return f"{counts.get('core', '?')} numeric-core and {counts.get('torch', '?')} torch threads"
 
 
 def now() -> str:

@@ -17,10 +17,15 @@ def load_deltas(rd: RunDir, manifest: dict) -> tuple[list[str], np.ndarray, np.n
     """Every pair's stored (ΔX, Δy), in shard order (each shard's digest checked)."""
     ids, dX, dy = [], [], []
     for shard in sorted(int(s) for s in manifest.get("shards", {})):
-        marker = rd.valid_marker(rd.shard_marker(shard))
+        name = rd.shard_marker(shard)
+        marker = rd.marker(name)
         if marker is None:
-            raise RunFolderError(f"{rd.path}: shard {shard} is missing or damaged; run the same "
-                                 "`policytrace run` command again to repair it")
+            raise RunFolderError(f"{rd.file(name)} (the marker of shard {shard}) is missing or unreadable; run the "
+                                 "same `policytrace run` command again to repair it")
+        bad = rd.damaged(marker["files"])
+        if bad:
+            raise RunFolderError(f"{rd.file(bad[0])} is missing or changed since shard {shard} was written; run "
+                                 "the same `policytrace run` command again to repair it")
         z = rd.read_npz(rd.shard_file("deltas", shard), ("ids", "dX", "dy"))
         ids += z["ids"].tolist()
         dX.append(z["dX"])
