@@ -55,7 +55,7 @@ def test_hook_is_removed_after_the_block(tok, model):
     with capture_block_output(model, LAYER):
         assert len(layer._forward_hooks) == before + 1
     assert len(layer._forward_hooks) == before
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="^boom$"):  # the block's own error, passed through
         with capture_block_output(model, LAYER):
             raise RuntimeError("boom")
     assert len(layer._forward_hooks) == before
