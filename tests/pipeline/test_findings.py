@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import polars as pl
 import pytest
@@ -67,10 +68,9 @@ def test_run_folder_holds_the_findings(run):
                 "off_target_p", "interference_significant", "side_interference", "side_interference_chance",
                 "suspicion", "suspicion_raw", "suspicion_reason"):
         assert col in pairs.columns, col
-    assert ((pairs["off_target_p"] > 0) & (pairs["off_target_p"] <= 1)).all()
     groups = pl.read_parquet(run / "interference_groups.parquet")
     assert set(groups["grouping"]) == {"category", "side"}
-    assert groups.filter(pl.col("grouping") == "side")["chance_rate"].is_between(0, 1).all()
+    _check_against_chance(run, pairs, groups)
     beh = pl.read_parquet(run / "pair_behaviour.parquet")
     assert beh.height == pairs.height * 3 and {"mediated_dy", "direct_dy"} <= set(beh.columns)
     manifest = json.loads((run / "manifest.json").read_text())
@@ -93,3 +93,68 @@ def test_curate_drops_the_most_suspicious(run, tmp_path, capsys):
         curate(run, tmp_path / "x.jsonl", drop=99)
     with pytest.raises(InvalidValueError, match=".jsonl or .parquet"):
         curate(run, tmp_path / "x.csv", drop=1)
+
+
+def _binomial_tail(k: int, n: int, c: float) -> float:
+    """P(Binomial(n, c) >= k), summed term by term."""
+    return sum(math.comb(n, j) * c**j * (1 - c) ** (n - j) for j in range(k, n + 1))
+
+
+def _check_against_chance(run, pairs, groups):
+    """The chance-corrected columns and the per-group table, recomputed here from each pair's
+    d_coef and the features' groups (category: where a feature is most active; side: the
+    side of the harmful flag with the higher mean activation).
+
+    Per pair: the off-target share, its chance value 1 − m/K and the permutation p-value. The
+    run estimates the p-value from N_PERM random intended sets, (1 + hits) / (N_PERM + 1); here
+    the exact one comes from all C(K, m) sets, and the estimate must lie within 5 binomial
+    standard deviations of its expectation (exactly on it when p is 0 or 1). Per group: the
+    dominant-feature rate, the chance rate and the one-sided binomial p-value, exactly."""
+    from itertools import combinations
+
+    import numpy as np
+
+    from policytrace.pipeline.findings import N_PERM
+    from policytrace.pipeline.validate import open_state
+
+    _, _, state = open_state(run, lambda m: None)
+    fids = state.policy.feature_ids.tolist()
+    K = len(fids)
+    X, flag = state.features.X, state.inputs.flag
+    feature_of = {
+        "category": np.array(state.features.groups, dtype=object),
+        "side": np.where(X[flag].mean(axis=0) > X[~flag].mean(axis=0), "harmful", "harmless").astype(object),
+    }
+    assert feature_of["category"].tolist() == pl.read_parquet(run / "features.parquet")["group"].to_list()
+    harmful = dict(zip(state.inputs.pairs["id"], state.inputs.pairs["harmful"]))
+    pair_of = {"category": pairs["group"].to_list(),
+               "side": ["harmful" if harmful[i] else "harmless" for i in pairs["pair_id"]]}
+    pf = pl.read_parquet(run / "pair_features.parquet")
+    d = np.zeros((pairs.height, K))
+    row = {p: i for i, p in enumerate(pairs["pair_id"])}
+    for p, f, v in zip(pf["pair_id"], pf["feature_id"], pf["d_coef"]):
+        d[row[p], fids.index(f)] = abs(v)
+    w = d / d.sum(axis=1, keepdims=True)
+    dominant = d.argmax(axis=1)
+    for grouping, prefix in (("category", ""), ("side", "side_")):
+        fg, pg = feature_of[grouping], pair_of[grouping]
+        interfered = np.array([fg[j] != g for j, g in zip(dominant, pg)])
+        for i, g in enumerate(pg):
+            intended = fg == g
+            m = int(intended.sum())
+            share = 1 - w[i, intended].sum()
+            assert pairs[f"{prefix}off_target_share"][i] == pytest.approx(share, abs=1e-12)
+            assert pairs[f"{prefix}off_target_chance"][i] == pytest.approx(1 - m / K, abs=1e-15)
+            null = np.array([1 - w[i, list(c)].sum() for c in combinations(range(K), m)])
+            p = float(np.mean(null >= share - 1e-12))
+            mean, sd = (1 + N_PERM * p) / (N_PERM + 1), np.sqrt(N_PERM * p * (1 - p)) / (N_PERM + 1)
+            assert abs(pairs[f"{prefix}off_target_p"][i] - mean) <= 5 * sd + 1e-12, (grouping, i, p)
+        table = groups.filter(pl.col("grouping") == grouping)
+        assert table["group"].to_list() == sorted(set(pg))
+        for r in table.iter_rows(named=True):
+            mine = np.array([x == r["group"] for x in pg])
+            n, k = int(mine.sum()), int(interfered[mine].sum())
+            chance = 1 - (fg == r["group"]).sum() / K
+            assert (r["n_pairs"], r["interference_rate"]) == (n, k / n)
+            assert r["chance_rate"] == pytest.approx(chance, abs=1e-15)
+            assert r["p_value"] == pytest.approx(_binomial_tail(k, n, chance), rel=1e-12, abs=1e-300)
