@@ -178,7 +178,9 @@ def test_explain_top_and_validate_accept_a_gradient_run(tiny, tmp_path):
     cfg = _cfg(tiny, update={"lr": 1e-3}, gradient={"explain_top": 2}, model={"dtype": "float32"})
     manifest = execute(cfg, tmp_path / "g", log=lambda m: None, progress=False)
     ex = manifest["stages"]["explained"]
-    assert ex["pairs"] >= 2 and ex["max_rel_diff_dy_mean"] < 0.2
+    # first order against the exact update: the second-order term, measured 1.45 % at lr 1e-3
+    # (as much in float64, 0.15 % at lr 1e-4: linear in lr, not rounding)
+    assert ex["pairs"] >= 2 and ex["max_rel_diff_dy_mean"] < 0.02
     both = pl.read_parquet(tmp_path / "g" / "explained.parquet")
     assert {"score", "score_engine", "dy_mean", "dy_mean_engine"} <= set(both.columns)
     frame = validate(tmp_path / "g", subsets=3, baselines=False, removal_k=1, planted=2, progress=False,
