@@ -31,7 +31,7 @@ import torch
 
 from ..model.functional import upcast
 from ..model.update import ADAM_EPS
-from .hooks import BiasPiece, DensePiece, EmbeddingPiece, GradientHooks, LinearPiece, Piece
+from .hooks import BiasPiece, DensePiece, EmbeddingPiece, Frozen, GradientHooks, LinearPiece, Piece
 
 # Bytes of per-example gradients formed at once (the tied embedding is V x d per example).
 CHUNK_BYTES = 256 << 20
@@ -92,7 +92,7 @@ def batch_loss(model, examples: list[TrainExample], pad_id: int, device) -> torc
 
 def per_example(model, trainable: list[str], sink, examples: list[TrainExample], pad_id: int, device) -> None:
     """One forward and one backward over the batch; ``sink`` receives every parameter's pieces."""
-    with GradientHooks(model, trainable, sink, per_example=True) as hooks:
+    with Frozen(model), GradientHooks(model, trainable, sink, per_example=True) as hooks:
         loss = batch_loss(model, examples, pad_id, device)
         torch.autograd.grad(loss, hooks.roots())
         hooks.flush()

@@ -251,3 +251,21 @@ class GradientHooks:
         if len(pend.pieces) == self._calls.get(name, 1):
             del self._pending[name]
             self.sink.receive(name, pend.pieces)
+
+
+class Frozen:
+    """Every parameter frozen for the duration (the backward forms activation gradients only),
+    restored after."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.saved: list[tuple[torch.nn.Parameter, bool]] = []
+
+    def __enter__(self) -> None:
+        self.saved = [(p, p.requires_grad) for p in self.model.parameters()]
+        for p, _ in self.saved:
+            p.requires_grad_(False)
+
+    def __exit__(self, *exc) -> None:
+        for p, flag in self.saved:
+            p.requires_grad_(flag)

@@ -21,6 +21,7 @@ class Whole:
 
     def __init__(self, shapes: dict[str, torch.Size]) -> None:
         self.names = list(shapes)
+        self.shapes = {n: tuple(s) for n, s in shapes.items()}
         self.dim = sum(math.prod(s) for s in shapes.values())
         self.info = {"kind": "whole", "dim": self.dim}
 

@@ -91,6 +91,23 @@ class Continuation:
         return cls(rows, tuple(reads))
 
 
+def _copied_cache(prefix_cache, batch: int):
+    """The shared prefix's cache for one batch, outside autograd: a copy repeated ``batch`` times."""
+    cache = copy.deepcopy(prefix_cache)
+    cache.batch_repeat_interleave(batch)
+    return cache
+
+
+def _expanded_cache(prefix_cache, batch: int):
+    """Inside an autograd graph: a new cache over views of the prefix's keys and values expanded
+    to ``batch`` rows (deepcopy refuses non-leaf tensors); the backward of the expansion sums the
+    rows' gradients into the one prefix."""
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=[(layer.keys.expand(batch, -1, -1, -1), layer.values.expand(batch, -1, -1, -1))
+                                        for layer in prefix_cache.layers])
+
+
 def _eot_position(ids: list[int], eot_id: int) -> int:
     for i in range(len(ids) - 1, -1, -1):
         if ids[i] == eot_id:
@@ -185,17 +202,24 @@ class ProbeRunner:
         bar.close()
         return H, y
 
-    def run_differentiable(self, prompt_ids: Sequence[list[int]], params: dict):
-        """Pooled activations (n, d) and scores (n,) as torch tensors that carry gradients with
-        respect to ``params`` (for gradient-based attributions). No prefix sharing: a cached
-        prefix cannot be copied inside an autograd graph."""
+    def run_differentiable(self, prompt_ids: Sequence[list[int]], params: dict | None, share_prefix: bool = False):
+        """Pooled activations (n, d) and scores (n,) as torch tensors that carry gradients (with
+        respect to ``params``, or to whatever requires grad in the model's own forward when
+        ``params`` is None). ``share_prefix`` (for poolings at one position) runs the chat
+        template's common prefix once, inside the graph: its keys and values are expanded over
+        the batch, so the backward sums every probe's gradient into the one prefix (exact for
+        sums over probes, such as concept gradients; not per-probe separable)."""
         n = len(prompt_ids)
         pools = [self.pool_positions(ids) for ids in prompt_ids]
         order = np.argsort([len(p) for p in prompt_ids], kind="stable")
+        share = share_prefix and self.pooling in ("last", "eot")
+        prefix = self._common_prefix(prompt_ids, pools) if share and n else []
+        prefix_cache = self._prefix_cache(prefix, params) if prefix else None
         parts_h, parts_y, positions = [], [], []
         for start in range(0, n, self.batch_size):
             idx = order[start : start + self.batch_size]
-            h, s = self._batch([prompt_ids[i] for i in idx], [pools[i] for i in idx], params)
+            h, s = self._batch([prompt_ids[i] for i in idx], [pools[i] for i in idx], params, prefix, prefix_cache,
+                               fresh=_expanded_cache)
             parts_h.append(h)
             parts_y.append(s)
             positions.extend(idx.tolist())
@@ -221,7 +245,8 @@ class ProbeRunner:
     def _call(self, params, fn, *args):
         return self._fn.call(params, fn, *args)
 
-    def _batch(self, batch: list[list[int]], pools: list[int], params, prefix=(), prefix_cache=None):
+    def _batch(self, batch: list[list[int]], pools: list[int], params, prefix=(), prefix_cache=None,
+               fresh=None):
         P = len(prefix)
         batch = [seq[P:] for seq in batch]
         pools = [p - P for p in pools]
@@ -237,8 +262,7 @@ class ProbeRunner:
         mask = torch.cat([torch.ones((B, P), dtype=torch.long, device=self.device), smask], dim=1)
         cache = None
         if prefix_cache is not None:
-            cache = copy.deepcopy(prefix_cache)
-            cache.batch_repeat_interleave(B)
+            cache = (fresh or _copied_cache)(prefix_cache, B)
         with capture(self.model, self.hook) as store:
             out = self._call(params, self._decoder_fn, ids, mask, pos, cache)
         hidden_block = store["h"]
