@@ -39,12 +39,12 @@ HERE = Path(__file__).parent
 
 sys.path.insert(0, str(HERE))
 from _common import cpu_name, write_readme_section  # noqa: E402
-from policytrace.gradients.concept import concept_gradients  # noqa: E402
 from policytrace.gradients.per_pair import direction_products, update_direction  # noqa: E402
 from policytrace.gradients.projection import Factored, Whole  # noqa: E402
 from policytrace.numeric import Attributor  # noqa: E402
 from policytrace.numeric.concepts import concepts  # noqa: E402
 from policytrace.pipeline import config as cfgmod  # noqa: E402
+from policytrace.pipeline.modes.gradient import state_concept_gradients  # noqa: E402
 from policytrace.pipeline.stages import prepare  # noqa: E402
 
 
@@ -67,7 +67,7 @@ def agreement(state, n_pairs: int, n_feat: int, dims: list[int], seeds: int) -> 
     shapes = {n: engine.base[n].shape for n in engine.trainable}
     whole = Whole(shapes)
     t = time.perf_counter()
-    cg = concept_gradients(state, cs, whole, progress=True)
+    cg = state_concept_gradients(state, cs, whole, progress=True)
     concept_s = time.perf_counter() - t
     projs = {(r, s): Factored(shapes, r, s) for r in dims for s in range(seeds)}
     proj_cg = {k: torch.stack([p(unflatten(cg[c], shapes)) for c in range(len(cs))]) for k, p in projs.items()}

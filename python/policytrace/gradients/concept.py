@@ -3,26 +3,40 @@ concept and probe batch, accumulated (memory stays that of one batch's graph).""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
 from .. import _progress
 from ..numeric.concepts import Concept
 
+if TYPE_CHECKING:
+    from ..model.probe import ProbeRunner
+    from ..model.sae import SaeReader
+    from ..model.update import UpdateEngine
+    from .projection import Factored, Whole
 
-def concept_gradients(state, concepts: list[Concept], project, batch_size: int = 8, progress: bool = False) -> torch.Tensor:
-    """(C, D) float32: the projected gradient of every concept's functional
-    ``φ_c(θ) = Σ_j cx_c[j] · x_j(θ) + cy_c[j] · y_j(θ)`` at θ0, where ``x_j`` are the probe's
-    codes of the selected features through the SAE encoder (its Jacobian is the gated
-    linearization's) and ``y_j`` its behaviour score."""
-    m = state.model
-    engine, runner, reader = m.engine, m.runner, m.reader
+
+def concept_gradients(concepts: Sequence[Concept], project: Whole | Factored, *,
+                      engine: UpdateEngine, runner: ProbeRunner, reader: SaeReader,
+                      probe_tokens: Sequence[Sequence[int]], columns: np.ndarray, gated: bool, batch_size: int = 8,
+                      progress: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(C, D): the projected gradient of every concept's functional
+    ``φ_c(θ) = Σ_j cx_c[j] · x_j(θ) + cy_c[j] · y_j(θ)`` at θ0 (``engine.base``'s trainable
+    weights), where ``x_j`` are the codes of the SAE features ``columns`` of probe ``j``
+    (``probe_tokens[j]``, through ``runner``'s differentiable pass and ``reader``'s encoder; its
+    Jacobian is the gated linearization's when ``gated``) and ``y_j`` its behaviour score. The
+    concepts' ``(cx, cy)`` are the cotangents. ``project`` maps per-parameter gradients to a
+    row (``gradients.projection``). Sums and rows in ``dtype``; by default float64 for a float64
+    model (exactness tests), float32 otherwise (C x D can be large)."""
     names = engine.trainable
-    cols = torch.as_tensor(np.array(state.features.columns, dtype=np.int64))
-    n = len(m.probe_tokens)
-    # float64 sums for a float64 model (exactness tests); float32 otherwise (C x D can be large)
-    wide = next(iter(engine.base.values())).dtype == torch.float64
-    dtype = torch.float64 if wide else torch.float32
+    cols = torch.as_tensor(np.array(columns, dtype=np.int64))
+    n = len(probe_tokens)
+    if dtype is None:
+        wide = next(iter(engine.base.values())).dtype == torch.float64
+        dtype = torch.float64 if wide else torch.float32
     if not concepts:  # a rank that owns none under torchrun still takes part in the exchange
         return torch.empty(0, project.dim, dtype=dtype)
     cx = np.stack([c.cx for c in concepts])  # (C, n, K)
@@ -35,8 +49,8 @@ def concept_gradients(state, concepts: list[Concept], project, batch_size: int =
         stop = min(start + batch_size, n)
         # detach() shares the weights' storage: leaves for autograd without copying the model
         leaves = {k: engine.base[k].detach().requires_grad_(True) for k in names}
-        H, y = runner.run_differentiable(m.probe_tokens[start:stop], {**engine.base, **leaves})
-        x = reader.encode_torch(H, cols, state.features.gated)
+        H, y = runner.run_differentiable(probe_tokens[start:stop], {**engine.base, **leaves})
+        x = reader.encode_torch(H, cols, gated)
         for c in range(len(concepts)):
             gx = torch.as_tensor(cx[c, start:stop], dtype=x.dtype, device=x.device)
             gy = torch.as_tensor(cy[c, start:stop], dtype=y.dtype, device=y.device)

@@ -16,25 +16,15 @@ import polars as pl
 from . import _backend as backends
 from ._inputs import as_dy, as_matrix, as_vector, csr_tuple, pairs_arg, stack_pairs
 from ..errors import InvalidValueError, NonFiniteError, ShapeError, SparseFormatError
+from .frames import (PAIR_FEATURES_SCHEMA, Dominance, PairValues, pair_behaviour_frame, pair_features_frame,
+                     pair_summary_frame)
 from .interference import group_codes, summarize_interference
 from .mediation import Mediation, mediation
 from .policy import Policy
 
 METHODS = ("exact", "first_order")
 
-PAIR_FEATURE_COLUMNS = (
-    "pair_id",
-    "feature_id",
-    "coef",
-    "d_coef",
-    "d_coef_x",
-    "d_coef_y",
-    "d_coef_xy",
-    "shapley_x",
-    "shapley_y",
-    "alignment",
-    "mediated_dy",
-)
+PAIR_FEATURE_COLUMNS = tuple(PAIR_FEATURES_SCHEMA)
 
 
 class Attributor:
@@ -197,71 +187,36 @@ class Attributor:
         return pair_ids
 
     def _pair_feature_frame(self, pair_ids: list, res: Any, med: Mediation) -> pl.DataFrame:
-        pol = self.policy
-        p, k = len(pair_ids), pol.n_features
         d, dx, dyp = res.d_total, res.d_x, res.d_y
         # First order is additive by construction: its interaction is exactly zero.
         dxy = d - dx - dyp if self.method == "exact" else np.zeros_like(d)
-        coef = np.broadcast_to(pol.coef, (p, k))
-        return pl.DataFrame(
-            {
-                "pair_id": pl.Series(pair_ids, strict=False).gather(np.repeat(np.arange(p), k)),
-                "feature_id": np.tile(pol.feature_ids, p),
-                "coef": coef.ravel(),
-                "d_coef": d.ravel(),
-                "d_coef_x": dx.ravel(),
-                "d_coef_y": dyp.ravel(),
-                "d_coef_xy": dxy.ravel(),
-                "shapley_x": (dx + dxy / 2).ravel(),
-                "shapley_y": (dyp + dxy / 2).ravel(),
-                "alignment": (d * coef).ravel(),
-                "mediated_dy": med.per_feature.ravel(),
-            }
-        )
+        return pair_features_frame(pair_ids, self.policy.feature_ids, self.policy.coef, d, dx, dyp, dxy,
+                                   med.per_feature)
 
     def _pair_frame(self, pair_ids: list, groups: list | None, res: Any, dy: np.ndarray, med: Mediation) -> pl.DataFrame:
         pol = self.policy
         d = res.d_total
-        cols: dict[str, Any] = {
-            "pair_id": list(pair_ids),
-            "group": groups if groups is not None else [None] * len(pair_ids),
-            "score": d @ pol.coef,
-            "score_x": res.d_x @ pol.coef,
-            "score_y": res.d_y @ pol.coef,
-            "dy_mean": dy.mean(axis=1),
-            "pred_dy_mean": np.asarray(res.pred_dy),
-            "direct_dy": med.direct,
-            "mediated_share": _nullable(med.share),
-            "mediated_r2": _nullable(med.r2),
-        }
+        values = PairValues(score=d @ pol.coef, score_x=res.d_x @ pol.coef, score_y=res.d_y @ pol.coef,
+                            dy_mean=dy.mean(axis=1), pred_dy_mean=np.asarray(res.pred_dy), direct_dy=med.direct,
+                            mediated_share=med.share, mediated_r2=med.r2)
         if self._feature_codes is not None and groups is not None:
             pcodes = group_codes(groups, self._labels)
             res_i = backends.backend(self._backend_name).interference(
                 np.ascontiguousarray(d), self._feature_codes, pcodes
             )
-            dom, share, flag = np.asarray(res_i.dominant), res_i.off_target_share, res_i.flag
-            cols["dominant_feature"] = [int(pol.feature_ids[j]) if j >= 0 else None for j in dom]
-            cols["dominant_group"] = [self.feature_group_labels[j] if j >= 0 else None for j in dom]
-            cols["off_target_share"] = np.asarray(share)
-            cols["interference"] = np.asarray(flag, dtype=bool)
+            dominance = Dominance(np.asarray(res_i.dominant), self.feature_group_labels,
+                                  np.asarray(res_i.off_target_share), np.asarray(res_i.flag, dtype=bool))
         else:
-            dom = np.where(np.abs(d).sum(axis=1) > 0, np.abs(d).argmax(axis=1), -1)
-            cols["dominant_feature"] = [int(pol.feature_ids[j]) if j >= 0 else None for j in dom]
-        return pl.DataFrame(cols, strict=False)
+            dominance = Dominance(np.where(np.abs(d).sum(axis=1) > 0, np.abs(d).argmax(axis=1), -1))
+        return pair_summary_frame(pair_ids, groups, values, pol.feature_ids, dominance)
 
     def _behaviour_frame(self, pair_ids: list, dy: np.ndarray, med: Mediation) -> pl.DataFrame:
         """Per pair and probe group: mean Δy, the part the policy's features mediate, the rest."""
         levels = sorted(set(self.probe_groups.tolist()), key=str)
-        rows: dict[str, list] = {"pair_id": [], "probe_group": [], "dy_mean": [], "mediated_dy": [], "direct_dy": []}
-        for lv in levels:
-            mask = self.probe_groups == lv
-            means, mediated = dy[:, mask].mean(axis=1), med.predicted[:, mask].mean(axis=1)
-            rows["pair_id"] += list(pair_ids)
-            rows["probe_group"] += [lv] * len(pair_ids)
-            rows["dy_mean"] += means.tolist()
-            rows["mediated_dy"] += mediated.tolist()
-            rows["direct_dy"] += (means - mediated).tolist()
-        return pl.DataFrame(rows, strict=False)
+        masks = [self.probe_groups == lv for lv in levels]
+        means = np.stack([dy[:, m].mean(axis=1) for m in masks])
+        mediated = np.stack([med.predicted[:, m].mean(axis=1) for m in masks])
+        return pair_behaviour_frame(pair_ids, levels, means, mediated)
 
     def _kept(self, parts: list[pl.DataFrame], what: str) -> pl.DataFrame:
         if not self.keep:
@@ -297,13 +252,6 @@ class Attributor:
             strict=False,
         )
         return summarize_interference(self.pair_features(), self.pairs(), fg)
-
-
-def _nullable(values: np.ndarray) -> pl.Series:
-    """Floats with NaN (undefined) stored as null: NaN never reaches an output. Built from a
-    list, not with a polars expression: expressions use polars' thread pool, which deadlocks
-    in a forked child (the core must keep working under fork)."""
-    return pl.Series([None if np.isnan(v) else float(v) for v in values], dtype=pl.Float64)
 
 
 def decompose(

@@ -42,11 +42,18 @@ def mediation(predicted: np.ndarray, mean_dx: np.ndarray, dy: np.ndarray, coef: 
     per_feature = mean_dx / scale * coef
     mediated = predicted.mean(axis=1) if mediated is None else np.asarray(mediated, dtype=np.float64)
     dy_mean = dy.mean(axis=1)
+    share = mediated_share(mediated, dy_mean)
     with np.errstate(divide="ignore", invalid="ignore"):
-        share = np.where(np.abs(dy_mean) > ZERO_CHANGE, mediated / dy_mean, np.nan)
         ss = (dy**2).sum(axis=1)
         r2 = np.where(ss > 0, 1.0 - ((dy - predicted) ** 2).sum(axis=1) / ss, np.nan)
     return Mediation(mediated, dy_mean - mediated, share, r2, per_feature, predicted)
+
+
+def mediated_share(mediated: np.ndarray, dy_mean: np.ndarray) -> np.ndarray:
+    """``mediated / dy_mean`` per pair, NaN (stored as null) where the mean change is below
+    :data:`ZERO_CHANGE`: every mode's share, whatever computed the two means."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(np.abs(dy_mean) > ZERO_CHANGE, mediated / dy_mean, np.nan)
 
 
 def sums_of(stacked: sp.csr_matrix, n: int, coef: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

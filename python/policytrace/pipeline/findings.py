@@ -18,11 +18,31 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
+from ..numeric.frames import PAIRS_SCHEMA, Schema, nullable
 from ..numeric.interference import against_chance, group_rates
 from .stages import BaseState
 
 FDR = 0.05
 N_PERM = 4000
+
+FINDINGS_SCHEMA: Schema = {
+    "off_target_chance": pl.Float64, "off_target_excess": pl.Float64, "off_target_p": pl.Float64,
+    "interference_chance": pl.Float64, "interference_significant": pl.Boolean,
+}
+"""The columns interference against chance adds to ``pairs`` (by probe category)."""
+SIDE_FINDINGS_SCHEMA: Schema = {
+    **{f"side_{c}": t for c, t in FINDINGS_SCHEMA.items()}, "side_off_target_share": pl.Float64,
+    "side_interference": pl.Boolean,
+}
+"""The same by the behaviour's side, when every pair and enough probes carry the flag."""
+SUSPICION_SCHEMA: Schema = {"suspicion": pl.Float64, "suspicion_raw": pl.Float64, "suspicion_reason": pl.String}
+
+
+def merged_pairs_schema(per_feature: bool, sides: bool) -> Schema:
+    """``pairs.parquet``: a shard's columns, then the findings the merge could compute (none
+    without per-feature shifts), then the curator's suspicion."""
+    findings = {**FINDINGS_SCHEMA, **(SIDE_FINDINGS_SCHEMA if sides else {})} if per_feature else {}
+    return {**PAIRS_SCHEMA, **findings, **SUSPICION_SCHEMA}
 
 
 def _d_matrix(pf: pl.DataFrame, pair_ids: list, feature_ids: np.ndarray) -> np.ndarray:
@@ -57,8 +77,7 @@ def _columns(prefix: str, res: dict, dominant_intended: np.ndarray | None) -> di
     if dominant_intended is not None:
         cols[f"{prefix}off_target_share"] = res["share"]
         cols[f"{prefix}interference"] = ~dominant_intended
-    return {k: (pl.Series(k, [None if isinstance(x, float) and not np.isfinite(x) else x for x in v.tolist()])
-                if np.asarray(v).dtype.kind == "f" else pl.Series(k, v)) for k, v in cols.items()}
+    return {k: (nullable(v).alias(k) if np.asarray(v).dtype.kind == "f" else pl.Series(k, v)) for k, v in cols.items()}
 
 
 def interference_findings(state: BaseState, pf: pl.DataFrame, pairs: pl.DataFrame, seed: int) -> tuple[pl.DataFrame, pl.DataFrame]:

@@ -1,5 +1,7 @@
 """A full attribution job into a run folder: base stages, then the pairs in shards, then the
-merge. Resumable at any moment (SIGKILL included): rerun the same command and it recomputes only
+merge. Only the orchestration lives here; what a shard computes is the run's mode's
+(:mod:`policytrace.pipeline.modes`), and every frame it returns has its schema
+(:mod:`policytrace.numeric.frames`). Resumable at any moment (SIGKILL included): rerun the same command and it recomputes only
 what is missing or damaged, ending with byte-identical outputs. Layout and guarantees:
 :mod:`policytrace.pipeline.rundir` and docs/design.md.
 """
@@ -13,7 +15,6 @@ from typing import Any, Callable
 
 import numpy as np
 import polars as pl
-import scipy.sparse as sp
 
 from .. import _faults, _progress
 from .._files import digest_file
@@ -21,12 +22,14 @@ from ..numeric._backend import available_cores, threads as core_threads
 from ..errors import NonFiniteError, PolicytraceError, RunFolderError
 from ..model.loading import default_model_location, model_identity
 from ..model.sae import sae_identity
-from ..numeric import PAIR_FEATURE_COLUMNS, Attributor, summarize_interference
+from ..numeric import summarize_interference
+from ..numeric.frames import (INTERFERENCE_GROUPS_SCHEMA, INTERFERENCE_SCHEMA, PAIR_BEHAVIOUR_SCHEMA,
+                              PAIR_FEATURES_SCHEMA, PAIRS_SCHEMA, Schema, empty)
 from . import config as cfgmod
-from . import gradient_mode
 from .config import Config
 from .distributed import SINGLE, Ranks, finish, ranks_from_env, runtime_config
-from .findings import gates, interference_findings, side_means, suspicion_findings
+from .findings import gates, interference_findings, suspicion_findings
+from .modes import Mode, ShardFrames, get_mode
 from .rundir import FINAL_OUTPUTS, Fingerprint, RunDir, now
 from .stages import BasePass, BaseState, Inputs, ModelSide, base_pass, load_inputs, prepare
 
@@ -121,59 +124,32 @@ def write_base(rd: RunDir, state: BaseState) -> dict:
     return {"files": files, "facts": facts}
 
 
-def attributor(state: BaseState) -> Attributor:
-    cfg = state.cfg
-    return Attributor(state.policy, state.features.X, state.base.y0, method=cfg.decompose.method,
-                      probe_groups=state.inputs.categories.tolist(), feature_groups=state.features.groups,
-                      threads=cfg.run.threads, keep=False)
-
-
 def shard_rows(pairs: pl.DataFrame, batch: int) -> list[pl.DataFrame]:
     return [pairs[i : i + batch] for i in range(0, pairs.height, batch)]
 
 
-def run_shard(rd: RunDir, state: BaseState, att: Attributor, shard: int, rows: pl.DataFrame, bar) -> dict:
-    """Update on every pair of the shard, decompose, write its files, then its marker."""
-    t = time.perf_counter()
-    dXs, dys = [], []
-    for r in rows.iter_rows(named=True):
-        params = state.model.engine.update(r["prompt"], r["response"], r["id"])
-        d = state.delta(params, r["id"])
-        dXs.append(sp.csr_matrix(d.dX))
-        dys.append(d.dy)
-        bar.update(1)
-    ids = rows["id"].to_list()
-    frame = att.add(dXs, np.stack(dys), pair_ids=ids, pair_groups=rows["category"].to_list())
-    pairs = att.last_pairs.with_columns(pl.Series("label", rows["label"].to_list()), pl.lit("engine").alias("mode"),
-                                        **side_means(np.stack(dys), state.inputs.flag))
-    frames = {"pair_features": frame, "pairs": pairs, "pair_behaviour": att.last_behaviour}
-    for name, f in frames.items():
+FRAME_SCHEMAS: dict[str, Schema] = {"pair_features": PAIR_FEATURES_SCHEMA, "pairs": PAIRS_SCHEMA,
+                                    "pair_behaviour": PAIR_BEHAVIOUR_SCHEMA}
+"""A shard's frames, in the order their files are written."""
+
+
+def write_shard(rd: RunDir, mode: Mode, shard: int, ids: list[str], frames: ShardFrames, started: float) -> dict:
+    """The shard's files (deltas, if the mode measured them, then its frames), then its marker;
+    nothing is written when a frame holds a non-finite value."""
+    named = {name: getattr(frames, name) for name in FRAME_SCHEMAS if getattr(frames, name) is not None}
+    for name, f in named.items():
         _check_finite(f, f"shard {shard} ({name})")
-    files = {rd.shard_file("deltas", shard): rd.write_npz(rd.shard_file("deltas", shard),
-                                                          dX=np.stack([d.toarray() for d in dXs]), dy=np.stack(dys),
-                                                          ids=np.array(ids))}
-    files |= {rd.shard_file(name, shard): rd.write_parquet(rd.shard_file(name, shard), f) for name, f in frames.items()}
+    files = {}
+    if frames.deltas is not None:
+        d = frames.deltas
+        files[rd.shard_file("deltas", shard)] = rd.write_npz(rd.shard_file("deltas", shard), dX=d.dX, dy=d.dy,
+                                                             ids=np.array(d.ids))
+    files |= {rd.shard_file(name, shard): rd.write_parquet(rd.shard_file(name, shard), f) for name, f in named.items()}
     _faults.checkpoint("before-shard-marker")
-    record = {"shard": shard, "pairs": ids, "files": files, "seconds": round(time.perf_counter() - t, 3)}
+    record = {"shard": shard, "pairs": ids, "files": files, "seconds": round(time.perf_counter() - started, 3),
+              "mode": mode.name}
     rd.mark(rd.shard_marker(shard), record)
     return record
-
-
-def empty_pair_features() -> pl.DataFrame:
-    return pl.DataFrame(schema={c: (pl.Utf8 if c == "pair_id" else pl.Int64 if c == "feature_id" else pl.Float64)
-                                for c in PAIR_FEATURE_COLUMNS})
-
-
-def empty_summary() -> pl.DataFrame:
-    return pl.DataFrame(schema={"group": pl.Utf8, "feature_id": pl.Int64, "feature_group": pl.Utf8, "n_pairs": pl.UInt32,
-                                "mean_d_coef": pl.Float64, "mean_abs_d_coef": pl.Float64, "n_dominant": pl.UInt32,
-                                "intended": pl.Boolean})
-
-
-def empty_groups() -> pl.DataFrame:
-    return pl.DataFrame(schema={"grouping": pl.Utf8, "group": pl.Utf8, "n_pairs": pl.Int64, "interference_rate": pl.Float64,
-                                "chance_rate": pl.Float64, "excess": pl.Float64, "p_value": pl.Float64,
-                                "significant": pl.Boolean})
 
 
 def _check_finite(frame: pl.DataFrame, where: str) -> None:
@@ -188,53 +164,52 @@ def _check_finite(frame: pl.DataFrame, where: str) -> None:
 def run_pairs(rd: RunDir, state: BaseState, log: Log, progress: bool, ranks: Ranks = SINGLE) -> None:
     """This process's shards (``i % world == rank``), skipping those whose marker vouches for
     intact files."""
+    mode = get_mode(state.cfg.run.mode)
     shards = shard_rows(state.inputs.pairs, state.cfg.run.pair_batch)
     mine = [i for i in range(len(shards)) if ranks.owns(i)]
     todo = [i for i in mine if rd.valid_marker(rd.shard_marker(i)) is None]
-    total = sum(len(shards[i]) for i in mine)
-    initial = total - sum(len(shards[i]) for i in todo)
-    if state.cfg.run.mode == "gradient":
-        # The concepts are divided among all ranks, so all take part while any shard is left,
-        # rank 0 deciding (every rank must make the same call); its own shards were checked above.
+    if mode.collective:
+        # Preparing is a collective call, so all ranks take part while any shard is left, rank 0
+        # deciding (every rank must make the same call); its own shards were checked above.
         left = ranks.broadcast(bool(todo) or any(rd.valid_marker(rd.shard_marker(i)) is None
                                                  for i in range(len(shards)) if not ranks.owns(i))
                                if ranks.main else None)
-        if not left:
-            return
-        gs = gradient_mode.setup(state, log, progress, ranks)
-        rd.mark(f"stages/concepts-rank{ranks.rank}.json", {"files": {}, "seconds": gs.seconds, "concepts": gs.computed,
-                                                          "of": len(gs.names), "dim": gs.project.dim})
-        bar = _progress.bar(total, "pair", progress, initial=initial)
-        for i in todo:
-            gradient_mode.run_shard(rd, state, gs, i, shards[i], bar)
-    elif todo:
-        att = attributor(state)
-        bar = _progress.bar(total, "pair", progress, initial=initial)
-        for i in todo:
-            run_shard(rd, state, att, i, shards[i], bar)
     else:
+        left = bool(todo)
+    if not left:
         return
+    prepared = mode.prepare(state, log, progress, ranks)
+    stage = prepared.marker()
+    if stage is not None:
+        rd.mark(f"stages/{stage[0]}-rank{ranks.rank}.json", {"files": {}, **stage[1]})
+    total = sum(len(shards[i]) for i in mine)
+    bar = _progress.bar(total, "pair", progress, initial=total - sum(len(shards[i]) for i in todo))
+    for i in todo:
+        t = time.perf_counter()
+        write_shard(rd, mode, i, shards[i]["id"].to_list(), mode.shard(state, prepared, shards[i], bar), t)
     bar.close()
+
+
+def _merged(rd: RunDir, markers: list[dict], name: str) -> pl.DataFrame:
+    """The shards' ``name`` frames in shard order; the schema's empty frame when none has one."""
+    parts = [rd.read_parquet(rd.shard_file(name, m["shard"])) for m in markers
+             if rd.shard_file(name, m["shard"]) in m["files"]]
+    return pl.concat(parts, how="vertical_relaxed") if parts else empty(FRAME_SCHEMAS[name])
 
 
 def merge(rd: RunDir, state: BaseState, markers: list[dict]) -> dict[str, str]:
     """The final files from the shards (their markers were verified), with the findings that
     need every pair: interference against chance, suspicion."""
-    frames = {name: pl.concat([rd.read_parquet(rd.shard_file(name, m["shard"])) for m in markers
-                               if rd.shard_file(name, m["shard"]) in m["files"]], how="vertical_relaxed")
-              for name in ("pairs", "pair_behaviour")}
-    pf_parts = [rd.read_parquet(rd.shard_file("pair_features", m["shard"])) for m in markers
-                if rd.shard_file("pair_features", m["shard"]) in m["files"]]
-    pf = pl.concat(pf_parts) if pf_parts else empty_pair_features()
+    frames = {name: _merged(rd, markers, name) for name in FRAME_SCHEMAS}
+    pf = frames["pair_features"]
     for name, f in frames.items():
         _check_finite(f, name)
-    _check_finite(pf, "pair_features")
     fg = state.features.frame.select("feature_id", pl.col("group").alias("feature_group"))
     if pf.height:
         summary = summarize_interference(pf, frames["pairs"], fg)
         pairs, groups = interference_findings(state, pf, frames["pairs"], state.cfg.run.seed)
-    else:  # gradient mode without gradient.per_feature: no per-feature shifts to interfere
-        summary, pairs, groups = empty_summary(), frames["pairs"], empty_groups()
+    else:  # a mode without per-feature shifts (gradient.per_feature off): nothing to interfere
+        summary, pairs, groups = empty(INTERFERENCE_SCHEMA), frames["pairs"], empty(INTERFERENCE_GROUPS_SCHEMA)
     pairs = suspicion_findings(state, pairs)
     out = {f"{name}.parquet": rd.write_parquet(f"{name}.parquet", f)
            for name, f in (("pair_features", pf), ("pairs", pairs), ("pair_behaviour", frames["pair_behaviour"]),
@@ -295,27 +270,31 @@ def execute(cfg: Config, run_dir: str | Path, log: Log = default_log, progress: 
     if not ranks.main:
         finish(ranks)
         return {"status": "complete", "rank": ranks.rank}
+    manifest = complete(rd, state, base, clock, started, ranks.world)
+    finish(ranks)
+    return {"version": 2, **manifest}
+
+
+def complete(rd: RunDir, state: BaseState, base: dict, clock: Timings, started: str, processes: int) -> dict:
+    """Rank 0, every shard done: the merge, the mode's own final files, the manifest."""
+    cfg, mode = state.cfg, get_mode(state.cfg.run.mode)
     markers = collect_markers(rd, state)
     files = merge(rd, state, markers)
     clock.lap("merge")
-    explained = None
-    if cfg.run.mode == "gradient" and cfg.gradient.explain_top > 0:
-        log(f"explaining the top {cfg.gradient.explain_top} pairs with the exact engine")
-        frame, explained = gradient_mode.explain(state, rd.read_parquet("pairs.parquet"), cfg.gradient.explain_top)
-        files["explained.parquet"] = rd.write_parquet("explained.parquet", frame)
-        clock.lap("explain")
+    done = mode.finish(state, rd, rd.log)
+    if done.files:
+        clock.lap("finish")
     manifest = {
         "config_digest": cfgmod.digest(cfg), "status": "complete", "created": started, "finished": now(),
-        "stages": {"base": base["facts"], "pairs": _pair_facts(markers, rd) | {"mode": cfg.run.mode},
-                   **({"explained": explained} if explained else {})},
+        "stages": {"base": base["facts"], "pairs": _pair_facts(markers) | mode.facts(rd) | {"mode": mode.name},
+                   **done.stages},
         "shards": {str(m["shard"]): {"pairs": len(m["pairs"])} for m in markers},
-        "files": {**base["files"], **files},
-        "seconds": clock.seconds, "processes": ranks.world,
+        "files": {**base["files"], **files, **done.files},
+        "seconds": clock.seconds, "processes": processes,
     }
     rd.write_manifest(manifest)
-    log(f"done in {sum(clock.seconds.values()):.0f} s: {rd.path}")
-    finish(ranks)
-    return {"version": 2, **manifest}
+    rd.log(f"done in {sum(clock.seconds.values()):.0f} s: {rd.path}")
+    return manifest
 
 
 def collect_markers(rd: RunDir, state: BaseState) -> list[dict]:
@@ -329,14 +308,10 @@ def collect_markers(rd: RunDir, state: BaseState) -> list[dict]:
     return out
 
 
-def _pair_facts(markers: list[dict], rd: RunDir | None = None) -> dict:
+def _pair_facts(markers: list[dict]) -> dict:
     n = sum(len(m["pairs"]) for m in markers)
     secs = sum(m.get("seconds", 0.0) for m in markers)
-    out = {"n_pairs": n, "shards": len(markers), "seconds_per_pair": round(secs / n, 3) if n else None}
-    concept = [rd.marker(p.relative_to(rd.path).as_posix()) for p in sorted(rd.path.glob("stages/concepts-rank*.json"))] if rd else []
-    if concept:
-        out["concept_seconds"] = max(c["seconds"] for c in concept if c)
-    return out
+    return {"n_pairs": n, "shards": len(markers), "seconds_per_pair": round(secs / n, 3) if n else None}
 
 
 def run(config: Config | dict | str | Path, run_dir: str | Path, progress: bool = True, log: Log = default_log) -> dict:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import polars as pl
 
+from ...numeric.mediation import ZERO_CHANGE
 from . import panels
 from .frames import RunFrames
 from .panels import FeaturePanel, PairPanel
@@ -159,7 +160,7 @@ def summary(run: RunFrames) -> Summary:
         (pl.col("suspicion") > 0).sum().alias("contradicting_label"),
     ).sort("label")
     total_dy, total_med = float(pr["dy_mean"].sum()), float(pr["pred_dy_mean"].sum())
-    share = total_med / total_dy if abs(total_dy) > 1e-12 else float("nan")
+    share = total_med / total_dy if abs(total_dy) > ZERO_CHANGE else float("nan")
     by_cat = run.pair_behaviour.group_by("probe_group").agg(
         pl.col("dy_mean").mean().alias("mean_change"), pl.col("mediated_dy").mean().alias("mediated"),
         pl.col("direct_dy").mean().alias("direct")).sort("probe_group")

@@ -27,17 +27,18 @@ import numpy as np
 import polars as pl
 
 from ... import _progress
-from ...errors import InvalidValueError, RunFolderError
+from ...errors import InvalidValueError
 from ...numeric.metrics import auc, lds, precision_at_k, spearman, top_k_overlap
 from .. import config as cfgmod
+from ..modes import get_mode
 from ..rundir import RunDir
 from ..run import cached_base_pass
 from ..stages import BaseState, prepare
 from .baselines import gradient_baselines, probe_gradients, projection_baselines
-from .planted import GRADIENT_COLUMNS, PROJECTION_COLUMNS, engine_scorer, planted_test
+from .planted import GRADIENT_COLUMNS, PROJECTION_COLUMNS, planted_test
 from .removal import removal_test
 from .retrain import Retrainer, subset_masks
-from .scores import aggregate_scores, gradient_run_scores, gradient_scorer, load_deltas, model_free_scores
+from .scores import aggregate_scores
 
 
 def _baseline_scores(state: BaseState, scores: dict, timings: dict, log: Callable[[str], None], progress: bool):
@@ -97,33 +98,21 @@ def validate(run_dir: str | Path, subsets: int = 20, alpha: float = 0.5, seed: i
     if subsets < 2:
         raise InvalidValueError(f"subsets = {subsets}: LDS needs at least 2 subsets (20 or more recommended)")
     rd, manifest, state = open_state(run_dir, log)
-    gradient = state.cfg.run.mode == "gradient"
+    mode = get_mode(state.cfg.run.mode)
     P = state.inputs.pairs.height
     timings: dict = {}
     spp = manifest.get("stages", {}).get("pairs", {}).get("seconds_per_pair")
     if spp:
-        timings[f"smda_{'gradient' if gradient else 'engine'}_per_100_pairs_s"] = 100 * spp
-    t = time.perf_counter()
-    if gradient:
-        scores = gradient_run_scores(state, rd.read_parquet("pairs.parquet"), seed)
-        scorer = gradient_scorer(state, seed, log, progress)
-    else:
-        ids, dX, dy = load_deltas(rd, manifest)
-        if ids != state.inputs.pairs["id"].to_list():
-            raise RunFolderError(f"{rd.path}: stored deltas do not match the run's pairs; run it again")
-        scores = model_free_scores(state, state.inputs.pairs, dX, dy, seed)
-        scorer = engine_scorer(state, (ids, dX, dy), seed, progress)
-        timings["decomposition_both_methods_per_100_pairs_s"] = 100 * (time.perf_counter() - t) / P
+        timings[f"smda_{mode.name}_per_100_pairs_s"] = 100 * spp
+    run_scores = mode.validation(rd, manifest, state, seed, log, progress)
+    scores, scorer = dict(run_scores.scores), run_scores.scorer
+    timings |= run_scores.timings
     probe_grads = _baseline_scores(state, scores, timings, log, progress) if baselines else None
     masks = subset_masks(P, subsets, alpha, seed)
     retrainer = Retrainer(state, seed, rd.file("validation"))
     measured = _measure_subsets(retrainer, masks, progress)
     rows = _lds_frame(scores, masks, measured, seed, alpha)
     frame = pl.DataFrame(rows)
-    k = max(1, P // 10)
-    agreement = {} if gradient else {
-        "spearman_exact_first_order": spearman(scores["score_exact"], scores["score_first_order"]),
-        f"top{k}_overlap": top_k_overlap(scores["score_exact"], scores["score_first_order"], k)}
     rd.write_parquet("validation.parquet", frame)
     k_rm = max(1, P // 8) if removal_k is None else removal_k
     if k_rm > 0:
@@ -134,7 +123,7 @@ def validate(run_dir: str | Path, subsets: int = 20, alpha: float = 0.5, seed: i
         log(f"{planted} planted mislabeled pairs")
         rd.write_parquet("planted.parquet", planted_test(state, planted, seed, scorer, baselines, progress, probe_grads))
     rd.write_parquet("aggregates.parquet", aggregate_scores(scores, state.inputs.pairs))
-    rd.write("validation.json", json.dumps({"agreement": agreement, "lds": rows, "timings": timings,
+    rd.write("validation.json", json.dumps({"agreement": run_scores.agreement, "lds": rows, "timings": timings,
                                             "measured": measured}, indent=1))
     return frame
 

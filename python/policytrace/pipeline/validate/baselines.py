@@ -17,44 +17,43 @@ import polars as pl
 import torch
 
 from ... import _progress
+from ...gradients.concept import concept_gradients
+from ...gradients.projection import Whole
 from ...model.chat import format_prompt, pair_tokens
+from ...numeric.concepts import Concept
 from ...model.sites import capture
 from ..stages import BaseState
 
 
 def probe_gradients(state: BaseState, batch_size: int = 8, progress: bool = False) -> tuple[dict, dict]:
-    """∇θ mean_j y_j and ∇θ of the policy readout, over the run's probes, at θ0.
+    """∇θ mean_j y_j and ∇θ of the policy readout, over the run's probes, at θ0, float64, per
+    parameter (on the parameters' device).
 
-    Both means are sums over probes, so the gradients are accumulated batch by batch: memory
-    stays that of one small batch's backward pass, whatever the number of probes."""
+    Two concepts of gradient mode's kind: the mean score (cotangent ``1/n`` on every y_j) and the
+    readout (``coef_k / s_k / n`` on every x_jk), so :func:`concept_gradients` computes both,
+    accumulated batch by batch (memory stays that of one small batch's backward pass)."""
     m, policy = state.model, state.policy
-    engine, runner, reader = m.engine, m.runner, m.reader
-    names = engine.trainable
-    cols = torch.as_tensor(np.array(state.features.columns))
-    w = torch.as_tensor(policy.coef / policy.scale, dtype=torch.float64)
-    n = len(m.probe_tokens)
-    g_y = {k: torch.zeros_like(engine.base[k], dtype=torch.float64) for k in names}
-    g_f = {k: torch.zeros_like(engine.base[k], dtype=torch.float64) for k in names}
-    bar = _progress.bar(n, "probe gradient", progress)
-    for start in range(0, n, batch_size):
-        leaves = {k: engine.base[k].detach().clone().requires_grad_(True) for k in names}
-        params = {**engine.base, **leaves}
-        H, y = runner.run_differentiable(m.probe_tokens[start : start + batch_size], params)
-        x = reader.encode_torch(H, cols, state.features.gated)
-        y_sum = y.double().sum() / n
-        f_sum = (x.double() @ w).sum() / n
-        inputs = [leaves[k] for k in names]
-        gy = torch.autograd.grad(y_sum, inputs, retain_graph=True, allow_unused=True)
-        gf = torch.autograd.grad(f_sum, inputs, allow_unused=True)
-        for k, a, b in zip(names, gy, gf):
-            if a is not None:
-                g_y[k] += a.double()
-            if b is not None:
-                g_f[k] += b.double()
-        del H, y, x, leaves, params
-        bar.update(min(batch_size, n - start))
-    bar.close()
-    return g_y, g_f
+    engine = m.engine
+    n, k = len(m.probe_tokens), len(state.features.columns)
+    # (coef/s)·(1/n), the product the readout's mean backpropagates, so the sums keep their bits
+    readout = np.broadcast_to((policy.coef / policy.scale) * (1.0 / n), (n, k)).copy()
+    mean_y = Concept("mean_y", np.zeros((n, k)), np.full(n, 1.0 / n))
+    shapes = {name: engine.base[name].shape for name in engine.trainable}
+    rows = concept_gradients([mean_y, Concept("readout", readout, np.zeros(n))], Whole(shapes), engine=engine,
+                             runner=m.runner, reader=m.reader, probe_tokens=m.probe_tokens,
+                             columns=state.features.columns, gated=state.features.gated, batch_size=batch_size,
+                             progress=progress, dtype=torch.float64)
+    return _unflatten(rows[0], engine), _unflatten(rows[1], engine)
+
+
+def _unflatten(row: torch.Tensor, engine) -> dict[str, torch.Tensor]:
+    """A whole gradient row back to per-parameter tensors, in ``engine.trainable`` order."""
+    out, off = {}, 0
+    for name in engine.trainable:
+        p = engine.base[name]
+        out[name] = row[off:off + p.numel()].reshape(p.shape).to(p.device)
+        off += p.numel()
+    return out
 
 
 def _dot(a: dict, b: dict) -> float:

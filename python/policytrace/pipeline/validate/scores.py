@@ -75,30 +75,3 @@ def aggregate_scores(scores: dict, pairs: pl.DataFrame) -> pl.DataFrame:
                 rows.append({"method": method, "by": by, "group": k, "pairs": int(m.sum()),
                              "mean_z": float(z[m].mean()), "mean_score": float(sc[m].mean())})
     return pl.DataFrame(rows)
-
-
-def gradient_run_scores(state: BaseState, pairs_frame: pl.DataFrame, seed: int) -> dict:
-    """A gradient-mode run's own scores (read from its pairs.parquet, in the run's pair order)."""
-    order = {p: i for i, p in enumerate(pairs_frame["pair_id"].to_list())}
-    idx = [order[i] for i in state.inputs.pairs["id"].to_list()]
-    col = {c: pairs_frame[c].fill_null(0.0).to_numpy()[idx] for c in ("score", "dy_mean", "pred_dy_mean", "suspicion")}
-    return {"score_gradient": col["score"], "dy_mean": col["dy_mean"], "pred_dy_mean": col["pred_dy_mean"],
-            "suspicion": col["suspicion"], "random": np.random.default_rng(seed + 1).normal(size=len(idx))}
-
-
-def gradient_scorer(state: BaseState, seed: int, log, progress: bool):
-    """Gradient-mode scores for the run's pairs and planted ones, computed afresh."""
-    from .. import gradient_mode
-
-    def score(both: pl.DataFrame, planted: pl.DataFrame) -> dict:
-        gs = gradient_mode.setup(state, log, progress)
-        frame = gradient_mode.pair_scores(state, gs, both)
-        frame = frame.with_columns(pl.Series("label", both["label"].to_list()))
-        flag = state.inputs.behaviour.flag
-        susp = state.inputs.behaviour.suspicion(frame.with_columns(pl.Series(flag, both[flag].to_list())))
-        return {"score_gradient": frame["score"].to_numpy(), "dy_mean": frame["dy_mean"].to_numpy(),
-                "pred_dy_mean": frame["pred_dy_mean"].to_numpy(),
-                "suspicion": susp["suspicion"].fill_null(0.0).to_numpy(),
-                "random": np.random.default_rng(seed + 1).normal(size=both.height)}
-
-    return score
