@@ -15,7 +15,7 @@ pytest.importorskip("sae_lens")
 
 from policytrace.gradients.projection import Factored  # noqa: E402
 from policytrace.pipeline import config as cfgmod  # noqa: E402
-from policytrace.pipeline import gradient_mode  # noqa: E402
+from policytrace.pipeline.modes import gradient as gradient_mode  # noqa: E402
 from policytrace.pipeline.run import execute  # noqa: E402
 from policytrace.pipeline.stages import prepare  # noqa: E402
 
@@ -235,3 +235,41 @@ def test_blockwise_products_equal_the_flattened_direction(tiny, optimizer):
         want = (gs.grads @ whole(update_direction(engine, r["prompt"], r["response"], r["id"]))).numpy()
         assert np.abs(got - want).max() <= 1e-10 * np.abs(want).max(), (optimizer, got, want)
         assert np.abs(want).max() > 0
+
+
+@pytest.mark.parametrize("r", [0, 4])
+def test_hooked_concept_rows_equal_the_autograd_route(tiny, monkeypatch, r):
+    """The concept pass by hooks (one forward per batch for every concept, the prefix shared in
+    the graph, activation-gradient backwards) against one autograd.grad per concept on weight
+    leaves without prefix sharing, whole and projected, in pure float64."""
+    _pure_float64(monkeypatch)
+    state = prepare(_cfg(tiny, gradient={"projection_dim": r}), lambda m: None, progress=False)
+    state.model.reader.sae.double()  # the tiny SAE was trained in float32
+    engine = state.model.engine
+    shapes = {n: engine.base[n].shape for n in engine.trainable}
+    from policytrace.gradients.projection import projector
+
+    project = projector(shapes, r, 0)
+    cs = gradient_mode.concept_list(state)
+    hooked = gradient_mode.hooked_concept_gradients(state, cs, project)
+    autograd = gradient_mode.state_concept_gradients(state, cs, project)
+    assert hooked.shape == autograd.shape == (len(cs), project.dim)
+    err = (hooked - autograd).abs().max(dim=1).values / autograd.abs().max(dim=1).values
+    assert float(err.max()) < 1e-10, dict(zip([c.name for c in cs], err.tolist()))
+
+
+def test_a_store_of_another_format_version_is_refused(tiny, tmp_path):
+    from policytrace.errors import RunFolderError
+
+    cfg = _cfg(tiny, gradient={"projection_dim": 4}, run={"cache_dir": str(tmp_path / "cache")})
+    state = prepare(cfg, lambda m: None, progress=False)
+    engine = state.model.engine
+    shapes = {n: engine.base[n].shape for n in engine.trainable}
+    from policytrace.gradients.projection import projector
+
+    project = projector(shapes, 4, 0)
+    store = gradient_mode.open_store(state, project, shapes, lambda m: None)
+    assert store.read_json("info.json")["version"] == gradient_mode.STORE_VERSION == 2
+    store.write_json("info.json", {**store.read_json("info.json"), "version": 1})
+    with pytest.raises(RunFolderError, match="another format version"):
+        gradient_mode.open_store(state, project, shapes, lambda m: None)

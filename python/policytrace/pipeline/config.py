@@ -102,10 +102,16 @@ class GradientCfg:
     well the two agree on them."""
     seed: int = 0
     """Seed of the projection matrices."""
+    token_budget: int = 2048
+    """Tokens per batch of pairs, and of probes in the concept pass: a batch's longest sequence
+    times its size stays within this (Bergson's rule). Larger batches use more memory and keep a
+    GPU busier; a pair longer than the budget is a batch of its own."""
 
     def __post_init__(self) -> None:
         if self.projection_dim < 0:
             raise fail(self, "projection_dim", "must be >= 0 (0 = whole gradients)")
+        if self.token_budget < 1:
+            raise fail(self, "token_budget", "must be >= 1")
         if self.explain_top < 0:
             raise fail(self, "explain_top", "must be >= 0")
 
@@ -122,8 +128,9 @@ class RunCfg:
     mode")."""
     seed: int = 0
     """Seed of the pair subset, the folds, LoRA's init and torch."""
-    pair_batch: int = 8
-    """Pairs per shard: the unit of resumption."""
+    pair_batch: int = 0
+    """Pairs per shard, the unit of resumption; 0 = the mode's own (engine 8, gradient 128: its
+    pairs are batched within a shard, so larger shards make larger batches)."""
     threads: int = 0
     """Numeric-core threads (0 = all cores); torch follows its own setting. A run folder records
     the thread counts it was computed with and refuses to be resumed with others."""
@@ -133,8 +140,8 @@ class RunCfg:
     def __post_init__(self) -> None:
         if not 0 <= self.seed < 2**63:
             raise fail(self, "seed", "must be between 0 and 2**63 - 1")
-        if self.pair_batch < 1:
-            raise fail(self, "pair_batch", "must be >= 1")
+        if self.pair_batch < 0:
+            raise fail(self, "pair_batch", "must be >= 0 (0 = the mode's own)")
         if not 0 <= self.threads <= MAX_THREADS:
             raise fail(self, "threads", f"must be between 0 (all cores) and {MAX_THREADS}")
 

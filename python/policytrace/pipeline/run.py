@@ -165,7 +165,7 @@ def run_pairs(rd: RunDir, state: BaseState, log: Log, progress: bool, ranks: Ran
     """This process's shards (``i % world == rank``), skipping those whose marker vouches for
     intact files."""
     mode = get_mode(state.cfg.run.mode)
-    shards = shard_rows(state.inputs.pairs, state.cfg.run.pair_batch)
+    shards = shard_rows(state.inputs.pairs, mode.shard_size(state.cfg))
     mine = [i for i in range(len(shards)) if ranks.owns(i)]
     todo = [i for i in mine if rd.valid_marker(rd.shard_marker(i)) is None]
     if mode.collective:
@@ -300,7 +300,7 @@ def complete(rd: RunDir, state: BaseState, base: dict, clock: Timings, started: 
 def collect_markers(rd: RunDir, state: BaseState) -> list[dict]:
     """Every shard's marker, each vouching for intact files (the other ranks wrote theirs)."""
     out = []
-    for i in range(len(shard_rows(state.inputs.pairs, state.cfg.run.pair_batch))):
+    for i in range(len(shard_rows(state.inputs.pairs, get_mode(state.cfg.run.mode).shard_size(state.cfg)))):
         rec = rd.valid_marker(rd.shard_marker(i))
         if rec is None:
             raise RunFolderError(f"{rd.path}: shard {i} was not finished by any process; run the same command again")

@@ -107,6 +107,12 @@ class Mode(ABC, Generic[P]):
     collective: ClassVar[bool] = False
     """Whether :meth:`prepare` is a collective call under torchrun (it exchanges work among the
     ranks): then every rank prepares while any shard of any rank is left."""
+    default_shard: ClassVar[int] = 8
+    """Pairs per shard when ``run.pair_batch = 0``."""
+
+    def shard_size(self, cfg) -> int:
+        """Pairs per shard (the unit of resumption) for ``cfg``."""
+        return cfg.run.pair_batch or self.default_shard
 
     @abstractmethod
     def prepare(self, state: BaseState, log: Log, progress: bool, ranks: Ranks = SINGLE) -> P:

@@ -24,9 +24,11 @@ import polars as pl
 import torch
 
 from ... import _core
-from ...errors import NonFiniteError
+from ...errors import NonFiniteError, RunFolderError
+from ...gradients.batched import Projections, TrainExample, WholeProducts, pack, per_example
 from ...gradients.concept import concept_gradients
-from ...gradients.per_pair import check_first_order, direction_products, update_direction
+from ...gradients.concept_pass import ProbeSide, concept_rows
+from ...gradients.per_pair import check_first_order
 from ...gradients.projection import projector
 from ...numeric.concepts import Concept, concepts
 from ...numeric.frames import (Dominance, PairValues, pair_behaviour_frame, pair_features_frame, pair_summary_frame,
@@ -37,6 +39,11 @@ from ..distributed import SINGLE, Ranks
 from ..rundir import RunDir
 from ..stages import BaseState
 from .base import Bar, Finished, Log, Mode, NoBar, Prepared, RunScores, Scorer, ShardFrames
+
+# The gradient store's format: 2 = per-module projections formed in hooks from batched pairs
+# (1, in 0.2, projected dense per-pair gradients: the same quantity, other rounding).
+STORE_VERSION = 2
+
 
 @dataclass(frozen=True)
 class GradientSetup(Prepared):
@@ -78,8 +85,26 @@ def store_key(state: BaseState, project) -> str:
     cfg = state.cfg
     blob = json.dumps({"model": state.model.lm.identity, "update": cfg.update.__dict__,
                        "trainable": state.model.engine.trainable, "projection": project.info,
-                       "seed": cfg.run.seed}, sort_keys=True, default=str)
+                       "seed": cfg.run.seed, "store_version": STORE_VERSION}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def open_store(state: BaseState, project, shapes: dict, log: Log) -> RunDir:
+    """The projected pair vectors' store for this model, update and projection. Its key holds
+    the format's version, so vectors of another route (0.2's dense per-pair gradients) are never
+    found, let alone mixed; a folder under this key claiming another version is refused."""
+    store = RunDir(state.cfg.run.cache_path() / "gradients" / store_key(state, project), log)
+    store.make()
+    info = store.file("info.json")
+    if not info.exists():
+        store.write_json("info.json", {"format": "policytrace.gradient_store", "version": STORE_VERSION,
+                                       "route": "hooks, batched", "model": state.model.lm.name,
+                                       "projection": project.info, "update": state.cfg.update.__dict__,
+                                       "dtype": "float32", "parameters": {n: list(s) for n, s in shapes.items()}})
+    elif store.read_json("info.json").get("version") != STORE_VERSION:
+        raise RunFolderError(f"{info} describes a gradient store of another format version (this policytrace "
+                             f"writes version {STORE_VERSION}); delete {store.path} to recompute it")
+    return store
 
 
 def state_concept_gradients(state: BaseState, cs: list[Concept], project, progress: bool = False) -> torch.Tensor:
@@ -88,6 +113,20 @@ def state_concept_gradients(state: BaseState, cs: list[Concept], project, progre
     return concept_gradients(cs, project, engine=m.engine, runner=m.runner, reader=m.reader,
                              probe_tokens=m.probe_tokens, columns=state.features.columns,
                              gated=state.features.gated, progress=progress)
+
+
+def hooked_concept_gradients(state: BaseState, cs: list[Concept], project, progress: bool = False) -> torch.Tensor:
+    """The concepts' rows by hooks (:func:`~policytrace.gradients.concept_pass.concept_rows`):
+    one forward per probe batch for all of them, the prefix shared; float64 sums for a float64
+    model, float32 otherwise (C x D can be large)."""
+    m = state.model
+    if not cs:  # a rank that owns none under torchrun still takes part in the exchange
+        return torch.empty(0, project.dim)
+    side = ProbeSide(m.runner, m.reader, m.probe_tokens, state.features.columns, state.features.gated)
+    wide = next(iter(m.engine.base.values())).dtype == torch.float64
+    return concept_rows(m.engine.model, m.engine.trainable, side, np.stack([c.cx for c in cs]),
+                        np.stack([c.cy for c in cs]), project, torch.float64 if wide else torch.float32,
+                        state.cfg.gradient.token_budget, progress)
 
 
 def setup(state: BaseState, log: Log, progress: bool, ranks: Ranks = SINGLE) -> GradientSetup:
@@ -103,53 +142,71 @@ def setup(state: BaseState, log: Log, progress: bool, ranks: Ranks = SINGLE) -> 
     log(f"gradient mode: {len(cs)} concepts ({len(mine)} on this process), {project.info['kind']} "
         f"gradients of dimension {project.dim:,}")
     t = time.perf_counter()
-    local = state_concept_gradients(state, mine, project, progress=progress)
+    local = hooked_concept_gradients(state, mine, project, progress=progress)
     seconds = time.perf_counter() - t
     grads = ranks.share_rows(local, len(cs))
     store = None
     if cfg.projection_dim > 0:
-        store = RunDir(state.cfg.run.cache_path() / "gradients" / store_key(state, project), log)
-        store.make()
-        if not store.file("info.json").exists():
-            store.write_json("info.json", {"format": "policytrace.gradient_store", "version": 1,
-                                           "model": state.model.lm.name, "projection": project.info,
-                                           "update": state.cfg.update.__dict__, "dtype": "float32",
-                                           "parameters": {n: list(s) for n, s in shapes.items()}})
+        store = open_store(state, project, shapes, log)
     return GradientSetup([c.name for c in cs], grads, project, store, round(seconds, 3), len(mine))
 
 
 def concept_values(state: BaseState, gs: GradientSetup, rows: pl.DataFrame, bar: Bar) -> np.ndarray:
-    """(p, C): every concept's value for every pair. Whole gradients: per pair, its Δθ dotted
-    with the concept gradients block by block (nothing of size p x parameters is held).
-    Projected: the pair vectors come from (or go to) the store and are scored by the core."""
-    engine = state.model.engine
+    """(p, C): every concept's value for every pair. Whole gradients: the pairs' per-example
+    gradients, batched, dotted with the concept rows module by module (nothing of size p x
+    parameters is held). Projected: the pair vectors come from (or go to) the store and are
+    scored by the core."""
     if gs.store is None:
-        out = []
-        for r in rows.iter_rows(named=True):
-            out.append(direction_products(engine, gs.grads, r["prompt"], r["response"], r["id"]).cpu().numpy())
-            bar.update(1)
-        return np.stack(out) if out else np.zeros((0, len(gs.names)))
+        engine = state.model.engine
+        shapes = {n: tuple(engine.base[n].shape) for n in engine.trainable}
+        out = batched(state, rows, bar, lambda b: WholeProducts(gs.grads, engine.trainable, shapes,
+                                                                engine.cfg.optimizer, engine.cfg.lr, b))
+        return out.cpu().numpy() if rows.height else np.zeros((0, len(gs.names)))
     vecs = _stored(gs.store, rows["id"].to_list())
     if vecs is None:
         vecs = pair_vectors(state, gs, rows, bar)
     else:
         bar.update(rows.height)
     return _core.gradient_scores(np.ascontiguousarray(vecs, dtype=np.float32),
-                                 np.ascontiguousarray(gs.grads.float().numpy()), state.cfg.run.threads)
+                                 np.ascontiguousarray(gs.grads.float().cpu().numpy()), state.cfg.run.threads)
 
 
 def pair_vectors(state: BaseState, gs: GradientSetup, rows: pl.DataFrame, bar: Bar) -> np.ndarray:
     """The pairs' projected update directions, float32, written to the store. Fresh and stored
     vectors take the same route (float32, scored by the core), so a run that reuses the store
     writes the bytes of one that filled it."""
-    ids = rows["id"].to_list()
-    vecs = []
-    for r in rows.iter_rows(named=True):
-        vecs.append(gs.project(update_direction(state.model.engine, r["prompt"], r["response"], r["id"])))
-        bar.update(1)
-    arr = np.ascontiguousarray(torch.stack(vecs).float().cpu().numpy())
-    _store(gs.store, ids, arr)
+    engine = state.model.engine
+    vecs = batched(state, rows, bar, lambda b: Projections(gs.project, engine.cfg.optimizer, engine.cfg.lr, b,
+                                                           _wide(engine), gs.grads.device))
+    arr = np.ascontiguousarray(vecs.float().cpu().numpy())
+    _store(gs.store, rows["id"].to_list(), arr)
     return arr
+
+
+def _wide(engine) -> torch.dtype:
+    return torch.float64 if next(iter(engine.base.values())).dtype == torch.float64 else torch.float32
+
+
+def batched(state: BaseState, rows: pl.DataFrame, bar: Bar, sink_of) -> torch.Tensor:
+    """Per-pair results of ``sink_of(batch_size)`` sinks, the pairs packed under
+    ``gradient.token_budget`` (by length, so the packing, and the bits, depend only on the
+    shard's pairs), in ``rows``' order, on the model's device."""
+    engine = state.model.engine
+    examples = [TrainExample.from_start(*_tokens(engine, r)) for r in rows.iter_rows(named=True)]
+    parts: dict[int, torch.Tensor] = {}
+    for idx in pack([len(e) for e in examples], state.cfg.gradient.token_budget):
+        sink = sink_of(len(idx))
+        per_example(engine.model, engine.trainable, sink, [examples[i] for i in idx],
+                    state.model.lm.tokenizer.pad_token_id, engine.device)
+        for row, vec in enumerate(sink.result()):
+            parts[idx[row]] = vec
+        bar.update(len(idx))
+    return torch.stack([parts[i] for i in range(len(examples))]) if parts else torch.zeros(0)
+
+
+def _tokens(engine, r: dict) -> tuple[list[int], int]:
+    ids, start = engine.tokens(r["prompt"], r["response"], r["id"])
+    return ids[0].tolist(), start
 
 
 def _pairs_key(ids: list[str]) -> str:
@@ -264,6 +321,8 @@ class GradientMode(Mode[GradientSetup]):
     name = "gradient"
     # the concepts are divided among the ranks and their rows exchanged (Ranks.share_rows)
     collective = True
+    # a shard's pairs are batched together: larger shards make larger batches
+    default_shard = 128
 
     def prepare(self, state: BaseState, log: Log, progress: bool, ranks: Ranks = SINGLE) -> GradientSetup:
         return setup(state, log, progress, ranks)
