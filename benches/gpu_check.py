@@ -188,6 +188,65 @@ def gradient_timing(shape: dict, dtype: torch.dtype, device: str, n_probes: int,
             "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None}
 
 
+class _Identity:
+    """A stand-in SAE reader (the codes are the activations' selected columns): the concept pass's
+    cost is the model's, the encoder adds little."""
+
+    @staticmethod
+    def encode_torch(H, columns, gated):
+        return H[:, columns]
+
+
+def batched_timing(shape: dict, dtype: torch.dtype, device: str, n_probes: int, words: int, n_pairs: int,
+                   batch: int, n_concepts: int, budget: int, r: int) -> dict:
+    """Gradient mode's batched, hooked route at the same shape: the concept pass (all
+    ``n_concepts`` from one forward per probe batch, the prefix shared; whole gradients) and the
+    pairs packed under ``budget`` tokens (whole products with the concepts, and r x r
+    projections), per pair; the same per-pair route's seconds for the speed-up."""
+    from policytrace.gradients import batched as bt
+    from policytrace.gradients.concept_pass import ProbeSide, concept_rows
+    from policytrace.gradients.projection import Factored, Whole
+
+    bt.CHUNK_BYTES = (4 << 30) if device.startswith("cuda") else bt.CHUNK_BYTES
+    model, runner, engine, ids = build(shape, dtype, device, n_probes, words, batch)
+    tok = engine.tokenizer
+    shapes = {n: tuple(engine.base[n].shape) for n in engine.trainable}
+    gen = torch.Generator().manual_seed(0)
+    cy = torch.randn(n_concepts, len(ids), generator=gen).numpy()
+    side = ProbeSide(runner, _Identity(), ids, np.arange(4), False)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    sync(device)
+    t = time.perf_counter()
+    grads = concept_rows(model, engine.trainable, side, np.zeros((n_concepts, len(ids), 4)), cy, Whole(shapes),
+                         torch.float32, budget)
+    sync(device)
+    concept_s = time.perf_counter() - t
+    examples = []
+    for i in range(n_pairs):
+        full, start = engine.tokens(PAIR[0] + " " + "please " * (i % 5), PAIR[1], f"p{i}")
+        examples.append(bt.TrainExample.from_start(full[0].tolist(), start))
+    out = {}
+    proj = Factored(shapes, r, 0, device)
+    sinks = {"whole": lambda b: bt.WholeProducts(grads, engine.trainable, shapes, "sgd", 1e-4, b),
+             "projected": lambda b: bt.Projections(proj, "sgd", 1e-4, b, torch.float32, device)}
+    for kind, make in sinks.items():
+        sync(device)
+        t = time.perf_counter()
+        for idx in bt.pack([len(e) for e in examples], budget):
+            sink = make(len(idx))
+            bt.per_example(model, engine.trainable, sink, [examples[i] for i in idx], tok.pad_token_id, device)
+            sink.result()
+        sync(device)
+        out[f"{kind}_seconds_per_pair"] = (time.perf_counter() - t) / n_pairs
+    tokens = float(np.mean([len(e) for e in examples]))
+    return {"dtype": str(dtype).replace("torch.", ""), "n_concepts": n_concepts, "token_budget": budget, "r": r,
+            "concept_seconds": concept_s, "pair_tokens": tokens,
+            "pair_tokens_per_s_whole": tokens / out["whole_seconds_per_pair"],
+            "pair_tokens_per_s_projected": tokens / out["projected_seconds_per_pair"], **out,
+            "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--small", action="store_true", help="toy sizes (runs on CPU; CI keeps the script working)")
@@ -223,6 +282,18 @@ def main() -> None:
         g["break_even_pairs"] = g["concept_seconds"] / max(e["seconds_per_pair"] - g["seconds_per_pair"], 1e-9)
         res["gradient"].append(g)
         print(json.dumps(g), flush=True)
+    res["batched"] = []
+    budget = 2048 if args.small else 32768
+    for dtype in (torch.bfloat16, torch.float32):
+        b = batched_timing(shape, dtype, device, n_probes, 40 if not args.small else 12, n_pairs if args.small else 64,
+                           64 if cuda else 16, args.concepts, budget, 16)
+        g = next(x for x in res["gradient"] if x["dtype"] == b["dtype"])
+        e = next(x for x in res["engine"] if x["dtype"] == b["dtype"])
+        b["speedup_over_per_pair_whole"] = g["seconds_per_pair"] / b["whole_seconds_per_pair"]
+        b["concept_speedup"] = g["concept_seconds"] / b["concept_seconds"]
+        b["marginal_speedup_whole"] = e["seconds_per_pair"] / b["whole_seconds_per_pair"]
+        res["batched"].append(b)
+        print(json.dumps(b), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
@@ -239,6 +310,11 @@ def write_readme(r: dict) -> None:
         f"| {g['dtype']} | {g['n_concepts']} | {g['concept_seconds']:.1f} | {g['seconds_per_pair']:.3f} | "
         f"{g['marginal_speedup']:.0f}× | {g['break_even_pairs']:.1f} | {g['peak_gpu_mib'] or 0:.0f} |"
         for g in r.get("gradient", []))
+    batched_rows = "\n".join(
+        f"| {b['dtype']} | {b['n_concepts']} | {b['token_budget']} | {b['concept_seconds']:.1f} | "
+        f"{b['whole_seconds_per_pair']:.4f} | {b['projected_seconds_per_pair']:.4f} ({b['r']}) | "
+        f"{b['pair_tokens_per_s_whole']:.0f} | {b['speedup_over_per_pair_whole']:.1f}× | {b['marginal_speedup_whole']:.0f}× | "
+        f"{b['peak_gpu_mib'] or 0:.0f} |" for b in r.get("batched", []))
     block = f"""<!-- gpu:begin -->
 Run {r['timestamp']} on {r['machine']['device']}, torch {r['machine']['torch']}. CUDA against CPU (tiny float64 model):
 {json.dumps(r['cuda_against_cpu'])}. Matmul peak measured in the same run: {json.dumps(r['matmul_peak_tflops'])} TFLOP/s.
@@ -252,6 +328,12 @@ Gradient mode, whole gradients:
 | dtype | concepts | concept pass s (once) | s / pair | marginal speed-up | break-even pairs | peak GPU MiB |
 |---|---|---|---|---|---|---|
 {grad_rows}
+
+Gradient mode, batched and hooked (pairs packed under the token budget):
+
+| dtype | concepts | budget | concept pass s | s / pair whole | s / pair projected (r) | tokens/s whole | × per-pair route | marginal speed-up | peak GPU MiB |
+|---|---|---|---|---|---|---|---|---|---|
+{batched_rows}
 <!-- gpu:end -->"""
     write_readme_section("gpu", block, "GPU check", "python benches/gpu_check.py")
 

@@ -67,7 +67,7 @@ def test_behaviour_targets_are_filled_in():
     ({"sae": {"release": "x"}}, "sae.id"),
     ({"data": {"max_pairs": -1}}, "data.max_pairs"),
     ({"run": {"threads": 2**70}}, "run.threads"),
-    ({"run": {"pair_batch": 0}}, "run.pair_batch"),
+    ({"run": {"pair_batch": -1}}, "run.pair_batch"),
     ({"behaviour": {"name": "flattery"}}, "behaviour.name"),
     ({"behaviour": {"targets": "I can't"}}, "behaviour.targets"),
     ({"preset": "nope"}, "preset"),
@@ -153,7 +153,8 @@ def test_every_setting_counts_for_the_run_identity_unless_marked(table, name):
 
 def test_identity_keeps_the_digest_of_earlier_folders():
     # 0.2.0 hashed every table with [run] cut down to seed, pair_batch and mode; the opt-out
-    # identity gives the same digest, so folders started before it still resume.
+    # identity hashes the same values the same way (a folder whose settings are unchanged still
+    # resumes; 0.3.0's new default run.pair_batch = 0 is a changed setting, named as such).
     import hashlib
     import json
 
