@@ -237,10 +237,10 @@ def test_overlap_case_and_space_folded(tmp_path):
 
 
 def test_no_overlap_for_near_misses(tmp_path):
-    fp = write_jsonl(tmp_path / "probes.jsonl", [probe(1, prompt="Tell me a story.")])
+    fp = write_jsonl(tmp_path / "probes.jsonl", [probe(1, prompt="Tell me a story."), probe(2, harmful=True)])
     fq = write_jsonl(tmp_path / "pairs.jsonl", [pair(1, prompt="Tell me a story!"), pair(2, prompt="Tell me a storyy.")])
     ds = data.load_dataset(fp, fq)
-    assert ds.probes.height == 1 and ds.pairs.height == 2
+    assert ds.probes.height == 2 and ds.pairs.height == 2
 
 
 def test_overlap_with_shipped_files(tmp_path):

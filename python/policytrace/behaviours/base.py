@@ -36,8 +36,8 @@ class BehaviourCfg:
     table declares the score (`targets`), the `flag` and the label meanings, or when `module`
     names its code (README, "Your own data")."""
     module: str = ""
-    """"pkg.mod:Name": a `Behaviour` subclass (built from this table) or instance in your own
-    code, for what needs Python (planting, a suspicion rule of its own)."""
+    """"pkg.mod:Name" or "path/to/file.py:Name": a `Behaviour` subclass (built from this table)
+    or instance in your own code, for what needs Python (planting, a suspicion rule of its own)."""
     targets: tuple[str, ...] = ()
     """Openings whose probability is the score, y = log Σ P(target | prompt), teacher-forced;
     empty = the behaviour's own (refusal: "I can't", "I'm sorry", "I cannot")."""

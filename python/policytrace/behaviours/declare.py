@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
 from typing import Any, Mapping
 
 from .._tables import from_mapping, to_mapping
@@ -26,15 +31,37 @@ def fields(b: Behaviour) -> dict[str, Any]:
     return {f.name: getattr(b, f.name) for f in dataclasses.fields(b)}
 
 
-def _import(spec: str) -> Any:
-    mod, sep, attr = spec.partition(":")
-    if not sep or not mod or not attr:
-        raise ConfigError(f"behaviour.module = {spec!r} must be \"package.module:Name\"")
+def _module(name: str) -> ModuleType:
+    """A module by dotted name (the working folder counts, as for ``python -m``), or a ``.py``
+    file by path."""
+    if name.endswith(".py"):
+        path = Path(name).expanduser().resolve()
+        spec = importlib.util.spec_from_file_location(f"policytrace_user_{path.stem}", path)
+        if spec is None or spec.loader is None or not path.is_file():
+            raise FileNotFoundError(f"no such file: {path}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up while decorating
+        spec.loader.exec_module(module)
+        return module
+    added = os.getcwd() not in sys.path
+    if added:
+        sys.path.append(os.getcwd())
     try:
-        obj: Any = importlib.import_module(mod)
+        return importlib.import_module(name)
+    finally:
+        if added:
+            sys.path.remove(os.getcwd())
+
+
+def _import(spec: str) -> Any:
+    mod, sep, attr = spec.rpartition(":")
+    if not sep or not mod or not attr:
+        raise ConfigError(f"behaviour.module = {spec!r} must be \"package.module:Name\" or \"path/to/file.py:Name\"")
+    try:
+        obj: Any = _module(mod)
     except Exception as e:  # the user's module may fail in any way while importing
         raise ConfigError(f"behaviour.module = {spec!r}: cannot import {mod!r} ({type(e).__name__}: {e}); "
-                          "is it on the Python path?") from e
+                          "is it on the Python path (or give the .py file's path)?") from e
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ConfigError(f"behaviour.module = {spec!r}: {mod!r} has no {attr!r}")
@@ -48,9 +75,9 @@ def _build(cls: type, base: dict[str, Any], cfg: BehaviourCfg) -> Behaviour:
     if "raising_labels" not in values and "lowering_labels" not in values:
         missing.append("raising_labels or lowering_labels")
     if missing:
-        raise ConfigError(f"behaviour.name = {cfg.name!r} is not a shipped behaviour, so the config must declare "
-                          f"it: set behaviour.{', behaviour.'.join(missing)} (needed: {REQUIRED}), or name its "
-                          "code with behaviour.module")
+        raise ConfigError(f"behaviour.name = {cfg.name!r} is not a shipped behaviour, so [behaviour] must declare "
+                          f"it ({REQUIRED}): set behaviour.{', behaviour.'.join(missing)}; or name its code with "
+                          "behaviour.module (README, \"Your own data\")")
     try:
         return cls(**values)
     except TypeError as e:  # a subclass with fields of its own the table cannot fill

@@ -73,7 +73,7 @@ class DataCfg:
 class FeaturesCfg:
     method: Literal["corr", "mean_diff"] = "corr"
     """corr: top-k by |corr(x, y)|; mean_diff: |mean on the flagged side − mean on the other|
-    (the paper's rule, over the behaviour's flag, e.g. harmful vs harmless)."""
+    (the paper's rule, over the behaviour's flag: the flagged probes against the others)."""
     k: int = 64
     """At most this many features."""
     threshold: float = -1.0

@@ -17,6 +17,7 @@ would leak the training signal into the probe set: the SMDA release had three su
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,10 +103,14 @@ def _row(raw: dict, where: str, kind: str, cfg: DataCfg, fmt: str, b: Behaviour,
     return out
 
 
+def _toml(value: object) -> str:
+    return json.dumps(value)
+
+
 def _flag_message(path: Path, b: Behaviour, flags: _Unknown, noun: str) -> str:
     return (f"{path}: field '{b.flag}' has values the {b.name} behaviour does not know: {flags.listing(noun)}; its "
-            f"flagged side is {b.flagged_value!r} and the other {b.unflagged_value!r}. Set behaviour.flagged_value "
-            "and behaviour.unflagged_value to your values (or behaviour.flag to another column)")
+            f"flagged side is {_toml(b.flagged_value)} and the other {_toml(b.unflagged_value)}. Set "
+            "behaviour.flagged_value and behaviour.unflagged_value to your values (or behaviour.flag to another column)")
 
 
 def _label_message(path: Path, b: Behaviour, labels: _Unknown) -> str:
@@ -234,8 +239,8 @@ def _judgeable(probes: pl.DataFrame, pairs: pl.DataFrame, b: Behaviour, where: t
         what = (f"{missing} of {probes.height} probes have no `{b.flag}` value" if missing else
                 f"every probe is on the {b.side_name(bool(flag[0]))} side of `{b.flag}`")
         _unknown(f"{where[0]}: {what}; a pair is judged on the flagged or the other probes, so the suspicion "
-                 f"column would be empty. Give every probe a `{b.flag}` of {b.flagged_value!r} or "
-                 f"{b.unflagged_value!r} (behaviour.flag names the column)", warn,
+                 f"column would be empty. Give every probe a `{b.flag}` of {_toml(b.flagged_value)} or "
+                 f"{_toml(b.unflagged_value)}, some of each (behaviour.flag names the column)", warn,
                  f"no pair gets a suspicion ({pairs.height} pairs)")
     directed = [lab for lab in pairs["label"].to_list() if b.label_direction(lab)]
     if not directed:
