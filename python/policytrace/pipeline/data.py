@@ -115,9 +115,9 @@ def _flag_message(path: Path, b: Behaviour, flags: _Unknown, noun: str) -> str:
 
 def _label_message(path: Path, b: Behaviour, labels: _Unknown) -> str:
     return (f"{path}: pair labels the {b.name} behaviour does not know: {labels.listing('pair')}; it knows "
-            f"{b.known_labels()}. Declare what each label means in [behaviour]: raising_labels = [...] (training "
-            f"meant to raise the {b.score_name}), lowering_labels = [...] (meant to lower it), neutral_labels = "
-            "[...] (no intended direction)")
+            f"{b.known_labels()}. Declare what each label means: behaviour.raising_labels = [...] (training "
+            f"meant to raise the {b.score_name}), behaviour.lowering_labels = [...] (meant to lower it), "
+            "behaviour.neutral_labels = [...] (no intended direction)")
 
 
 def _unknown(message: str, warn: list[str] | None, consequence: str) -> None:
