@@ -268,6 +268,19 @@ def test_toml_only_behaviour_end_to_end(tiny, tmp_path):
     b = get(spec)  # what a report reads back from the manifest
     assert b.name == "hedging" and b.sides == ("open question", "settled question") and b.raising_label == "hedged"
     assert any("open question" in r or "settled question" in r for r in out["suspicion_reason"])
+    from policytrace.pipeline.report import write_report
+
+    assert "hedging log-odds" in write_report(tmp_path / "run").read_text()
+
+
+def test_declared_behaviour_names_what_it_lacks(tiny):
+    raises(lambda: cfgmod.resolve({"behaviour": {"name": "verbosity", "targets": ["Sure"]}}), "'verbosity'",
+           "behaviour.flag", "behaviour.raising_labels", "behaviour.module", cls=ConfigError)
+    cfg = cfgmod.resolve({"behaviour": {"name": "verbosity", "targets": ["Sure"], "flag": "long",
+                                        "raising_labels": ["verbose"]}})
+    from policytrace.pipeline.stages import load_inputs
+
+    raises(lambda: load_inputs(cfg), "ships no probes", "data.probes", cls=ConfigError)
 
 
 PLUGIN = '''

@@ -26,7 +26,7 @@ import numpy as np
 import polars as pl
 
 from ..behaviours import DEFAULT, Behaviour, get as get_behaviour
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..model.chat import ChatPair
 from .config import DataCfg
 from .formats import Conversation, layout, pair_conversation, probe_conversation
@@ -249,6 +249,15 @@ def _judgeable(probes: pl.DataFrame, pairs: pl.DataFrame, b: Behaviour, where: t
                  f"no pair gets a suspicion ({pairs.height} pairs)")
 
 
+def _source(given: str | Path | None, b: Behaviour, kind: str) -> str | Path:
+    if given is not None:
+        return given
+    shipped = b.shipped(kind)
+    if not shipped.exists():
+        raise ConfigError(f"the {b.name} behaviour ships no {kind}: set data.{kind} to your file")
+    return shipped
+
+
 def load_dataset(probes: str | Path | None = None, pairs: str | Path | None = None,
                  behaviour: Behaviour | None = None, cfg: DataCfg | None = None,
                  on_unknown: str = "error") -> Dataset:
@@ -256,7 +265,7 @@ def load_dataset(probes: str | Path | None = None, pairs: str | Path | None = No
     ``on_unknown = "warn"``: what the behaviour does not know becomes the dataset's warnings."""
     b = _behaviour(behaviour)
     warn: list[str] | None = [] if on_unknown == "warn" else None
-    paths = (probes if probes is not None else b.shipped("probes"), pairs if pairs is not None else b.shipped("pairs"))
+    paths = (_source(probes, b, "probes"), _source(pairs, b, "pairs"))
     p = _load(paths[0], "probe", b, cfg, warn)
     q = _load(paths[1], "pair", b, cfg, warn)
     check_overlap(p, q)
