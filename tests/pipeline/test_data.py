@@ -375,3 +375,16 @@ def test_manifest_spec_rebuilds_the_behaviour():
     recorded = json.loads(json.dumps(spec(own)))  # as the manifest stores it
     assert isinstance(recorded, dict) and get(recorded) == from_config(own)
     assert get(recorded).raising_labels == ("harmful_refusal",) and get(recorded).lowering_labels == ("compliance",)
+
+
+def test_shard_folder_of_several_splits_needs_a_split(tmp_path):
+    from policytrace.pipeline.config import DataCfg
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    pl.DataFrame([pair(1), pair(2)]).write_parquet(folder / "train-00000-of-00002.parquet")
+    pl.DataFrame([pair(3)]).write_parquet(folder / "train-00001-of-00002.parquet")
+    pl.DataFrame([pair(4)]).write_parquet(folder / "test-00000-of-00001.parquet")
+    expect(ConfigError, lambda: data.load_pairs(folder), "data.split", "test", "train")
+    assert data.load_pairs(folder, cfg=DataCfg(split="train"))["id"].to_list() == ["q1", "q2", "q3"]
+    expect(ConfigError, lambda: data.load_pairs(folder, cfg=DataCfg(split="dev")), "'dev'")

@@ -45,7 +45,8 @@ class DataCfg:
     """Which assistant turns of a chat pair are trained on (the loss mask: their content and
     end-of-turn tokens): the last, or all; of a TRL pair, among its completion's."""
     split: str = ""
-    """The split of a `datasets` DatasetDict folder to read; "" = its only split."""
+    """The split to read from a `datasets` DatasetDict folder or a folder of hub-style shards
+    (train-00000-of-00002.parquet, test-...); "" = the only one there."""
     id_column: str = "id"
     """Column of the row's unique id."""
     prompt_column: str = "prompt"

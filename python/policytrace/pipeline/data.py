@@ -186,7 +186,7 @@ def load_probes(path: str | Path, behaviour: Behaviour | None = None, cfg: DataC
 
 
 def load_pairs(path: str | Path, behaviour: Behaviour | None = None, cfg: DataCfg | None = None) -> pl.DataFrame:
-    """A pair file (flag values the behaviour does not know are an error)."""
+    """A pair file (flag values and labels the behaviour does not know are an error)."""
     return _load(path, "pair", behaviour, cfg)
 
 

@@ -2,8 +2,9 @@
 
 A path is a JSONL file (``.jsonl`` or ``.json``, one object a line), a Parquet file, an Arrow
 IPC file (``.arrow``, ``.feather``, ``.ipc``; the file or the stream form), a folder of Parquet
-or Arrow shards (read in name order, as the hub's ``data/train-00000-of-00004.parquet``), or a
-folder written by ``datasets``' ``save_to_disk`` (a Dataset, or one split of a DatasetDict).
+or Arrow shards (read in name order, as the hub's ``data/train-00000-of-00004.parquet``; one
+split's when the folder holds several, ``data.split``), or a folder written by ``datasets``'
+``save_to_disk`` (a Dataset, or one split of a DatasetDict).
 Only the last needs the ``datasets`` package, imported then and reading the local folder
 alone. Every row keeps where it came from ("line 3", "row 7", "train-00001.parquet row 7"), so
 an error names the file and the row.
@@ -12,6 +13,7 @@ an error names the file and the row.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from ..errors import ConfigError, DataError, EmptyInputError
 JSONL = (".jsonl", ".json")
 PARQUET = (".parquet",)
 ARROW = (".arrow", ".feather", ".ipc")
+SHARD = re.compile(r"^(\w+?)-\d+-of-\d+\.")
 SUFFIXES = "a .jsonl, .parquet or .arrow file, a folder of .parquet or .arrow shards, or a datasets save_to_disk folder"
 
 
@@ -82,11 +85,30 @@ def _table(path: Path, rows: list[dict], label: str = "") -> Records:
     return Records(rows, [f"{label}row {i}" for i in range(len(rows))], path)
 
 
-def _shards(folder: Path, kind: str) -> Records:
+def _split_of(path: Path) -> str | None:
+    """The split a hub-style shard belongs to: ``train`` of ``train-00000-of-00004.parquet``."""
+    m = SHARD.match(path.name)
+    return m.group(1) if m else None
+
+
+def _shard_files(folder: Path, kind: str, split: str) -> list[Path]:
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in PARQUET + ARROW)
     if not files:
         raise ConfigError(f"{kind} path {folder} is a directory without .parquet or .arrow shards and not a "
                           f"datasets save_to_disk folder; name {SUFFIXES}")
+    # Shards of several splits side by side must not be read as one set of pairs.
+    splits = sorted({s for s in map(_split_of, files) if s is not None})
+    if split:
+        files = [f for f in files if _split_of(f) == split]
+        if not files:
+            raise ConfigError(f"{kind} folder {folder} has no shards of split {split!r} (data.split); found {splits}")
+    elif len(splits) > 1:
+        raise ConfigError(f"{kind} folder {folder} holds shards of the splits {splits}: set data.split to one of them")
+    return files
+
+
+def _shards(folder: Path, kind: str, split: str) -> Records:
+    files = _shard_files(folder, kind, split)
     rows: list[dict] = []
     where: list[str] = []
     for f in files:
@@ -127,7 +149,7 @@ def read_records(path: str | Path, kind: str, split: str = "") -> Records:
         raise ConfigError(f"{kind} file not found: {path}")
     suffix = path.suffix.lower()
     if path.is_dir():
-        records = _saved_dataset(path, kind, split) if is_saved_dataset(path) else _shards(path, kind)
+        records = _saved_dataset(path, kind, split) if is_saved_dataset(path) else _shards(path, kind, split)
     elif suffix in JSONL:
         records = _jsonl(path)
     elif suffix in PARQUET:
