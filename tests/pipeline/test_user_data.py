@@ -338,3 +338,37 @@ def test_behaviour_module_from_the_cli(tiny, tmp_path, monkeypatch, capsys):
     (tmp_path / "bad.toml").write_text('[behaviour]\nmodule = "no_such_module:X"\n')
     assert main(["run", str(tmp_path / "bad.toml"), "--out", str(tmp_path / "r2")]) == 2
     assert "behaviour.module" in capsys.readouterr().err
+
+
+def test_baselines_read_chat_pairs_through_their_mask(tiny, chat_reference):
+    from policytrace.pipeline.stages import prepare
+    from policytrace.pipeline.validate.baselines import gradient_baselines, projection_baselines
+
+    cfg = cfgmod.resolve(tiny_config(tiny["model"], tiny["probes"], tiny["root"] / "chat.jsonl", tiny["cache"]))
+    state = prepare(cfg, lambda m: None, progress=False)
+    two = state.inputs.pairs.head(2)
+    assert "messages" in two.columns
+    grads = gradient_baselines(state, 1e-2, two)
+    proj = projection_baselines(state, two, max_new_tokens=2)
+    for frame in (grads, proj):
+        assert frame.height == 2 and all(frame[c].is_finite().all() for c in frame.columns if c != "pair_id")
+
+
+@pytest.mark.slow
+def test_validate_on_chat_pairs_and_a_declared_behaviour(tiny, chat_reference, tmp_path):
+    """validate retrains, plants and scores with the same masks: chat pairs (planted ones are
+    flat) and the hedging behaviour's generic planting."""
+    import shutil
+
+    from policytrace.pipeline.cli import main
+
+    shutil.copytree(chat_reference[0], tmp_path / "chat")
+    assert main(["validate", str(tmp_path / "chat"), "--subsets", "3", "--planted", "2", "--removal-k", "0",
+                 "--quiet"]) == 0
+    assert set(pl.read_parquet(tmp_path / "chat" / "planted.parquet")["kind"]) == {"planted_refusal",
+                                                                                   "planted_compliance"}
+    execute(cfgmod.resolve(_hedging_config(tiny)), tmp_path / "hedging", log=lambda m: None, progress=False)
+    assert main(["validate", str(tmp_path / "hedging"), "--subsets", "3", "--planted", "2", "--removal-k", "0",
+                 "--no-baselines", "--quiet"]) == 0
+    planted = pl.read_parquet(tmp_path / "hedging" / "planted.parquet")
+    assert set(planted["kind"]) == {"planted_hedged", "planted_direct"} and planted["auc"].is_between(0, 1).all()

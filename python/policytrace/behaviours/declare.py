@@ -36,7 +36,11 @@ def _module(name: str) -> ModuleType:
     file by path."""
     if name.endswith(".py"):
         path = Path(name).expanduser().resolve()
-        spec = importlib.util.spec_from_file_location(f"policytrace_user_{path.stem}", path)
+        key = f"policytrace_user_{path.stem}"
+        loaded = sys.modules.get(key)
+        if loaded is not None and getattr(loaded, "__file__", None) == str(path):
+            return loaded  # once per process, as an import would be
+        spec = importlib.util.spec_from_file_location(key, path)
         if spec is None or spec.loader is None or not path.is_file():
             raise FileNotFoundError(f"no such file: {path}")
         module = importlib.util.module_from_spec(spec)
