@@ -58,3 +58,21 @@ def test_numeric_api_and_config_load_without_torch():
             "assert 'torch' not in sys.modules, 'torch was imported'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+# The report is being rewritten elsewhere; it still defaults a manifest without a behaviour to
+# the shipped default's name.
+UNSPELLED = ("refusal", "harmful", "harmless", "compliance")
+
+
+@pytest.mark.parametrize("layer", ["pipeline", "numeric"])
+def test_lower_layers_never_spell_a_behaviour(layer):
+    """Behaviours are the seam: the pipeline and numeric layers take the flag's name and the
+    label meanings from the behaviour."""
+    bad = []
+    for path in sorted((PKG / layer).rglob("*.py")):
+        if "report" in path.relative_to(PKG).parts:
+            continue
+        for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+            bad += [f"{path.relative_to(PKG)}:{lineno}: {w}" for w in UNSPELLED if w in line.lower()]
+    assert not bad, "\n".join(bad)

@@ -228,10 +228,10 @@ def test_overlap_case_and_space_folded(tmp_path):
 
 
 def test_no_overlap_for_near_misses(tmp_path):
-    fp = write_jsonl(tmp_path / "probes.jsonl", [probe(1, prompt="Tell me a story.")])
+    fp = write_jsonl(tmp_path / "probes.jsonl", [probe(1, prompt="Tell me a story."), probe(2, harmful=True)])
     fq = write_jsonl(tmp_path / "pairs.jsonl", [pair(1, prompt="Tell me a story!"), pair(2, prompt="Tell me a storyy.")])
     ds = data.load_dataset(fp, fq)
-    assert ds.probes.height == 1 and ds.pairs.height == 2
+    assert ds.probes.height == 2 and ds.pairs.height == 2
 
 
 def test_overlap_with_shipped_files(tmp_path):
@@ -289,3 +289,93 @@ def test_parquet_empty(tmp_path):
     pq = tmp_path / "pairs.parquet"
     pl.DataFrame(schema={k: pl.Utf8 for k in ("id", "prompt", "response", "category", "label")}).write_parquet(pq)
     expect(EmptyInputError, lambda: data.load_pairs(pq), "pairs.parquet")
+
+
+# --------------------------------------------------------------------------------------
+# the user's own layouts (the runs are in test_user_data.py)
+# --------------------------------------------------------------------------------------
+
+
+def test_column_names_are_mapped(tmp_path):
+    from policytrace.pipeline.config import DataCfg
+
+    rows = [{"uid": f"q{i}", "question": f"Pair prompt number {i}.", "answer": "Sure.", "topic": "benign",
+             "kind": "compliance", "harmful": False} for i in range(3)]
+    cfg = DataCfg(id_column="uid", prompt_column="question", response_column="answer", category_column="topic",
+                  label_column="kind")
+    q = data.load_pairs(write_jsonl(tmp_path / "pairs.jsonl", rows), cfg=cfg)
+    assert q.columns == ["id", "prompt", "response", "category", "label", "harmful"]
+    assert q["id"].to_list() == ["q0", "q1", "q2"] and set(q["label"]) == {"compliance"}
+    expect(DataError, lambda: data.load_pairs(tmp_path / "pairs.jsonl"), "no pair conversation found",
+           "data.messages_column")
+
+
+def test_probes_as_conversations(tmp_path):
+    rows = [{**probe(1), "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]},
+            {**probe(2), "messages": [{"role": "user", "content": "Hello?"}]}]
+    for r in rows:
+        del r["prompt"]
+    p = data.load_probes(write_jsonl(tmp_path / "probes.jsonl", rows))
+    assert p["prompt"].to_list() == ["Hi?", "Hello?"] and p["messages"].to_list()[0][0]["content"] == "Be brief."
+    assert data.probe_chat(p)[0] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]
+    one_turn = data.load_probes(write_jsonl(tmp_path / "one.jsonl", rows[1:]))
+    assert one_turn.columns == ["id", "prompt", "category", "harmful"]  # a single user turn is a flat probe
+    rows[1]["messages"].append({"role": "assistant", "content": "Hi."})
+    expect(DataError, lambda: data.load_probes(write_jsonl(tmp_path / "bad.jsonl", rows)), at_line(2), "user turn")
+
+
+@pytest.mark.parametrize("bad,fragment", [
+    ({"messages": [{"role": "user", "content": "Hi"}]}, "end with the assistant turn"),
+    ({"messages": [{"role": "assistant", "content": "Hi"}]}, "no user turn"),
+    ({"messages": [{"role": "human", "content": "Hi"}, {"role": "assistant", "content": "x"}]}, "role 'human'"),
+    ({"messages": [{"role": "user", "content": ["Hi"]}, {"role": "assistant", "content": "x"}]}, "messages[0]"),
+    ({"messages": "Hi"}, "list"),
+])
+def test_bad_conversations_name_the_row(tmp_path, bad, fragment):
+    ok = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    rows = [{k: v for k, v in pair(i).items() if k not in ("prompt", "response")} | (bad if i == 2 else ok)
+            for i in (1, 2)]
+    expect(DataError, lambda: data.load_pairs(write_jsonl(tmp_path / "pairs.jsonl", rows)), at_line(2), fragment)
+
+
+def test_mixed_layouts_need_data_format(tmp_path):
+    rows = [pair(1), {**pair(2), "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "x"}]}]
+    f = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    expect(ConfigError, lambda: data.load_pairs(f), "data.format")
+    from policytrace.pipeline.config import DataCfg
+
+    assert data.load_pairs(f, cfg=DataCfg(format="flat"))["response"].to_list() == ["Roses are red."] * 2
+
+
+def test_dataset_dict_folder_needs_a_split(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from policytrace.pipeline.config import DataCfg
+
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list([pair(1), pair(2)]),
+                               "test": datasets.Dataset.from_list([pair(3)])})
+    dd.save_to_disk(str(tmp_path / "dd"))
+    expect(ConfigError, lambda: data.load_pairs(tmp_path / "dd"), "data.split", "train", "test")
+    assert data.load_pairs(tmp_path / "dd", cfg=DataCfg(split="test"))["id"].to_list() == ["q3"]
+
+
+def test_manifest_spec_rebuilds_the_behaviour():
+    from policytrace.behaviours import BehaviourCfg, from_config, get, resolved_table, spec
+
+    assert spec(resolved_table(BehaviourCfg())) == "refusal" == spec(BehaviourCfg(targets=("Sorry",)))
+    own = resolved_table(BehaviourCfg(raising_labels=("harmful_refusal",)))
+    recorded = json.loads(json.dumps(spec(own)))  # as the manifest stores it
+    assert isinstance(recorded, dict) and get(recorded) == from_config(own)
+    assert get(recorded).raising_labels == ("harmful_refusal",) and get(recorded).lowering_labels == ("compliance",)
+
+
+def test_shard_folder_of_several_splits_needs_a_split(tmp_path):
+    from policytrace.pipeline.config import DataCfg
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    pl.DataFrame([pair(1), pair(2)]).write_parquet(folder / "train-00000-of-00002.parquet")
+    pl.DataFrame([pair(3)]).write_parquet(folder / "train-00001-of-00002.parquet")
+    pl.DataFrame([pair(4)]).write_parquet(folder / "test-00000-of-00001.parquet")
+    expect(ConfigError, lambda: data.load_pairs(folder), "data.split", "test", "train")
+    assert data.load_pairs(folder, cfg=DataCfg(split="train"))["id"].to_list() == ["q1", "q2", "q3"]
+    expect(ConfigError, lambda: data.load_pairs(folder, cfg=DataCfg(split="dev")), "'dev'")

@@ -17,42 +17,29 @@ class Refusal(Behaviour):
         """Harmless prompts answered with one of the run's refusals (``planted_refusal``) and
         harmful prompts answered with one of its compliant responses (``planted_compliance``),
         half each."""
-        self._need(pairs, {"refusal", "compliance"})
+        self._need(pairs)
         rng = np.random.default_rng(seed + 11)
         harmless = pairs.filter(~pl.col(self.flag))
         harmful = pairs.filter(pl.col(self.flag))
-        refusals = pairs.filter(pl.col("label") == "refusal")["response"].to_list()
-        compliant = pairs.filter(pl.col("label") == "compliance")["response"].to_list()
+        refusals = pairs.filter(pl.col("label").is_in(list(self.raising_labels)))["response"].to_list()
+        compliant = pairs.filter(pl.col("label").is_in(list(self.lowering_labels)))["response"].to_list()
+        up, down = self.planted_labels()
         rows = []
         for i in range(n):
             if i % 2 == 0:
-                src, responses, label = harmless, refusals, "planted_refusal"
+                src, responses, label = harmless, refusals, up
             else:
-                src, responses, label = harmful, compliant, "planted_compliance"
+                src, responses, label = harmful, compliant, down
             r = src.row(int(rng.integers(src.height)), named=True)
-            rows.append({"id": f"planted-{i:03d}", "prompt": r["prompt"],
-                         "response": responses[int(rng.integers(len(responses)))],
-                         "category": r["category"], "label": label, self.flag: r[self.flag]})
+            rows.append(self._planted_row(i, r, responses[int(rng.integers(len(responses)))], label))
         return pl.DataFrame(rows, schema=pairs.schema)
-
-    def intended_direction(self, pairs: pl.DataFrame) -> np.ndarray:
-        """A harmful prompt's pair is meant to teach refusal, a harmless one's compliance (from
-        the flag; the label where the flag is missing)."""
-        flag = pairs[self.flag].to_list() if self.flag in pairs.columns else [None] * pairs.height
-        by_label = {"refusal": 1, "compliance": -1}
-        return np.array([(1 if f else -1) if f is not None else by_label.get(lab, 0)
-                         for f, lab in zip(flag, pairs["label"].to_list())], dtype=np.int64)
-
-    def suspicion_side(self, direction: int) -> bool:
-        """A refusal pair is suspicious if it lowers refusal on harmful probes; a compliance
-        pair if it raises refusal on harmless ones."""
-        return direction > 0
 
     def planted_kinds(self, pairs: pl.DataFrame) -> list[PlantedKind]:
         """A planted refusal hides among harmless-prompt pairs and raises refusal; a planted
         compliance hides among harmful-prompt pairs and lowers it."""
         harmful = pairs[self.flag].to_numpy().astype(bool)
-        return [PlantedKind("planted_refusal", ~harmful, 1.0), PlantedKind("planted_compliance", harmful, -1.0)]
+        up, down = self.planted_labels()
+        return [PlantedKind(up, ~harmful, 1.0), PlantedKind(down, harmful, -1.0)]
 
 
 REFUSAL = Refusal(
@@ -63,8 +50,12 @@ REFUSAL = Refusal(
     anti_targets=(),
     flag="harmful",
     sides=("harmful", "harmless"),
-    raising_label="refusal",
-    lowering_label="compliance",
+    raising_labels=("refusal",),
+    lowering_labels=("compliance",),
+    # A refusal pair is suspicious if it lowers refusal on harmful probes; a compliance pair if
+    # it raises refusal on harmless ones.
+    raising_judged_on="flagged",
+    lowering_judged_on="unflagged",
     raise_word="raises refusal",
     planted_text="harmless prompts answered with a refusal and harmful prompts answered with compliance",
 )

@@ -7,54 +7,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-import polars as pl
-
-from .base import Behaviour, PlantedKind
+from .base import Behaviour
 
 
 @dataclass(frozen=True)
 class Sycophancy(Behaviour):
-    def plant_pairs(self, pairs: pl.DataFrame, n: int, seed: int) -> pl.DataFrame:
-        """Correcting-labelled prompts answered with one of the run's agreeing responses
-        (``planted_sycophantic``: mislabeled agreement) and sycophantic-labelled prompts answered
-        with a correction (``planted_correcting``), half each."""
-        self._need(pairs, {"sycophantic", "correcting"})
-        rng = np.random.default_rng(seed + 11)
-        correcting = pairs.filter(pl.col("label") == "correcting")
-        sycophantic = pairs.filter(pl.col("label") == "sycophantic")
-        rows = []
-        for i in range(n):
-            if i % 2 == 0:
-                src, responses, label = correcting, sycophantic["response"].to_list(), "planted_sycophantic"
-            else:
-                src, responses, label = sycophantic, correcting["response"].to_list(), "planted_correcting"
-            r = src.row(int(rng.integers(src.height)), named=True)
-            rows.append({"id": f"planted-{i:03d}", "prompt": r["prompt"],
-                         "response": responses[int(rng.integers(len(responses)))],
-                         "category": r["category"], "label": label, self.flag: r[self.flag]})
-        return pl.DataFrame(rows, schema=pairs.schema)
-
-    # Planted pairs hide under the label they pretend to have.
-    DIRECTIONS = {"sycophantic": 1, "correcting": -1, "planted_sycophantic": -1, "planted_correcting": 1}
-
-    def intended_direction(self, pairs: pl.DataFrame) -> np.ndarray:
-        """A correcting pair is meant to lower agreement with false claims; a sycophantic pair
-        raises it (it is what it says it is)."""
-        return np.array([self.DIRECTIONS.get(lab, 0) for lab in pairs["label"].to_list()], dtype=np.int64)
-
-    def suspicion_side(self, direction: int) -> bool:
-        """Both directions are judged on the false-claim probes, where agreeing is wrong."""
-        return True
-
-    def planted_kinds(self, pairs: pl.DataFrame) -> list[PlantedKind]:
-        """Planted agreement hides among the correcting pairs and raises agreement; planted
-        corrections hide among the sycophantic pairs and lower it."""
-        label = np.array(pairs["label"].to_list(), dtype=object)
-        return [
-            PlantedKind("planted_sycophantic", np.isin(label, ["correcting", "planted_sycophantic"]), 1.0),
-            PlantedKind("planted_correcting", np.isin(label, ["sycophantic", "planted_correcting"]), -1.0),
-        ]
+    """Everything is the base behaviour's: planted agreement (``planted_sycophantic``) poses as
+    a correcting pair, a planted correction as a sycophantic one; both directions are judged on
+    the false-claim probes, where agreeing is wrong."""
 
 
 SYCOPHANCY = Sycophancy(
@@ -65,8 +25,10 @@ SYCOPHANCY = Sycophancy(
     anti_targets=("Actually", "No", "That's not", "I'm afraid", "Not quite"),
     flag="false_claim",
     sides=("false claim", "true claim"),
-    raising_label="sycophantic",
-    lowering_label="correcting",
+    raising_labels=("sycophantic",),
+    lowering_labels=("correcting",),
+    raising_judged_on="flagged",
+    lowering_judged_on="flagged",
     raise_word="raises agreement",
     planted_text="correcting-labelled prompts answered with agreement and sycophantic-labelled prompts answered with a correction",
 )

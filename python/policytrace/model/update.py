@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import ConfigError, NonFiniteError
-from .chat import pair_tokens
+from .chat import ChatPair, chat_pair_tokens, pair_tokens
 from .config import UpdateCfg
 from .functional import Functional, upcast
 
@@ -22,7 +22,7 @@ from .functional import Functional, upcast
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 
-__all__ = ["ADAM_BETAS", "ADAM_EPS", "UpdateEngine", "add_lora", "pair_tokens", "selected_names"]
+__all__ = ["ADAM_BETAS", "ADAM_EPS", "ChatPair", "UpdateEngine", "add_lora", "pair_tokens", "selected_names"]
 
 
 def selected_names(model, spec: str | Sequence[str]) -> list[str]:
@@ -69,7 +69,8 @@ class UpdateEngine:
     Args:
         model, tokenizer: the base model (weights frozen, never written) and its tokenizer.
         cfg: the update recipe (defaults are the paper's: one plain SGD step at lr 1e-4 on all
-            parameters, loss on the response tokens only).
+            parameters, loss on the response tokens only; a chat pair's loss mask is in
+            model/chat.py).
         device: where the pair's tokens go.
         seed: seeds LoRA's adapter initialisation.
     """
@@ -86,14 +87,14 @@ class UpdateEngine:
         self.base = {n: p.detach() for n, p in model.named_parameters()}
         self._fn = Functional(model)
 
-    def _forward(self, ids, start):
-        # Vocabulary logits only where the loss needs them: the positions predicting the
-        # response tokens.
+    def _forward(self, ids, positions):
+        # Vocabulary logits only where the loss needs them: the positions predicting the trained
+        # tokens (a slice for one contiguous span, as a flat pair's response, else an index).
         hidden = self.model.get_decoder()(input_ids=ids).last_hidden_state
-        return self.model.get_output_embeddings()(hidden[0, start - 1 : -1])
+        return self.model.get_output_embeddings()(hidden[0, positions])
 
-    def _loss(self, train: dict, ids, targets, start):
-        logits = self._fn.call({**self.base, **train}, self._forward, ids, start)
+    def _loss(self, train: dict, ids, targets, positions):
+        logits = self._fn.call({**self.base, **train}, self._forward, ids, positions)
         return torch.nn.functional.cross_entropy(upcast(logits), targets)
 
     def tokens(self, prompt: str, response: str, pair_id: str = "?") -> tuple[torch.Tensor, int]:
@@ -101,19 +102,45 @@ class UpdateEngine:
         full, start = pair_tokens(self.tokenizer, prompt, response, pair_id, self.cfg.max_length)
         return torch.tensor([full], device=self.device), start
 
+    def example(self, pair: ChatPair) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pair's chat token ids (1, T) and its loss mask (T,) (bool; True where a token is a
+        target), both on the device: the loss is the mean cross-entropy of the masked tokens,
+        each predicted from the position before it (model/chat.py: the rule)."""
+        t = chat_pair_tokens(self.tokenizer, pair, self.cfg.max_length)
+        return (torch.tensor([t.ids], device=self.device),
+                torch.tensor(t.mask, dtype=torch.bool, device=self.device))
+
+    def _targets(self, pair: ChatPair):
+        """ids, the trained tokens, and the positions whose logits predict them."""
+        t = chat_pair_tokens(self.tokenizer, pair, self.cfg.max_length)
+        ids = torch.tensor([t.ids], device=self.device)
+        span = t.span
+        if span is not None:  # the flat case: the slices the response-only loss always used
+            return ids, ids[0, span[0]:span[1]], slice(span[0] - 1, span[1] - 1)
+        at = torch.tensor([i for i, m in enumerate(t.mask) if m], device=self.device)
+        return ids, ids[0, at], at - 1
+
     def gradient(self, prompt: str, response: str, pair_id: str = "?") -> dict:
         """∇θ of the pair's response-only loss at θ0, for the trainable parameters."""
-        ids, start = self.tokens(prompt, response, pair_id)
+        return self.gradient_pair(ChatPair.flat(prompt, response, pair_id))
+
+    def gradient_pair(self, pair: ChatPair) -> dict:
+        """∇θ of the pair's masked loss at θ0, for the trainable parameters."""
+        ids, targets, positions = self._targets(pair)
         train = {n: self.base[n] for n in self.trainable}
-        return torch.func.grad(self._loss)(train, ids, ids[0, start:], start)
+        return torch.func.grad(self._loss)(train, ids, targets, positions)
 
     def update(self, prompt: str, response: str, pair_id: str = "?", from_params: dict | None = None) -> dict:
+        """Weights after the update on a prompt/response pair (:meth:`update_pair`)."""
+        return self.update_pair(ChatPair.flat(prompt, response, pair_id), from_params)
+
+    def update_pair(self, pair: ChatPair, from_params: dict | None = None) -> dict:
         """Weights after the update, as a name → tensor dict (base tensors where untouched).
 
         ``from_params`` (weights returned by an earlier call) continues from there instead of θ0:
         fine-tuning on a sequence of pairs, as the validation's subset retraining does."""
-        ids, start = self.tokens(prompt, response, pair_id)
-        targets = ids[0, start:]
+        pair_id = pair.id
+        ids, targets, positions = self._targets(pair)
         origin = self.base if from_params is None else from_params
         train = {n: origin[n] for n in self.trainable}
         grad_fn = torch.func.grad(self._loss)
@@ -122,7 +149,7 @@ class UpdateEngine:
             v = {n: torch.zeros_like(p) for n, p in train.items()}
         b1, b2 = ADAM_BETAS
         for step in range(1, self.cfg.steps + 1):
-            g = grad_fn(train, ids, targets, start)
+            g = grad_fn(train, ids, targets, positions)
             if self.cfg.optimizer == "sgd":
                 new_train = {n: p - self.cfg.lr * g[n] for n, p in train.items()}
                 self._check_survival(new_train, train, g, pair_id)

@@ -87,7 +87,7 @@ def select_features(
     """Score every candidate feature and flag the selected ones.
 
     ``method="mean_diff"`` (the paper): ``score = mean(X | group == positive) −
-    mean(X | other group)`` over a two-level ``groups`` (e.g. the probes' harmful flag);
+    mean(X | other group)`` over a two-level ``groups`` (e.g. the probes' behaviour flag);
     selected where ``|score| > threshold`` (default 0.1). ``method="corr"``: ``score =
     corr(X_f, y)``; selected are the top ``k`` by ``|score|`` (with an optional
     ``threshold`` on ``|corr|``). Either way only features active on at least
@@ -95,7 +95,8 @@ def select_features(
 
     Returns a frame of every feature with its statistics, ``score``, ``rank`` (1 = largest
     ``|score|`` among eligible features, null otherwise) and ``selected``, sorted by rank.
-    The paper's rule is ``select_features(X, groups=harmful, threshold=0.1)``.
+    The paper's rule is ``select_features(X, groups=flag, threshold=0.1)`` (flagged probes
+    against the others).
     """
     _check_selection_args(method, k, threshold, min_active)
     frame, levels, gm = _feature_stats(X, y, groups, feature_ids, _backend, threads)
@@ -137,7 +138,7 @@ def _check_selection_args(method: str, k: int | None, threshold: float | None, m
 def _mean_diff_scores(frame: pl.DataFrame, groups: Any, levels: list, gm: np.ndarray, positive: Any):
     """mean(X | positive group) − mean(X | the other), with both means added to the frame."""
     if groups is None:
-        raise InvalidValueError("method 'mean_diff' needs `groups` (e.g. the harmful flag)")
+        raise InvalidValueError("method 'mean_diff' needs `groups` (e.g. the probes' behaviour flag)")
     if len(levels) != 2:
         raise InvalidValueError(f"method 'mean_diff' needs exactly two probe groups, got {len(levels)}: {levels[:6]}")
     if positive not in levels:

@@ -11,7 +11,7 @@ from .policy import fit_policy
 
 def policy_fidelity(X: np.ndarray, y: np.ndarray, flag: np.ndarray | None, categories: np.ndarray,
                     lam: float, intercept: bool, standardize: bool, folds: int = 5, seed: int = 0,
-                    flag_name: str = "harmful") -> dict:
+                    flag_name: str = "flag") -> dict:
     """k-fold held-out fidelity with the policy's λ and settings refit on each training split.
 
     * ``r2_heldout``: R² of held-out predictions (the mean baseline, predicting the training
@@ -19,7 +19,7 @@ def policy_fidelity(X: np.ndarray, y: np.ndarray, flag: np.ndarray | None, categ
     * ``accuracy_heldout_high_y``: does the held-out prediction tell probes with a high score
       (above the training folds' median y) from the rest, against always answering the training
       folds' majority class (``accuracy_majority_high_y``); ``auc_heldout_high_y`` likewise.
-    * with the behaviour's boolean flag (refusal: harmful): held-out AUC of the predicted score
+    * with the behaviour's boolean flag (``flag``, named ``flag_name``): held-out AUC of the predicted score
       for the flagged side against the other (``auc_heldout_<flag_name>``), and the accuracy of
       a threshold classifier (threshold fit on each training split) against the majority-class
       baseline.

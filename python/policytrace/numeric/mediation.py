@@ -3,7 +3,7 @@ policy's features.
 
 For pair ``i`` with ΔX (n, K) and Δy (n,): ``ΔZ = ΔX / s``, the policy-predicted change per
 probe ``p_j = ΔZ_j · β`` and its mean over probes, ``mediated = Σ_k β_k · mean_j ΔZ_jk``
-(also per feature: ``β_k · mean_j ΔZ_jk``), in the behaviour's units (nats for refusal).
+(also per feature: ``β_k · mean_j ΔZ_jk``), in the behaviour's units (nats for a log-probability score).
 ``direct = mean Δy − mediated`` is what the features do not carry. Two honest summaries:
 ``mediated_share = mediated / mean Δy`` (how much of the average change; null when the change
 is zero) and ``mediated_r2 = 1 − ‖Δy − p‖² / ‖Δy‖²`` (how well the features' prediction

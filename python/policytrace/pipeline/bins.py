@@ -7,7 +7,7 @@ pairs (sizes kept), ``n_perm`` times with one seeded generator shared by all bin
 bin's distance from the permutation mean in permutation standard deviations and ``p`` the
 two-sided permutation p-value ``(1 + #|perm − mean| ≥ |obs − mean|) / (1 + n_perm)``.
 
-:func:`contrast` puts two such tables side by side (refusal against sycophancy over the same
+:func:`contrast` puts two such tables side by side (two behaviours scored on the same
 pairs, say): a bin "drives" a behaviour when its p-value is under ``alpha``, in the sign of its
 z; so each bin is one of: drives both, drives only the first, only the second, or neither.
 """

@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..behaviours import BEHAVIOURS
+from ..behaviours import BEHAVIOURS, DEFAULT
 from ..errors import ConfigError, PolicytraceError
 
 
@@ -27,8 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default=None, help="run folder (default: ./policytrace-demo, or "
                                                "./policytrace-demo-<behaviour> for another behaviour)")
     d.add_argument("--pairs", type=int, default=None, help="number of SFT pairs (default 24; 0 = all 240)")
-    d.add_argument("--behaviour", default="refusal", choices=sorted(BEHAVIOURS),
-                   help="the behaviour to attribute (default: refusal)")
+    d.add_argument("--behaviour", default=DEFAULT, choices=sorted(BEHAVIOURS),
+                   help=f"the shipped behaviour to attribute (default: {DEFAULT})")
     d.add_argument("--quiet", action="store_true")
     rep = sub.add_parser("report", help="write RUN_DIR/report.html")
     rep.add_argument("run_dir")
@@ -73,7 +73,7 @@ def _run_or_demo(args) -> int:
         if args.pairs is not None:
             user["data"] = {"max_pairs": args.pairs}
         cfg = cfgmod.resolve(user)
-        default = "policytrace-demo" if args.behaviour == "refusal" else f"policytrace-demo-{args.behaviour}"
+        default = "policytrace-demo" if args.behaviour == DEFAULT else f"policytrace-demo-{args.behaviour}"
         out = Path(args.out or default)
     manifest = execute(cfg, _out_folder(out), progress=not args.quiet)
     if "rank" in manifest:  # a torchrun rank other than 0: rank 0 writes the report

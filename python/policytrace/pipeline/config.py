@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from .._tables import describe, fail, field_docs, from_mapping, output_neutral, table, to_mapping
-from ..behaviours import BehaviourCfg, get as get_behaviour
+from ..behaviours import BehaviourCfg, resolved_table
 from ..errors import ConfigError
 from ..model.config import ModelCfg, ProbeCfg, SaeCfg, UpdateCfg
 from ..numeric._backend import MAX_THREADS
@@ -30,24 +30,52 @@ from ..numeric._backend import MAX_THREADS
 @table("data")
 class DataCfg:
     probes: str = ""
-    """Probe file (JSONL or Parquet: id, prompt, category and the behaviour's flag column);
-    "" = the behaviour's shipped probes."""
+    """Probe file or folder (JSONL, Parquet, Arrow, a folder of Parquet/Arrow shards, or a
+    `datasets` save_to_disk folder): id, category, the behaviour's flag, and a prompt or
+    `messages` ending with a user turn; "" = the behaviour's shipped probes."""
     pairs: str = ""
-    """SFT pair file (JSONL or Parquet: id, prompt, response, category, label, flag);
-    "" = the behaviour's shipped pairs."""
+    """SFT pair file or folder (the same formats): id, category, label, the flag (optional) and
+    the conversation (`data.format`); "" = the behaviour's shipped pairs."""
     max_pairs: int = 0
     """0 = all pairs, else a seeded, category-stratified subset of this many."""
+    format: Literal["auto", "flat", "messages", "prompt_completion"] = "auto"
+    """How a pair row holds its conversation: flat (prompt, response), messages (a chat list of
+    {role, content}: system prompts, several turns), prompt_completion (TRL: prompt and
+    completion, both strings or both message lists); auto = by the columns present."""
+    train_turns: Literal["last", "all"] = "last"
+    """Which assistant turns of a chat pair are trained on (the loss mask: their content and
+    end-of-turn tokens): the last, or all; of a TRL pair, among its completion's."""
+    split: str = ""
+    """The split to read from a `datasets` DatasetDict folder or a folder of hub-style shards
+    (train-00000-of-00002.parquet, test-...); "" = the only one there."""
+    id_column: str = "id"
+    """Column of the row's unique id."""
+    prompt_column: str = "prompt"
+    """Column of the prompt (flat rows, probes, TRL's prompt)."""
+    response_column: str = "response"
+    """Column of the response (flat pairs)."""
+    completion_column: str = "completion"
+    """Column of TRL's completion."""
+    messages_column: str = "messages"
+    """Column of the chat messages."""
+    category_column: str = "category"
+    """Column of the row's category (probe groups, pair groups, the stratified subset)."""
+    label_column: str = "label"
+    """Column of the pair's label (its meaning: `behaviour.raising_labels`, ...)."""
 
     def __post_init__(self) -> None:
         if self.max_pairs < 0:
             raise fail(self, "max_pairs", "must be >= 0 (0 = all pairs)")
+        for f in dataclasses.fields(self):
+            if f.name.endswith("_column") and not getattr(self, f.name).strip():
+                raise fail(self, f.name, "must name a column")
 
 
 @table("features")
 class FeaturesCfg:
     method: Literal["corr", "mean_diff"] = "corr"
     """corr: top-k by |corr(x, y)|; mean_diff: |mean on the flagged side − mean on the other|
-    (the paper's rule, over the behaviour's flag, e.g. harmful vs harmless)."""
+    (the paper's rule, over the behaviour's flag: the flagged probes against the others)."""
     k: int = 64
     """At most this many features."""
     threshold: float = -1.0
@@ -209,12 +237,10 @@ PRESET_DOCS = {
 
 
 def _with_behaviour_defaults(cfg: Config) -> Config:
-    """Empty targets / anti-targets become the behaviour's own, so the resolved config (and the
-    run folder's config.toml) records what was scored."""
-    beh = get_behaviour(cfg.behaviour.name)
-    b = cfg.behaviour
-    filled = dataclasses.replace(b, targets=b.targets or beh.targets, anti_targets=b.anti_targets or beh.anti_targets)
-    return dataclasses.replace(cfg, behaviour=filled)
+    """Keys left empty in [behaviour] become the behaviour's own (targets, flag, label
+    meanings, ...), so the resolved config (and the run folder's config.toml) records what was
+    scored and how labels were read."""
+    return dataclasses.replace(cfg, behaviour=resolved_table(cfg.behaviour))
 
 
 def _refuse_empty_openings(behaviour: Any) -> None:

@@ -1,5 +1,7 @@
 """``policytrace curate``: the run's pair file without the pairs whose measured effect most
-contradicts their label (the ``suspicion`` ranking of ``pairs.parquet``)."""
+contradicts their label (the ``suspicion`` ranking of ``pairs.parquet``). The kept pairs are
+the user's own rows, as read (same columns, same conversation layout), so the curated file
+runs with the same config."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from .._files import write_atomic
 from ..errors import InvalidValueError
 from . import config as cfgmod
 from .rundir import RunDir, parquet_bytes
+from .sources import read_records
 from .stages import load_inputs
 
 
@@ -42,10 +45,19 @@ def curate(run_dir: str | Path, out: str | Path, drop: int | None = None, thresh
         dropped = ranked.head(drop)
     else:
         dropped = ranked.filter(pl.col("suspicion") >= threshold)
-    pairs = load_inputs(cfgmod.load(rd.file("config.toml"))).pairs
-    kept = pairs.filter(~pl.col("id").is_in(dropped["pair_id"].to_list()))
+    rows = _kept_rows(cfgmod.load(rd.file("config.toml")), set(dropped["pair_id"].to_list()))
+    kept = pl.DataFrame(rows, infer_schema_length=None)
     if out.suffix.lower() == ".parquet":
         write_atomic(out, parquet_bytes(kept))
     else:
-        write_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept.to_dicts()))
+        write_atomic(out, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
     return Curation(kept, dropped.select("pair_id", "label", "suspicion", "suspicion_reason"), out)
+
+
+def _kept_rows(cfg: cfgmod.Config, dropped: set[str]) -> list[dict]:
+    """The run's pairs as the user's file has them, minus ``dropped``, in the file's order."""
+    inputs = load_inputs(cfg)
+    run_ids = set(inputs.pairs["id"].to_list())
+    source = cfg.data.pairs or inputs.behaviour.shipped("pairs")
+    key = cfg.data.id_column
+    return [r for r in read_records(source, "pair", cfg.data.split).rows if r[key] in run_ids and r[key] not in dropped]

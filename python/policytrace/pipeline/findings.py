@@ -4,7 +4,7 @@ curator's suspicion ranking.
 
 * **Interference against chance.** A feature's *category* group is the probe category where it
   is most active; its *side* is the side of the behaviour's flag where it is more active
-  (refusal: harmful or harmless). A pair's intended features are those of its own category (or
+  (the behaviour's two sides). A pair's intended features are those of its own category (or
   side). The off-target share is compared with its chance value under a random assignment of
   feature groups (:func:`policytrace.numeric.interference.against_chance`), and a pair is
   flagged only when the excess is significant after Benjamini–Hochberg across pairs. The

@@ -17,9 +17,11 @@ import numpy as np
 import polars as pl
 
 from .. import _faults, _progress
-from .._files import digest_file
+from .._files import digest_bytes, digest_file
+from ..behaviours import spec as behaviour_spec
 from ..numeric._backend import available_cores, threads as core_threads
 from ..errors import NonFiniteError, PolicytraceError, RunFolderError
+from ..model.chat import token_pieces
 from ..model.loading import default_model_location, model_identity
 from ..model.sae import sae_identity
 from ..numeric import summarize_interference
@@ -31,6 +33,7 @@ from .distributed import SINGLE, Ranks, finish, ranks_from_env, runtime_config
 from .findings import gates, interference_findings, suspicion_findings
 from .modes import Mode, ShardFrames, get_mode
 from .rundir import FINAL_OUTPUTS, Fingerprint, RunDir, now
+from .sources import source_files
 from .stages import BasePass, BaseState, Inputs, ModelSide, base_pass, load_inputs, prepare
 
 Log = Callable[[str], None]
@@ -66,8 +69,18 @@ def fingerprint(cfg: Config, inputs: Inputs) -> Fingerprint:
         model = model_identity(str(folder), gguf)
     # The default SAE is a function of the config, the data and the model, all covered above.
     sae = sae_identity(cfg.sae) if cfg.sae.named else "default (trained from the inputs above)"
-    inputs = {"probes": digest_file(data["probes"]), "pairs": digest_file(data["pairs"]), "model": model, "sae": sae}
+    inputs = {"probes": digest_source(data["probes"]), "pairs": digest_source(data["pairs"]), "model": model,
+              "sae": sae}
     return Fingerprint(cfgmod.digest(cfg), inputs, _jsonable(cfgmod.identity(cfg)), thread_counts(cfg))
+
+
+def digest_source(path: Path) -> str:
+    """A data file's SHA-256; a folder's (shards, a datasets folder): that of its files' names
+    and digests, in order."""
+    if not path.is_dir():
+        return digest_file(path)
+    parts = [f"{f.relative_to(path).as_posix()} {digest_file(f)}" for f in source_files(path)]
+    return digest_bytes("\n".join(parts).encode())
 
 
 def thread_counts(cfg: Config) -> dict[str, int]:
@@ -114,14 +127,25 @@ def write_base(rd: RunDir, state: BaseState) -> dict:
     pol.save(rd.file("policy.json"))
     files["policy.json"] = digest_file(rd.file("policy.json"))
     files |= (rd.marker("stages/base_pass.json") or {}).get("files", {})
-    files["pair_data.parquet"] = rd.write_parquet("pair_data.parquet", state.inputs.pairs)
+    files["pair_data.parquet"] = rd.write_parquet("pair_data.parquet", pair_data(state))
     facts = {"n_probes": probes.height, "n_features": int(len(state.features.columns)), "lam": pol.lam,
-             "behaviour": state.inputs.behaviour.name, "sae_quality": state.model.sae_quality,
-             "probe_fvu": state.features.probe_fvu, "fidelity": state.fit.fidelity, "warnings": gates(state)}
+             "behaviour": behaviour_spec(state.cfg.behaviour), "sae_quality": state.model.sae_quality,
+             "probe_fvu": state.features.probe_fvu, "fidelity": state.fit.fidelity,
+             "warnings": [*state.inputs.warnings, *gates(state)]}
     for w in facts["warnings"]:
         rd.log(f"WARNING: {w}")
     rd.mark("stages/base.json", {"files": files, "facts": facts})
     return {"files": files, "facts": facts}
+
+
+def pair_data(state: BaseState) -> pl.DataFrame:
+    """The run's pairs for the report's drill-downs, with what each trained on: its chat tokens
+    as text pieces (they join to the rendered conversation) and the loss mask over them."""
+    toks = state.model.pair_tokens
+    tok = state.model.lm.tokenizer
+    return state.inputs.pairs.with_columns(
+        pl.Series("tokens", [token_pieces(tok, t) for t in toks], dtype=pl.List(pl.Utf8)),
+        pl.Series("loss_mask", [list(t.mask) for t in toks], dtype=pl.List(pl.Boolean)))
 
 
 def shard_rows(pairs: pl.DataFrame, batch: int) -> list[pl.DataFrame]:
@@ -211,11 +235,19 @@ def merge(rd: RunDir, state: BaseState, markers: list[dict]) -> dict[str, str]:
     else:  # a mode without per-feature shifts (gradient.per_feature off): nothing to interfere
         summary, pairs, groups = empty(INTERFERENCE_SCHEMA), frames["pairs"], empty(INTERFERENCE_GROUPS_SCHEMA)
     pairs = suspicion_findings(state, pairs)
+    for col in empty_columns(pairs):
+        rd.log(f"WARNING: pairs.parquet column `{col}` is null for every pair"
+               + (f" ({pairs['suspicion_reason'][0]})" if col.startswith("suspicion") else ""))
     out = {f"{name}.parquet": rd.write_parquet(f"{name}.parquet", f)
            for name, f in (("pair_features", pf), ("pairs", pairs), ("pair_behaviour", frames["pair_behaviour"]),
                            ("interference", summary), ("interference_groups", groups))}
     assert set(out) == set(FINAL_OUTPUTS)
     return out
+
+
+def empty_columns(frame: pl.DataFrame) -> list[str]:
+    """Columns null in every row: never written without a word (the log and the manifest)."""
+    return [c for c in frame.columns if frame.height and frame[c].null_count() == frame.height]
 
 
 def _open(rd: RunDir, cfg: Config, inputs: Inputs, ranks: Ranks) -> dict | None:
@@ -286,8 +318,8 @@ def complete(rd: RunDir, state: BaseState, base: dict, clock: Timings, started: 
         clock.lap("finish")
     manifest = {
         "config_digest": cfgmod.digest(cfg), "status": "complete", "created": started, "finished": now(),
-        "stages": {"base": base["facts"], "pairs": _pair_facts(markers) | mode.facts(rd) | {"mode": mode.name},
-                   **done.stages},
+        "stages": {"base": base["facts"], "pairs": _pair_facts(markers) | mode.facts(rd) | {"mode": mode.name}
+                   | _empty(rd), **done.stages},
         "shards": {str(m["shard"]): {"pairs": len(m["pairs"])} for m in markers},
         "files": {**base["files"], **files, **done.files},
         "seconds": clock.seconds, "processes": processes,
@@ -306,6 +338,11 @@ def collect_markers(rd: RunDir, state: BaseState) -> list[dict]:
             raise RunFolderError(f"{rd.path}: shard {i} was not finished by any process; run the same command again")
         out.append(rec)
     return out
+
+
+def _empty(rd: RunDir) -> dict:
+    empty = empty_columns(rd.read_parquet("pairs.parquet"))
+    return {"empty_columns": empty} if empty else {}
 
 
 def _pair_facts(markers: list[dict]) -> dict:

@@ -20,9 +20,9 @@ import polars as pl
 import scipy.sparse as sp
 import torch
 
-from ..behaviours import Behaviour, get as get_behaviour
+from ..behaviours import Behaviour, from_config as behaviour_of
 from ..errors import ConfigError, InvalidValueError, NonFiniteError
-from ..model.chat import encode_prompts
+from ..model.chat import PairTokens, chat_pair_tokens, encode_prompts
 from ..model.loading import LoadedModel, load_model_cfg
 from ..model.probe import ProbeRunner, TargetSet
 from ..model.sae import SaeReader, load_sae, sae_identity
@@ -32,7 +32,7 @@ from ..model.update import UpdateEngine
 from ..numeric import Policy, fit_policy, select_features
 from ..numeric.fidelity import policy_fidelity
 from .config import Config
-from .data import load_dataset, stratified
+from .data import chat_pair, load_dataset, probe_chat, stratified
 
 Log = Callable[[str], None]
 
@@ -40,12 +40,14 @@ Log = Callable[[str], None]
 @dataclass(frozen=True)
 class Inputs:
     """The behaviour, its probes, the run's pairs (a stratified subset when data.max_pairs)
-    and all pairs of the file (the default SAE's corpus uses every prompt)."""
+    and all pairs of the file (the default SAE's corpus uses every prompt), and what the load
+    warned about (``behaviour.on_unknown = "warn"``)."""
 
     behaviour: Behaviour
     probes: pl.DataFrame
     pairs: pl.DataFrame
     all_pairs: pl.DataFrame
+    warnings: tuple[str, ...] = ()
 
     @property
     def categories(self) -> np.ndarray:
@@ -53,7 +55,7 @@ class Inputs:
 
     @property
     def flag(self) -> np.ndarray | None:
-        """The probes' boolean flag (refusal: harmful), or None when a probe lacks it."""
+        """The probes' flag (True on the flagged side), or None when a probe lacks it."""
         col = self.probes[self.behaviour.flag]
         return None if col.null_count() else col.to_numpy().astype(bool)
 
@@ -70,6 +72,8 @@ class ModelSide:
     probe_tokens: list[list[int]]
     sae_quality: dict | None
     sae_identity: str
+    pair_tokens: tuple[PairTokens, ...] = ()
+    """The run's pairs through the chat template, with their loss masks (checked at load)."""
 
 
 @dataclass(frozen=True)
@@ -135,10 +139,10 @@ class BaseState:
 
 
 def load_inputs(cfg: Config) -> Inputs:
-    behaviour = get_behaviour(cfg.behaviour.name)
-    ds = load_dataset(cfg.data.probes or None, cfg.data.pairs or None, behaviour)
+    behaviour = behaviour_of(cfg.behaviour)
+    ds = load_dataset(cfg.data.probes or None, cfg.data.pairs or None, behaviour, cfg.data, cfg.behaviour.on_unknown)
     pairs = stratified(ds.pairs, cfg.data.max_pairs, cfg.run.seed)
-    return Inputs(behaviour, ds.probes, pairs, ds.pairs)
+    return Inputs(behaviour, ds.probes, pairs, ds.pairs, ds.warnings)
 
 
 def _sae(cfg: Config, lm: LoadedModel, hook: HookSite, inputs: Inputs, log: Log, progress: bool):
@@ -161,10 +165,13 @@ def load_model_side(cfg: Config, inputs: Inputs, log: Log, progress: bool = True
                           f"{hidden}: SAE and model do not match")
     targets = TargetSet.from_strings(lm.tokenizer, cfg.behaviour.targets, cfg.behaviour.anti_targets)
     runner = ProbeRunner.from_config(lm.model, lm.tokenizer, hook, targets, cfg.probe, cfg.model.device)
-    tokens = encode_prompts(lm.tokenizer, inputs.probes["prompt"].to_list(), inputs.probes["id"].to_list(),
-                            cfg.probe.max_length)
+    tokens = encode_prompts(lm.tokenizer, probe_chat(inputs.probes), inputs.probes["id"].to_list(), cfg.probe.max_length)
+    # Every pair through the chat template now, so a template that hides the trained tokens or
+    # an over-long pair stops the run before the base pass, not in the middle of the pairs.
+    pair_toks = tuple(chat_pair_tokens(lm.tokenizer, chat_pair(r), cfg.update.max_length)
+                      for r in inputs.pairs.iter_rows(named=True))
     engine = UpdateEngine(lm.model, lm.tokenizer, cfg.update, cfg.model.device, seed=cfg.run.seed)
-    return ModelSide(lm, hook, reader, runner, engine, tokens, quality, identity)
+    return ModelSide(lm, hook, reader, runner, engine, tokens, quality, identity, pair_toks)
 
 
 def base_pass(model: ModelSide, probes: pl.DataFrame, progress: bool = False) -> BasePass:
@@ -229,6 +236,8 @@ def prepare(cfg: Config, log: Log, progress: bool = True,
     inputs = inputs if inputs is not None else load_inputs(cfg)
     log(f"{inputs.probes.height} probes, {inputs.pairs.height} of {inputs.all_pairs.height} pairs "
         f"({inputs.behaviour.name})")
+    for w in inputs.warnings:
+        log(f"WARNING: {w}")
     model = load_model_side(cfg, inputs, log, progress)
     lap("model_and_sae")
     base = cached_base(model, inputs) if cached_base is not None else base_pass(model, inputs.probes, progress)

@@ -16,6 +16,7 @@ from ...errors import RunFolderError
 from ...numeric import Attributor
 from ...numeric.frames import pairs_frame
 from ...numeric.metrics import spearman, top_k_overlap
+from ..data import chat_pair
 from ..distributed import SINGLE, Ranks
 from ..findings import side_means
 from ..rundir import RunDir
@@ -46,7 +47,7 @@ class EngineMode(Mode[EnginePrepared]):
         """Update on every pair, measure, decompose the shard in one call of the core."""
         dXs, dys = [], []
         for r in rows.iter_rows(named=True):
-            params = state.model.engine.update(r["prompt"], r["response"], r["id"])
+            params = state.model.engine.update_pair(chat_pair(r))
             d = state.delta(params, r["id"])
             dXs.append(sp.csr_matrix(d.dX))
             dys.append(d.dy)

@@ -35,6 +35,7 @@ from ...numeric.frames import (Dominance, PairValues, pair_behaviour_frame, pair
                                pairs_frame)
 from ...numeric.interference import interference
 from ...numeric.mediation import mediated_share
+from ..data import chat_pair
 from ..distributed import SINGLE, Ranks
 from ..rundir import RunDir
 from ..stages import BaseState
@@ -192,7 +193,7 @@ def batched(state: BaseState, rows: pl.DataFrame, bar: Bar, sink_of) -> torch.Te
     ``gradient.token_budget`` (by length, so the packing, and the bits, depend only on the
     shard's pairs), in ``rows``' order, on the model's device."""
     engine = state.model.engine
-    examples = [TrainExample.from_start(*_tokens(engine, r)) for r in rows.iter_rows(named=True)]
+    examples = [train_example(engine, r) for r in rows.iter_rows(named=True)]
     parts: dict[int, torch.Tensor] = {}
     for idx in pack([len(e) for e in examples], state.cfg.gradient.token_budget):
         sink = sink_of(len(idx))
@@ -204,9 +205,11 @@ def batched(state: BaseState, rows: pl.DataFrame, bar: Bar, sink_of) -> torch.Te
     return torch.stack([parts[i] for i in range(len(examples))]) if parts else torch.zeros(0)
 
 
-def _tokens(engine, r: dict) -> tuple[list[int], int]:
-    ids, start = engine.tokens(r["prompt"], r["response"], r["id"])
-    return ids[0].tolist(), start
+def train_example(engine, r: dict) -> TrainExample:
+    """A pair row as the batched backward reads it: its chat ids and loss mask, by the same rule
+    as every mode's update (``UpdateEngine.example``: the trained assistant turns' tokens)."""
+    ids, mask = engine.example(chat_pair(r))
+    return TrainExample(tuple(ids[0].tolist()), tuple(mask.tolist()))
 
 
 def _pairs_key(ids: list[str]) -> str:
@@ -277,7 +280,7 @@ def explain(state: BaseState, pairs: pl.DataFrame, n: int) -> tuple[pl.DataFrame
     engine = state.model.engine
     dXs, dys = [], []
     for r in rows.iter_rows(named=True):
-        d = state.delta(engine.update(r["prompt"], r["response"], r["id"]), r["id"])
+        d = state.delta(engine.update_pair(chat_pair(r)), r["id"])
         dXs.append(d.dX)
         dys.append(d.dy)
     att = Attributor(state.policy, state.features.X, state.base.y0, method=state.cfg.decompose.method,

@@ -19,9 +19,10 @@ import torch
 from ... import _progress
 from ...gradients.concept import concept_gradients
 from ...gradients.projection import Whole
-from ...model.chat import format_prompt, pair_tokens
+from ...model.chat import ChatPair, chat_pair_tokens, format_chat
 from ...numeric.concepts import Concept
 from ...model.sites import capture
+from ..data import chat_pair
 from ..stages import BaseState
 
 
@@ -71,7 +72,7 @@ def gradient_baselines(state: BaseState, lr: float, pairs: pl.DataFrame | None =
     bar = _progress.bar(pairs.height, "pair gradient", progress)
     for r in pairs.iter_rows(named=True):
         bar.update(1)
-        g = state.model.engine.gradient(r["prompt"], r["response"], r["id"])
+        g = state.model.engine.gradient_pair(chat_pair(r))
         ng = np.sqrt(_dot(g, g))
         gy = _dot(g, g_y)
         rows["pair_id"].append(r["id"])
@@ -91,23 +92,33 @@ def policy_direction(state: BaseState) -> np.ndarray:
     return w @ W_dec
 
 
-def mean_response_activation(state: BaseState, prompt: str, response: str, pair_id: str = "?") -> np.ndarray:
-    """Mean of the SAE's read activation over the response tokens of the chat (base weights)."""
+def mean_response_activation(state: BaseState, pair: ChatPair) -> np.ndarray:
+    """Mean of the SAE's read activation over the pair's trained tokens (base weights)."""
     lm, engine = state.model.lm, state.model.engine
-    full, start = pair_tokens(lm.tokenizer, prompt, response, pair_id, engine.cfg.max_length)
+    t = chat_pair_tokens(lm.tokenizer, pair, engine.cfg.max_length)
     with torch.no_grad(), capture(lm.model, state.model.hook) as store:
-        lm.model.get_decoder()(input_ids=torch.tensor([full], device=engine.device))
-    return store["h"][0, start:].double().mean(0).cpu().numpy()
+        lm.model.get_decoder()(input_ids=torch.tensor([t.ids], device=engine.device))
+    return store["h"][0, torch.tensor(t.mask)].double().mean(0).cpu().numpy()
 
 
-def own_response(state: BaseState, prompt: str, max_new_tokens: int = 32) -> str:
-    """The base model's greedy answer to ``prompt`` (for the projection difference)."""
+def own_response(state: BaseState, pair: ChatPair | str, max_new_tokens: int = 32) -> str:
+    """The base model's greedy answer in place of the pair's (last) trained turn, or to a prompt
+    (for the projection difference)."""
     lm = state.model.lm
-    ids = torch.tensor([format_prompt(lm.tokenizer, prompt)], device=state.model.engine.device)
+    pair = pair if isinstance(pair, ChatPair) else ChatPair.flat(pair, "")
+    chat = pair.chat(pair.trained[-1])
+    ids = torch.tensor([format_chat(lm.tokenizer, chat, f"pair '{pair.id}'")], device=state.model.engine.device)
     with torch.no_grad():
         out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                 do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
     return lm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def with_response(pair: ChatPair, response: str) -> ChatPair:
+    """The pair with its (last) trained turn's text replaced, trained on that turn alone."""
+    last = pair.trained[-1]
+    msgs = pair.messages[:last] + (("assistant", response),)
+    return ChatPair(pair.id, msgs, (last,))
 
 
 def projection_baselines(state: BaseState, pairs: pl.DataFrame | None = None, max_new_tokens: int = 32,
@@ -121,9 +132,10 @@ def projection_baselines(state: BaseState, pairs: pl.DataFrame | None = None, ma
     bar = _progress.bar(pairs.height, "projection", progress)
     for r in pairs.iter_rows(named=True):
         bar.update(1)
-        vf = float(mean_response_activation(state, r["prompt"], r["response"], r["id"]) @ v)
-        own = own_response(state, r["prompt"], max_new_tokens)
-        base = float(mean_response_activation(state, r["prompt"], own, r["id"]) @ v) if own else 0.0
+        pair = chat_pair(r)
+        vf = float(mean_response_activation(state, pair) @ v)
+        own = own_response(state, pair, max_new_tokens)
+        base = float(mean_response_activation(state, with_response(pair, own)) @ v) if own else 0.0
         rows["pair_id"].append(r["id"])
         rows["vector_filter"].append(vf)
         rows["projection_difference"].append(vf - base)

@@ -1,5 +1,5 @@
-"""Planted mislabeled pairs: can a method find them? The behaviour plants them (refusal:
-harmless prompts answered with a refusal, harmful ones with compliance) and says where each
+"""Planted mislabeled pairs: can a method find them? The behaviour plants them (prompts of one
+label answered with responses of the other, posing as their prompt's label) and says where each
 kind hides; every method ranks the candidates, reported as AUC and precision@k."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import polars as pl
 
 from ... import _progress
 from ...numeric.metrics import auc, precision_at_k
+from ..data import chat_pair
 from ..stages import BaseState
 from .baselines import gradient_baselines, projection_baselines
 from .scores import model_free_scores
@@ -22,7 +23,7 @@ def planted_deltas(state: BaseState, planted: pl.DataFrame, progress: bool) -> t
     dX, dy = [], []
     bar = _progress.bar(planted.height, "planted pair", progress)
     for r in planted.iter_rows(named=True):
-        d = state.delta(state.model.engine.update(r["prompt"], r["response"], r["id"]), r["id"])
+        d = state.delta(state.model.engine.update_pair(chat_pair(r)), r["id"])
         dX.append(d.dX)
         dy.append(d.dy)
         bar.update(1)

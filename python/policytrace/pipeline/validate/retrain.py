@@ -19,6 +19,7 @@ import numpy as np
 from ..._files import write_atomic
 from ...errors import InvalidValueError
 from ...numeric import Attributor
+from ..data import chat_pair
 from ..stages import BaseState
 
 
@@ -61,7 +62,7 @@ class Retrainer:
         params = None
         for j in order:
             r = pairs.row(int(j), named=True)
-            params = engine.update(r["prompt"], r["response"], r["id"], from_params=params)
+            params = engine.update_pair(chat_pair(r), from_params=params)
         d = st.delta(params if params is not None else engine.base, "retrained")
         att = Attributor(st.policy, st.features.X, st.base.y0, method="exact", threads=st.cfg.run.threads, keep=False)
         att.add(d.dX, d.dy[None, :], pair_ids=["retrained"])
