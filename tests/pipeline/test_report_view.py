@@ -275,6 +275,32 @@ def test_pair_panel_without_per_feature_shifts(run):
     assert p.features.columns == ("feature_id", "label", "d_coef_x", "d_coef_y", "alignment", "mediated_dy")
 
 
+def test_pair_panel_shows_what_the_loss_trained_on(run):
+    data = run.pair_data.with_columns(
+        pl.Series("tokens", [["<u>", "hi", "<a>", "no", "!"], ["x"], ["y", "z"], ["w"]]),
+        pl.Series("loss_mask", [[False, False, False, True, True], [True], [False, True], [False]]),
+        pl.Series("messages", [[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                                {"role": "assistant", "content": "no!"}], None, None, None]),
+        pl.Series("train_turns", [[2], None, None, None]))
+    ps = panels.pair_panels(dataclasses.replace(run, pair_data=data))
+    a = ps[0]
+    assert a.trained == (("<u>", False), ("hi", False), ("<a>", False), ("no", True), ("!", True))
+    assert a.trained_count == "2 of 5 tokens trained"
+    assert a.turns == (("system", "be brief", False), ("user", "hi", False), ("assistant", "no!", True))
+    assert ps[1].turns == () and ps[1].trained_count == "1 of 1 tokens trained"
+    html = page.render(view.report_view(dataclasses.replace(run, pair_data=data)))
+    assert html.count('class="tok-on"') == 2 + 1 + 1 and "2 of 5 tokens trained" in html
+    assert 'class="turn trained-turn"' in html
+    # an older run folder without the mask: no section rather than a wrong one
+    assert panels.pair_panels(run)[0].trained == () and panels.pair_panels(run)[0].trained_count == ""
+
+
+def test_empty_output_columns_are_warnings(run):
+    man = {"stages": {"base": _base(), "pairs": {"empty_columns": ["suspicion"]}}}
+    v = view.header(dataclasses.replace(run, manifest=man))
+    assert v.warnings[-1] == "pairs.parquet column 'suspicion' is empty for every pair"
+
+
 def test_feature_panel_facts_probes_and_movers(run):
     fs = panels.feature_panels(run)
     assert [f.anchor for f in fs] == ["feature-7", "feature-9", "feature-11"]

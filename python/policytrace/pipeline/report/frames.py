@@ -12,6 +12,7 @@ from pathlib import Path
 import polars as pl
 
 from ...behaviours import Behaviour, get as get_behaviour
+from ...errors import RunFolderError
 from ..rundir import RunDir
 
 # The merged outputs every finished run has, in the order RunFrames declares them.
@@ -53,7 +54,10 @@ def open_run(run_dir: str | Path) -> RunFrames:
     damaged folder fails here with the file named, before anything is rendered."""
     rd = RunDir(run_dir)
     manifest = rd.complete()
-    behaviour = get_behaviour(manifest.get("stages", {}).get("base", {}).get("behaviour", "refusal"))
+    spec = manifest.get("stages", {}).get("base", {}).get("behaviour")
+    if spec is None:
+        raise RunFolderError(f"{rd.file('manifest.json')} names no behaviour; run `policytrace run` again")
+    behaviour = get_behaviour(spec)
     required = [rd.read_parquet(f"{n}.parquet") for n in REQUIRED]
     optional = {n: rd.read_parquet(f"{n}.parquet") for n in OPTIONAL if rd.file(f"{n}.parquet").exists()}
     policy_json = rd.read_json("policy.json") if rd.file("policy.json").exists() else {}

@@ -21,6 +21,12 @@ class PairPanel:
     dominant: Link | None
     prompt: str
     response: str
+    trained: tuple[tuple[str, bool], ...]
+    """The pair's chat tokens as text pieces, each with whether the loss trained on it (empty for
+    a run folder written before the loss mask was recorded)."""
+    trained_count: str
+    turns: tuple[tuple[str, str, bool], ...]
+    """A conversation's turns (role, content, trained?); empty for a flat prompt/response pair."""
     by_category: Table
     bars: Bars | None
     """The features the pair moves most (Δcoef·coef); None without per-feature shifts."""
@@ -66,6 +72,22 @@ def pair_facts(r: dict) -> tuple[tuple[str, str], ...]:
     return tuple(facts)
 
 
+def trained_tokens(d: dict) -> tuple[tuple[tuple[str, bool], ...], str]:
+    """``pair_data``'s tokens with the loss mask over them, and "N of T tokens trained"."""
+    pieces, mask = d.get("tokens") or [], d.get("loss_mask") or []
+    if not pieces or len(pieces) != len(mask):
+        return (), ""
+    return tuple(zip(pieces, (bool(m) for m in mask))), f"{sum(bool(m) for m in mask)} of {len(mask)} tokens trained"
+
+
+def conversation(d: dict) -> tuple[tuple[str, str, bool], ...]:
+    """A chat pair's turns with the trained assistant turns marked (``train_turns`` indexes the
+    messages); () for flat pairs."""
+    msgs = d.get("messages") or []
+    trained = set(d.get("train_turns") or [])
+    return tuple((m.get("role", ""), m.get("content", ""), i in trained) for i, m in enumerate(msgs))
+
+
 def pair_panels(run: RunFrames) -> tuple[PairPanel, ...]:
     """One panel per pair, in the order of pairs.parquet."""
     data = {r["id"]: r for r in run.pair_data.iter_rows(named=True)}
@@ -84,7 +106,7 @@ def pair_panels(run: RunFrames) -> tuple[PairPanel, ...]:
         out.append(PairPanel(
             str(pid), anchor("pair", pid), pair_facts(r),
             Link(str(dom), anchor("feature", dom)) if dom is not None else None,
-            d.get("prompt") or "", d.get("response") or "", table(per_cat), bars,
+            d.get("prompt") or "", d.get("response") or "", *trained_tokens(d), conversation(d), table(per_cat), bars,
             table(feats.select("feature_id", "label", "d_coef_x", "d_coef_y", "alignment", "mediated_dy"),
                   links=FEATURE_LINK)))
     return tuple(out)

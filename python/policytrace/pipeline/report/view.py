@@ -147,7 +147,14 @@ def sae_text(quality: dict | None) -> str:
 def header(run: RunFrames) -> Header:
     base = run.base
     return Header(str(run.path), str(base.get("n_probes", "?")), run.pairs.height, str(base.get("n_features", "?")),
-                  fmt(base.get("lam")), sae_text(base.get("sae_quality")), tuple(base.get("warnings") or ()))
+                  fmt(base.get("lam")), sae_text(base.get("sae_quality")), warnings(run))
+
+
+def warnings(run: RunFrames) -> tuple[str, ...]:
+    """The base stage's quality and load warnings, then every output column left empty."""
+    empty = run.manifest.get("stages", {}).get("pairs", {}).get("empty_columns") or []
+    said = [f"pairs.parquet column '{c}' is empty for every pair" for c in empty]
+    return tuple(run.base.get("warnings") or ()) + tuple(said)
 
 
 def summary(run: RunFrames) -> Summary:
