@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -299,6 +300,7 @@ def main() -> None:
                     help="the interpreter of the environment Bergson is installed in (default: $BERGSON_PYTHON, else this one)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "bergson.json")
     ap.add_argument("--no-readme", action="store_true")
+    ap.add_argument("--keep-scratch", action="store_true", help="keep the temporary folder (Bergson's index, the rows)")
     ap.add_argument("--readme-only", action="store_true", help="rewrite the README section from --out, run nothing")
     ap.add_argument("--bergson-worker", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--policytrace-worker", type=Path, help=argparse.SUPPRESS)
@@ -410,6 +412,10 @@ def run_driver(args) -> None:
     print(json.dumps(res, indent=1))
     if not args.no_readme:
         write_readme(res)
+    if args.keep_scratch:
+        print(f"scratch (Bergson's index, the rows, the specs) kept in {scratch}")
+    else:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def compare_tokens(prep: dict, ids_all: list, starts: list) -> dict:
