@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 
 from policytrace.model.loading import LoadedModel  # noqa: E402
 from policytrace.train.config import TrainCfg  # noqa: E402
-from policytrace.train.finetune import finetune, trained_tensors, weighted_loss  # noqa: E402
+from policytrace.train.finetune import finetune, trained_tensors  # noqa: E402
 from policytrace.train.optim import Optimizer  # noqa: E402
 from policytrace.train.trajectory import (  # noqa: E402
     Replay,
@@ -211,3 +211,26 @@ def test_completeness_on_the_tiny_model(tmp_path, opt, lr, tol):
     att = attribute(base.model, rec, exs, 0, grads)
     real = concept(lm.model, rec.names)[0]() - value()
     assert abs(att.values[:, 0].sum() + att.decay[0] - real) <= tol * abs(real)
+
+
+def test_attributed_update_from_the_folder_alone(tmp_path):
+    """records.json names the base model and examples.json holds the examples: the folder is enough."""
+    from _tiny import write_tiny_model
+
+    folder = write_tiny_model(tmp_path / "m")
+    from policytrace.model.config import ModelCfg
+    from policytrace.model.loading import load_model_cfg
+
+    mc = ModelCfg(name=str(folder), dtype="float64")
+    lm = load_model_cfg(mc)
+    exs = examples(lm.tokenizer, 5)
+    recipe = dataclasses.replace(ADAMW, epochs=1)
+    finetune(Cfg(recipe, mc), exs, tmp_path / "ft", progress=False, log=lambda m: None, model=lm)
+    rec = load_records(tmp_path / "ft")
+    alone = attributed_update(tmp_path / "ft", rec.ids[:2])
+    base = load_model_cfg(mc)
+    given = attributed_update(tmp_path / "ft", rec.ids[:2], model=base.model, examples=exs)
+    for n in rec.names:
+        assert torch.equal(alone[n], given[n])
+    with pytest.raises(Exception, match="pair ids not in"):
+        attributed_update(tmp_path / "ft", ["nope"], model=base.model, examples=exs)

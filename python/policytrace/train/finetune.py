@@ -200,6 +200,8 @@ class FinetuneResult:
     final_loss: float
     resumed_from: int = 0
     """The checkpoint step this call started from (0 = the base model)."""
+    trained: dict | None = None
+    """``out_dir = None`` (nothing written): the trained tensors' final values."""
 
     @property
     def model_dir(self) -> Path:
@@ -241,6 +243,8 @@ def finetune(cfg, examples: list[TrainExample], out_dir, *, weights=None, progre
     from ..model.loading import load_model_cfg
 
     tcfg: TrainCfg = cfg.train
+    if out_dir is None:
+        return _in_memory(cfg, examples, weights, progress, model)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is an existing file; name a folder")
@@ -321,7 +325,7 @@ def finetune(cfg, examples: list[TrainExample], out_dir, *, weights=None, progre
         bar.update(1)
     bar.close()
     seconds = time.perf_counter() - t0
-    finish(out, lm, net, tcfg, records, ident, ids, len(steps))
+    finish(out, lm, net, tcfg, records, ident, ids, len(steps), examples, cfg.model)
     return FinetuneResult(out, len(steps), round(seconds, 3), records[-1]["loss"] if records else 0.0, start)
 
 
@@ -336,16 +340,24 @@ def checkpoint(out: Path, s: int, params: dict, opt: Optimizer, records: list[di
     write_json(folder / "done.json", {"step": s, "identity": ident, "files": files})
 
 
-def finish(out: Path, lm, net, cfg: TrainCfg, records: list[dict], ident: dict, ids: list[str], total: int) -> None:
-    """The HF model folder, the records, and done.json."""
+def finish(out: Path, lm, net, cfg: TrainCfg, records: list[dict], ident: dict, ids: list[str], total: int,
+           examples: list[TrainExample], model_cfg=None) -> None:
+    """The HF model folder, the records, the examples, and done.json."""
     ckpts = sorted(int(d.name.split("-")[1]) for d in (out / "checkpoints").glob("step-*") if intact(d))
+    base = {"name": model_cfg.name if model_cfg is not None else lm.name, "label": lm.name,
+            **({"dtype": model_cfg.dtype, "device": model_cfg.device, "chat_template":
+                                  model_cfg.chat_template, "gguf_file": model_cfg.gguf_file}
+                                 if model_cfg is not None else {})}
     rec = {**ident, "ids": ids, "n_examples": len(ids), "checkpoints": ckpts, "steps": records,
-           "precondition": cfg.precondition, "total_steps": total}
+           "precondition": cfg.precondition, "total_steps": total, "base_model": base,
+           "pad_id": lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0}
     model_dir = out / "model"
     if model_dir.exists():
         shutil.rmtree(model_dir)
     save_model(net, lm.tokenizer, model_dir, cfg)
-    files = {"records.json": write_json(out / "records.json", rec)}
+    files = {"records.json": write_json(out / "records.json", rec),
+             "examples.json": write_json(out / "examples.json", [[list(e.ids), [int(t) for t in e.trained]]
+                                                                 for e in examples])}
     for f in sorted(model_dir.rglob("*")):
         if f.is_file():
             files[f.relative_to(out).as_posix()] = digest_file(f)
@@ -392,3 +404,47 @@ def finetune_config(cfg, out_dir, progress: bool = True, log=print) -> FinetuneR
     log(f"fine-tuning {lm.name} on {len(ids)} pairs: {cfg.train.optimizer}, lr {cfg.train.lr:g}, batch "
         f"{cfg.train.batch_size} x {cfg.train.grad_accum}, {cfg.train.epochs} epochs, {cfg.train.schedule}")
     return finetune(cfg, examples, out_dir, progress=progress, ids=ids, log=log, model=lm)
+
+
+def _in_memory(cfg, examples: list[TrainExample], weights, progress: bool, model) -> FinetuneResult:
+    """The recipe with nothing written (validation's subset retraining): the model's trained
+    tensors are left at their final values and returned; the caller resets them."""
+    tcfg: TrainCfg = cfg.train
+    if model is None:
+        raise ConfigError("finetune(out_dir=None) needs model= (a loaded model whose weights it may change)")
+    w = np.ones(len(examples)) if weights is None else np.asarray(weights, dtype=np.float64)
+    check_examples(examples, tcfg, [str(i) for i in range(len(examples))])
+    net = model.model
+    names = trained_names(net, tcfg)
+    params = trained_tensors(net, names)
+    flags = {n: p.requires_grad for n, p in net.named_parameters()}
+    for p in net.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    opt = Optimizer(tcfg, {n: p.detach() for n, p in params.items()})
+    steps = plan(tcfg, len(examples))
+    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    device = next(net.parameters()).device
+    t0 = time.perf_counter()
+    loss_total = 0.0
+    bar = _progress.bar(len(steps), "step", progress)
+    for s, st in enumerate(steps, 1):
+        coef = loss_coefficients(tcfg, examples, st.examples, w)
+        grads = {n: torch.zeros_like(p) for n, p in params.items()}
+        k, loss_total = 0, 0.0
+        for mb in st.micro:
+            loss = weighted_loss(net, [examples[i] for i in mb], coef[k:k + len(mb)], pad, device)
+            k += len(mb)
+            for n, gi in zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True)):
+                if gi is not None:
+                    grads[n] += gi
+            loss_total += float(loss.detach())
+        scale, _ = opt.clip_scale(grads)
+        opt.step({n: p.detach() for n, p in params.items()}, grads, lr_at(tcfg, s, len(steps)), scale)
+        bar.update(1)
+    bar.close()
+    for n, p in net.named_parameters():
+        p.requires_grad_(flags[n])
+    return FinetuneResult(Path("."), len(steps), round(time.perf_counter() - t0, 3), loss_total,
+                          trained={n: p.detach().clone() for n, p in params.items()})

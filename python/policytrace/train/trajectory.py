@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from .. import _progress
-from ..errors import ConfigError, InvalidValueError, RunFolderError
+from ..errors import InvalidValueError, RunFolderError
 from ..gradients.batched import TrainExample, WholeProducts, per_example
 from .config import TrainCfg
 from .finetune import load_tensors, trained_tensors, weighted_loss
@@ -357,6 +357,31 @@ def attribute(model, rec: Records, examples: list[TrainExample], pad_id: int, gr
                                                    "replay": round(time.perf_counter() - t1, 3)})
 
 
+def recorded_examples(folder) -> list[TrainExample]:
+    """The examples a fine-tune trained on (``examples.json``), in its order."""
+    f = Path(folder) / "examples.json"
+    if not f.is_file():
+        raise RunFolderError(f"{f} is missing: the fine-tune did not record its examples; pass examples=")
+    return [TrainExample(tuple(ids), tuple(bool(t) for t in tr)) for ids, tr in json.loads(f.read_text())]
+
+
+def base_model(folder):
+    """The fine-tune's base model, loaded as the records name it (``base_model``)."""
+    from ..model.config import ModelCfg
+    from ..model.loading import load_model_cfg
+
+    doc = json.loads((Path(folder) / "records.json").read_text())
+    b = doc.get("base_model")
+    if not b:
+        raise RunFolderError(f"{folder}/records.json does not name its base model; pass model=")
+    lm = load_model_cfg(ModelCfg(name=b["name"], dtype=b.get("dtype", "float32"),
+                                 device=b.get("device", "cpu"), chat_template=b.get("chat_template", ""),
+                                 gguf_file=b.get("gguf_file", "")))
+    if lm.identity != doc.get("model"):
+        raise RunFolderError(f"the model {b.get('label', b['name'])} is not the one {folder} fine-tuned (its files changed)")
+    return lm
+
+
 def check_examples_match(rec: Records, examples: list[TrainExample]) -> None:
     need = max((i for st in rec.steps for i in st["examples"]), default=-1) + 1
     if len(examples) < need or len(examples) != len(rec.ids):
@@ -372,12 +397,17 @@ def attributed_update(run, pair_ids, model=None, examples: list[TrainExample] | 
     ``train.precondition = "step"``; with ``"checkpoint"`` the preconditioner of each segment is
     the checkpoint's.
 
-    ``run``: the fine-tune's folder (``records.json``); ``model`` (the base model, loaded from the
-    records' recipe otherwise is not possible: pass it) and ``examples`` (the fine-tune's, in its
-    order) are needed for the replay."""
+    ``run``: the fine-tune's folder (``records.json``); ``model``: the base model (default: loaded
+    as the records name it; its trained tensors are restored after the replay); ``examples``:
+    the fine-tune's, in its order (default: the recorded ``examples.json``)."""
     rec = run if isinstance(run, Records) else load_records(run)
-    if model is None or examples is None:
-        raise ConfigError("attributed_update needs the base model and the fine-tune's examples (model=, examples=)")
+    if examples is None:
+        examples = recorded_examples(rec.folder)
+    if model is None:
+        lm = base_model(rec.folder)
+        model = lm.model
+        if pad_id is None:
+            pad_id = lm.tokenizer.pad_token_id
     check_examples_match(rec, examples)
     want = set(pair_ids)
     unknown = want - set(rec.ids)
