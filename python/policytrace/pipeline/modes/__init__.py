@@ -8,8 +8,9 @@ from ...errors import ConfigError
 from .base import Deltas, Finished, Mode, Prepared, RunScores, ShardFrames
 from .engine import EngineMode
 from .gradient import GradientMode
+from .trajectory import TrajectoryMode
 
-MODES: dict[str, Mode] = {m.name: m for m in (EngineMode(), GradientMode())}
+MODES: dict[str, Mode] = {m.name: m for m in (EngineMode(), GradientMode(), TrajectoryMode())}
 
 
 def get_mode(name: str) -> Mode:

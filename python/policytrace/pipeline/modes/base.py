@@ -133,6 +133,13 @@ class Mode(ABC, Generic[P]):
         """The mode's facts for the manifest's ``pairs`` stage (from its markers, say)."""
         return {}
 
+    def retrainer(self, state: BaseState, seed: int, folder):
+        """How validation retrains subsets of the pairs (default: one update per pair in a seeded
+        order, the paper's); a mode that models another fine-tune retrains with it."""
+        from ..validate.retrain import Retrainer
+
+        return Retrainer(state, seed, folder)
+
     @abstractmethod
     def validation(self, rd: RunDir, manifest: dict, state: BaseState, seed: int, log: Log,
                    progress: bool) -> RunScores:

@@ -109,7 +109,7 @@ def validate(run_dir: str | Path, subsets: int = 20, alpha: float = 0.5, seed: i
     timings |= run_scores.timings
     probe_grads = _baseline_scores(state, scores, timings, log, progress) if baselines else None
     masks = subset_masks(P, subsets, alpha, seed)
-    retrainer = Retrainer(state, seed, rd.file("validation"))
+    retrainer = mode.retrainer(state, seed, rd.file("validation"))
     measured = _measure_subsets(retrainer, masks, progress)
     rows = _lds_frame(scores, masks, measured, seed, alpha)
     frame = pl.DataFrame(rows)

@@ -50,20 +50,14 @@ class Retrainer:
         st = self.state
         pairs = st.inputs.pairs
         ids = sorted(pairs["id"][int(j)] for j in members)
-        key = hashlib.sha256(json.dumps([ids, self.seed]).encode()).hexdigest()[:20]
+        key = hashlib.sha256(json.dumps([ids, self.seed, *self.key_parts()]).encode()).hexdigest()[:20]
         cache = self.out_dir / f"retrain-{key}.json"
         if cache.exists():
             try:
                 return json.loads(cache.read_text())
             except json.JSONDecodeError:
                 pass  # a damaged cache entry is recomputed
-        order = np.random.default_rng([self.seed, len(members)]).permutation(np.asarray(members))
-        engine = st.model.engine
-        params = None
-        for j in order:
-            r = pairs.row(int(j), named=True)
-            params = engine.update_pair(chat_pair(r), from_params=params)
-        d = st.delta(params if params is not None else engine.base, "retrained")
+        d = st.delta(self.retrained(members), "retrained")
         att = Attributor(st.policy, st.features.X, st.base.y0, method="exact", threads=st.cfg.run.threads, keep=False)
         att.add(d.dX, d.dy[None, :], pair_ids=["retrained"])
         cats = st.inputs.categories
@@ -72,3 +66,53 @@ class Retrainer:
                "behaviour_shift": float(d.dy.mean()), "behaviour_by_category": by_cat}
         write_atomic(cache, json.dumps(rec))
         return rec
+
+    def key_parts(self) -> list:
+        """What besides the members and seed the cached result depends on (a subclass's recipe)."""
+        return []
+
+    def retrained(self, members: np.ndarray) -> dict:
+        """The weights after fine-tuning on ``members``: one update per pair, in a seeded order."""
+        st = self.state
+        pairs = st.inputs.pairs
+        order = np.random.default_rng([self.seed, len(members)]).permutation(np.asarray(members))
+        engine = st.model.engine
+        params = None
+        for j in order:
+            r = pairs.row(int(j), named=True)
+            params = engine.update_pair(chat_pair(r), from_params=params)
+        return params if params is not None else engine.base
+
+
+class RecipeRetrainer(Retrainer):
+    """Validation's subset retraining with the run's ``[train]`` recipe: AdamW, batches, epochs,
+    schedule, each subset in the recipe's seeded order, from the base weights."""
+
+    def key_parts(self) -> list:
+        return [self.state.cfg.train.recipe()]
+
+    def retrained(self, members: np.ndarray) -> dict:
+        import torch
+
+        from ...model.loading import load_model_cfg
+        from ...train.finetune import finetune
+        from ..modes.trajectory import run_examples
+
+        st = self.state
+        lm = _COPY.get(id(st))
+        if lm is None:
+            lm = load_model_cfg(st.cfg.model)
+            _COPY.clear()
+            _COPY[id(st)] = lm
+        rows = st.inputs.pairs[sorted(int(j) for j in members)]
+        _, exs = run_examples(st, rows)
+        params = dict(lm.model.named_parameters())
+        base = st.model.engine.base
+        res = finetune(st.cfg, exs, None, progress=False, model=lm)
+        with torch.no_grad():  # the copy back to θ_0 for the next subset
+            for n, t in res.trained.items():
+                params[n].copy_(base[n])
+        return {**base, **res.trained}
+
+
+_COPY: dict = {}
