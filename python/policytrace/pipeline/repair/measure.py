@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 import torch
 
 from ...errors import InvalidValueError
@@ -138,5 +137,3 @@ def pair_rows(state: BaseState) -> list[dict]:
     return list(state.inputs.pairs.iter_rows(named=True))
 
 
-def table_of(rows: list[dict]) -> pl.DataFrame:
-    return pl.DataFrame(rows)
