@@ -36,7 +36,7 @@ settings.load_profile("ci" if os.environ.get("CI") else os.environ.get("HYPOTHES
 # Test helpers (_helpers.py, _tiny.py) live beside this file; the layer folders import them.
 sys.path.insert(0, str(Path(__file__).parent))
 
-_LAYER_MARKERS = {"model": "model", "pipeline": "model"}
+_LAYER_MARKERS = {"model": "model", "pipeline": "model", "train": "model"}
 
 
 def pytest_collection_modifyitems(config, items):

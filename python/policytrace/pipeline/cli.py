@@ -29,7 +29,15 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--pairs", type=int, default=None, help="number of SFT pairs (default 24; 0 = all 240)")
     d.add_argument("--behaviour", default=DEFAULT, choices=sorted(BEHAVIOURS),
                    help=f"the shipped behaviour to attribute (default: {DEFAULT})")
+    d.add_argument("--finetune", action="store_true",
+                   help="fine-tune the model on the pairs with a realistic recipe (AdamW, batches, epochs) and "
+                        "attribute that run (trajectory mode)")
     d.add_argument("--quiet", action="store_true")
+    ft = sub.add_parser("finetune", help="fine-tune the config's model on its pairs with its [train] recipe "
+                                         "(checkpoints and the records trajectory mode attributes; resumable)")
+    ft.add_argument("config", help="TOML config ([model], [data], [train])")
+    ft.add_argument("--out", required=True, help="the fine-tune's folder (model/, checkpoints/, records.json)")
+    ft.add_argument("--quiet", action="store_true")
     rep = sub.add_parser("report", help="write RUN_DIR/report.html")
     rep.add_argument("run_dir")
     cur = sub.add_parser("curate", help="write the run's pairs without the most suspicious ones")
@@ -201,8 +209,14 @@ def _run_or_demo(args) -> int:
         user: dict = {"preset": "demo", "behaviour": {"name": args.behaviour}}
         if args.pairs is not None:
             user["data"] = {"max_pairs": args.pairs}
+        if args.finetune:
+            from ..train.demo import DEMO_FINETUNE
+
+            user |= {k: dict(v) for k, v in DEMO_FINETUNE.items()}
+            user["data"] = {**DEMO_FINETUNE.get("data", {}), **user.get("data", {})}
         cfg = cfgmod.resolve(user)
         default = "policytrace-demo" if args.behaviour == DEFAULT else f"policytrace-demo-{args.behaviour}"
+        default += "-finetune" if args.finetune else ""
         out = Path(args.out or default)
     manifest = execute(cfg, _out_folder(out), progress=not args.quiet)
     if "rank" in manifest:  # a torchrun rank other than 0: rank 0 writes the report
@@ -234,6 +248,13 @@ def _dispatch(args) -> int:
         return _repair(args)
     if args.cmd == "bins":
         return _bins(args)
+    if args.cmd == "finetune":
+        from ..train.finetune import finetune_config
+        from . import config as cfgmod
+
+        res = finetune_config(cfgmod.load(args.config), _out_folder(Path(args.out)), progress=not args.quiet)
+        print(f"fine-tuned model: {res.model_dir} ({res.steps} steps, final loss {res.final_loss:.4f})")
+        return 0
     if args.cmd == "report":
         from .report import write_report
 

@@ -25,6 +25,7 @@ from ..behaviours import BehaviourCfg, resolved_table
 from ..errors import ConfigError
 from ..model.config import ModelCfg, ProbeCfg, SaeCfg, UpdateCfg
 from ..numeric._backend import MAX_THREADS
+from ..train.config import TrainCfg
 
 
 @table("data")
@@ -150,10 +151,11 @@ class RunCfg:
     # counts a folder was computed with are checked by the fingerprint itself (run.py).
     OUTPUT_NEUTRAL: ClassVar[tuple[str, ...]] = ("threads", "cache_dir")
 
-    mode: Literal["engine", "gradient"] = "engine"
+    mode: Literal["engine", "gradient", "trajectory"] = "engine"
     """engine: one update and one probe pass per pair (exact or first-order decomposition);
     gradient: every output to first order from one backward pass per pair (README, "Gradient
-    mode")."""
+    mode"); trajectory: the `[train]` fine-tune as it ran (AdamW, batches, epochs, schedule),
+    each pair's share of every step (README, "Attributing your fine-tuning")."""
     seed: int = 0
     """Seed of the pair subset, the folds, LoRA's init and torch."""
     pair_batch: int = 0
@@ -182,7 +184,7 @@ class RunCfg:
 TABLES: dict[str, type] = {
     cls.TABLE: cls  # type: ignore[attr-defined]
     for cls in (ModelCfg, SaeCfg, DataCfg, ProbeCfg, BehaviourCfg, FeaturesCfg, PolicyCfg, UpdateCfg,
-                DecomposeCfg, GradientCfg, RunCfg)
+                DecomposeCfg, GradientCfg, RunCfg, TrainCfg)
 }
 
 
@@ -202,6 +204,7 @@ class Config:
     decompose: DecomposeCfg = DecomposeCfg()
     gradient: GradientCfg = GradientCfg()
     run: RunCfg = RunCfg()
+    train: TrainCfg = TrainCfg()
 
     def tables(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in TABLES}
