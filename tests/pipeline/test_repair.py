@@ -308,3 +308,45 @@ def test_repair_config_table_is_documented():
     assert undocumented(RepairCfg) == [] and undocumented(UnlearnCfg) == []
     md = markdown_table()
     assert "`--unlearn-margin`" in md and "`--weight`" in md
+
+
+def test_train_recipe_retrains_the_kept_pairs_with_the_run_s_train_table(tiny_run, tmp_path):
+    import dataclasses
+
+    from policytrace.gradients.batched import TrainExample
+    from policytrace.model.chat import chat_pair_tokens
+    from policytrace.pipeline.data import chat_pair
+    from policytrace.pipeline.repair import RepairCfg
+    from policytrace.pipeline.repair.recipe import TrainRecipe, load_weights
+    from policytrace.train.finetune import finetune
+    from policytrace.model.loading import LoadedModel
+
+    _, (_, _, state), _ = tiny_run
+    cfg = dataclasses.replace(state.cfg, train=dataclasses.replace(state.cfg.train, optimizer="sgd", lr=1e-2,
+                                                                    batch_size=3, epochs=1))
+    lm = state.model.lm
+    before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    rows = list(state.inputs.pairs.iter_rows(named=True))
+    weights = [0.0 if i % 4 == 0 else (0.5 if i % 4 == 1 else 1.0) for i in range(len(rows))]
+    got, _ = TrainRecipe(cfg, lm, tmp_path / "work").fit(rows, weights)
+    assert not (tmp_path / "work").exists() or not any((tmp_path / "work").iterdir())  # scratch removed
+    for n, p in lm.model.named_parameters():  # the run's model is never trained
+        assert torch.equal(p, before[n]), n
+    # the same as issue 21's finetune on the kept pairs with their weights, on a fresh copy
+    import copy
+
+    kept = [(r, w) for r, w in zip(rows, weights) if w > 0]
+    ex = [TrainExample(*(lambda t: (tuple(t.ids), tuple(t.mask)))(chat_pair_tokens(lm.tokenizer, chat_pair(r), 512)))
+          for r, _ in kept]
+    net = copy.deepcopy(lm.model)
+    finetune(cfg, ex, tmp_path / "ref", weights=np.array([w for _, w in kept]), progress=False,
+             ids=[r["id"] for r, _ in kept], log=lambda m: None, model=LoadedModel(net, lm.tokenizer, lm.name))
+    want = load_weights(tmp_path / "ref" / "model", lm.model)
+    moved = 0
+    for n in want:
+        assert torch.equal(got[n], want[n]), n
+        moved += int(not torch.equal(want[n], before[n]))
+    assert moved > 0
+    d = _repair(tiny_run, {"top": 2, "by": "dy_mean"}, cfg=RepairCfg(controls=1), recipe="train", name="tr")
+    assert d["recipe"]["kind"] == "train" and d["recipe"]["optimizer"] == "adamw"
+    assert (tiny_run[0] / "repairs" / "finetuned-train" / "model.safetensors").exists()

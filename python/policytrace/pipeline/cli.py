@@ -90,6 +90,9 @@ def _repair_parsers(sub) -> None:
     rp.add_argument("--record-steps", action="store_true",
                     help="first-order on a run without trajectory records: refit the recipe once, recording the "
                          "selections' steps")
+    rp.add_argument("--recipe", default="auto", choices=["auto", "sequential", "train"],
+                    help="how the run's model is fine-tuned (and retrained): train = its [train] recipe (the default "
+                         "for run.mode = trajectory), sequential = its per-pair [update] pair after pair (otherwise)")
     rp.add_argument("--name", default=None, help="the repair's folder under RUN/repairs/ (default: method-hash)")
     for f in ("lr", "max_lr", "max_steps", "batch", "max_grad_norm", "margin", "monitor_pairs"):
         default = getattr(u, f)
@@ -137,7 +140,7 @@ def _repair(args) -> int:
                                    "seed": args.seed, "strata": args.strata})
     ucfg = from_mapping(UnlearnCfg, {k[len("unlearn_"):]: v for k, v in vars(args).items() if k.startswith("unlearn_")})
     doc = repair(args.run_dir, _selection_args(args), cfg, ucfg, name=args.name, probes2=args.probes2,
-                 record_steps=args.record_steps, progress=not args.quiet)
+                 record_steps=args.record_steps, recipe=args.recipe, progress=not args.quiet)
     rep = doc["repaired"]
     print(f"{doc['method']} of {doc['selection']['size']} pairs: {doc['folder']}")
     for ps, c in doc["causal"].items():

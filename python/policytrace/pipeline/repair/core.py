@@ -18,7 +18,7 @@ from ..stages import BaseState
 from .config import RepairCfg, UnlearnCfg
 from .measure import Meter, moved_back, pair_rows
 from .methods import first_order, retrain, unlearn
-from .recipe import Finetuned, SequentialRecipe, cached_finetune, save_model
+from .recipe import Finetuned, SequentialRecipe, TrainRecipe, cached_finetune, save_model
 from .table import pair_table, ranked
 
 VERSION = 1
@@ -31,29 +31,43 @@ def _open(run_dir: str | Path, log, progress: bool) -> tuple[RunDir, dict, BaseS
     return open_state(run_dir, log, progress)
 
 
-def repair_name(method: str, how: dict, cfg: RepairCfg, unlearn_cfg: UnlearnCfg, probes2: str | None) -> str:
-    blob = json.dumps([how, to_mapping(cfg), to_mapping(unlearn_cfg), probes2], sort_keys=True, default=str)
+def repair_name(method: str, how: dict, cfg: RepairCfg, unlearn_cfg: UnlearnCfg, probes2: str | None,
+                recipe: str = "auto") -> str:
+    blob = json.dumps([how, to_mapping(cfg), to_mapping(unlearn_cfg), probes2] + ([recipe] if recipe != "auto" else []),
+                      sort_keys=True, default=str)
     return f"{method}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
 
 
-def _recipe(state: BaseState) -> SequentialRecipe:
-    if state.cfg.update.lora_rank > 0:
+def _recipe(rd: RunDir, state: BaseState, kind: str = "auto"):
+    """The recipe the run's model was fine-tuned with: ``train`` = its ``[train]`` table (the
+    default for a trajectory-mode run), ``sequential`` = its per-pair ``[update]`` taken pair after
+    pair (the default otherwise; what ``validate`` retrains with)."""
+    cfg = state.cfg
+    if kind not in ("auto", "sequential", "train"):
+        raise ConfigError(f"--recipe {kind!r} must be auto, sequential or train")
+    if kind == "train" or (kind == "auto" and cfg.run.mode == "trajectory"):
+        if getattr(cfg, "train", None) is None:
+            raise ConfigError("--recipe train needs a [train] table (policytrace with issue 21's recipe)")
+        if cfg.train.lora > 0:
+            raise ConfigError("policytrace repair does not yet repair LoRA fine-tunes (train.lora > 0)")
+        return TrainRecipe(cfg, state.model.lm, rd.file("repairs/.work"))
+    if cfg.update.lora_rank > 0:
         raise ConfigError("policytrace repair does not yet repair LoRA runs (update.lora_rank > 0): the repaired "
                           "weights would be adapters, not a model folder")
-    return SequentialRecipe.for_run(state.model.engine, state.inputs.pairs["id"].to_list(), state.cfg.run.seed)
+    return SequentialRecipe.for_run(state.model.engine, state.inputs.pairs["id"].to_list(), cfg.run.seed)
 
 
 def finetuned(rd: RunDir, state: BaseState, log, progress: bool,
-              track: dict[str, set[str]] | None = None) -> tuple[Finetuned, float]:
+              track: dict[str, set[str]] | None = None, recipe_kind: str = "auto") -> tuple[Finetuned, float]:
     """The run's fine-tuned model (and its seconds). With ``track``, the fine-tune is fitted
     again with those selections' steps recorded, which gives first-order removal its records."""
-    recipe = _recipe(state)
+    recipe = _recipe(rd, state, recipe_kind)
     rows = pair_rows(state)
     lm = state.model.lm
     identity = {"fingerprint": rd.read_json("fingerprint.json").get("config_digest")}
     t = time.perf_counter()
-    params, info = cached_finetune(rd.file("repairs/finetuned"), recipe, rows, lm.model, lm.tokenizer, identity,
-                                   log, progress)
+    folder = rd.file(f"repairs/finetuned-{recipe.describe()['kind']}")
+    params, info = cached_finetune(folder, recipe, rows, lm.model, lm.tokenizer, identity, log, progress)
     records = None
     if track:
         log(f"recording the steps of {len(track)} selections: the recipe once more on all {len(rows)} pairs")
@@ -67,7 +81,7 @@ def finetuned(rd: RunDir, state: BaseState, log, progress: bool,
             return _by[key]
 
         params = again
-    return Finetuned(params, recipe, rd.file("repairs/finetuned"), records, info), time.perf_counter() - t
+    return Finetuned(params, recipe, folder, records, info), time.perf_counter() - t
 
 
 def _band(values: list[float]) -> dict:
@@ -93,13 +107,14 @@ def _causal(result: dict, controls: list[dict], base: dict, ft: dict) -> dict:
 
 
 def repair(run_dir: str | Path, how: dict, cfg: RepairCfg = RepairCfg(), unlearn_cfg: UnlearnCfg = UnlearnCfg(), *,
-           name: str | None = None, probes2: str | None = None, record_steps: bool = False, progress: bool = True,
+           name: str | None = None, probes2: str | None = None, record_steps: bool = False, recipe: str = "auto",
+           progress: bool = True,
            log: Callable[[str], None] = print, opened: tuple[RunDir, dict, BaseState] | None = None) -> dict:
     """One repair of a finished run (module docstring); ``how`` are :func:`~policytrace.
     pipeline.selection.select`'s keywords. Returns the ``repair.json`` document."""
     rd, manifest, state = opened if opened is not None else _open(run_dir, log, progress)
-    name = name or repair_name(cfg.method, how, cfg, unlearn_cfg, probes2)
-    if name in RESERVED or "/" in name or name.startswith("."):
+    name = name or repair_name(cfg.method, how, cfg, unlearn_cfg, probes2, recipe)
+    if name.startswith(RESERVED) or "/" in name or name.startswith("."):
         raise ConfigError(f"--name {name!r} is not a usable repair name (reserved: {', '.join(RESERVED)}; no '/')")
     table = ranked(pair_table(rd, state.cfg, state.inputs), how)
     sel = select(table, **how)
@@ -107,7 +122,7 @@ def repair(run_dir: str | Path, how: dict, cfg: RepairCfg = RepairCfg(), unlearn
     selections: list[tuple[str, Selection]] = [("selected", sel)] + [(f"control-{i}", c) for i, c in enumerate(controls)]
     track = {k: set(s.ids) for k, s in selections} if record_steps and cfg.method == "first-order" else None
     timings: dict = {}
-    ft, timings["finetune_s"] = finetuned(rd, state, log, progress, track)
+    ft, timings["finetune_s"] = finetuned(rd, state, log, progress, track, recipe)
     meter = Meter.for_run(state, probes2)
     rows = pair_rows(state)
     by_id = {r["id"]: r for r in rows}

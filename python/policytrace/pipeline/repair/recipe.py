@@ -184,3 +184,61 @@ def cached_finetune(folder: Path, recipe: Recipe, rows: list[dict], model, token
     info = {"key": key, "digest": digest, "recipe": recipe.describe(), "run": identity}
     write_atomic(info_path, json.dumps(info, indent=1))
     return params, info
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    """The run's ``[train]`` recipe (:func:`policytrace.train.finetune`: AdamW or SGD with
+    momentum over seeded mini-batches, epochs, a schedule) from the base weights. Dropped pairs
+    (weight 0) are left out of the examples, so the batches are re-planned over the kept pairs
+    as a fine-tune without them would be; a weight in (0, 1) scales the pair's loss coefficient.
+    Each fit trains a private copy of the base model in a scratch folder under ``work``, reads
+    the fine-tuned weights and removes the folder."""
+
+    cfg: Any
+    """The run's resolved config (its ``train`` and ``model`` tables)."""
+    lm: Any
+    """The run's loaded model (its weights are copied, never trained)."""
+    work: Path
+
+    def describe(self) -> dict:
+        return {"kind": "train", **self.cfg.train.recipe()}
+
+    def fit(self, rows: list[dict], weights: list[float] | None = None, progress: bool = False,
+            track: dict[str, set[str]] | None = None) -> tuple[Params, dict[str, Params]]:
+        import copy
+        import shutil
+
+        from ...model.chat import chat_pair_tokens
+        from ...model.loading import LoadedModel
+        from ...train.finetune import finetune
+        from ..._files import digest_bytes
+        from ...gradients.batched import TrainExample
+
+        if track:
+            raise InvalidValueError("steps of a [train] fine-tune are attributed by its trajectory records, not "
+                                    "tracked during a refit; --record-steps is for runs of the per-pair recipe")
+        w = [1.0] * len(rows) if weights is None else [float(x) for x in weights]
+        keep = [(r, x) for r, x in zip(rows, w) if x > 0]
+        if not keep:
+            raise InvalidValueError("every pair has loss weight 0: nothing to fine-tune on")
+        tok = self.lm.tokenizer
+        ids = [r["id"] for r, _ in keep]
+        examples = []
+        for r, _ in keep:
+            t = chat_pair_tokens(tok, chat_pair(r), self.cfg.train.max_length)
+            examples.append(TrainExample(tuple(t.ids), tuple(t.mask)))
+        key = digest_bytes(json.dumps([self.describe(), ids, [x for _, x in keep]]).encode())[:16]
+        out = self.work / key
+        if out.exists():
+            shutil.rmtree(out)
+        net = copy.deepcopy(self.lm.model)
+        lm = LoadedModel(net, tok, self.lm.name, self.lm.identity)
+        try:
+            finetune(self.cfg, examples, out, weights=np.array([x for _, x in keep]), progress=progress, ids=ids,
+                     log=lambda m: None, model=lm)
+            params = load_weights(out / "model", self.lm.model)
+        finally:
+            del net, lm
+            shutil.rmtree(out, ignore_errors=True)
+        return params, {}
