@@ -350,3 +350,14 @@ def test_train_recipe_retrains_the_kept_pairs_with_the_run_s_train_table(tiny_ru
     d = _repair(tiny_run, {"top": 2, "by": "dy_mean"}, cfg=RepairCfg(controls=1), recipe="train", name="tr")
     assert d["recipe"]["kind"] == "train" and d["recipe"]["optimizer"] == "adamw"
     assert (tiny_run[0] / "repairs" / "finetuned-train" / "model.safetensors").exists()
+
+
+def test_readme_repair_flags_table_is_generated():
+    from pathlib import Path
+
+    from policytrace.pipeline.repair.config import markdown_table
+
+    text = (Path(__file__).parents[2] / "README.md").read_text()
+    begin, end = "<!-- repair-flags:begin -->\n", "<!-- repair-flags:end -->"
+    assert text[text.index(begin) + len(begin):text.index(end)] == markdown_table(), \
+        "regenerate README's repair flags table from policytrace.pipeline.repair.config.markdown_table()"

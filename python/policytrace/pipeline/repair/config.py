@@ -2,15 +2,14 @@
 
 Not part of a run's config: a repair acts on a finished run folder and never changes its
 outputs. The tables follow the run config's conventions (frozen, type-checked, field
-docstrings; ``python -m policytrace.pipeline.repair.config --markdown`` prints the README's
-table of them).
+docstrings; :func:`markdown_table` is the README's table of them, and a test keeps the two in
+step).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import typing
 from typing import Literal
 
@@ -95,10 +94,9 @@ def markdown_table() -> str:
         for f in dataclasses.fields(cls):
             flag = "--" + prefix + f.name.replace("_", "-")
             kind, doc = (t.replace("|", "\\|") for t in (describe(hints[f.name]), docs.get(f.name, "")))
-            rows.append(f"| `{flag}` | `{defaults[f.name]}` | {kind} | {doc} |")
+            default = f"`{defaults[f.name]}`"
+            if defaults[f.name] is True:  # a switch that turns it off
+                flag, default, kind = "--" + prefix + "no-" + f.name.replace("_", "-"), "on", "switch"
+            rows.append(f"| `{flag}` | {default} | {kind} | {doc} |")
     return "\n".join(rows) + "\n"
 
-
-if __name__ == "__main__":
-    if sys.argv[1:] == ["--markdown"]:
-        print(markdown_table(), end="")
