@@ -304,7 +304,7 @@ def finetune(cfg, examples: list[TrainExample], out_dir, *, weights=None, progre
             for n, gi in zip(params, g):
                 if gi is not None:
                     grads[n] += gi
-            loss_total += float(loss)
+            loss_total += float(loss.detach())
         scale, norm = opt.clip_scale(grads)
         lr = lr_at(tcfg, s, len(steps))
         opt.step({n: p.detach() for n, p in params.items()}, grads, lr, scale)

@@ -1,0 +1,213 @@
+"""Trajectory attribution on a tiny float64 model: the pairs' shares of the fine-tune's updates
+add up to the update (1e-10), every per-step contribution equals the finite difference of the
+path sum when that pair's loss weight at that step is perturbed with the rest of the trajectory
+as recorded, and a full retrain with the pair's weight perturbed moves the concept as the
+attribution says (small lr, stated tolerance)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from policytrace.model.loading import LoadedModel  # noqa: E402
+from policytrace.train.config import TrainCfg  # noqa: E402
+from policytrace.train.finetune import finetune, trained_tensors, weighted_loss  # noqa: E402
+from policytrace.train.optim import Optimizer  # noqa: E402
+from policytrace.train.trajectory import (  # noqa: E402
+    Replay,
+    attribute,
+    attributed_update,
+    decay_displacement,
+    flat,
+    load_records,
+    refresh_points,
+    segment,
+)
+
+from _tiny import tiny_causal_lm, tiny_tokenizer  # noqa: E402
+from policytrace.gradients.batched import TrainExample  # noqa: E402
+
+pytestmark = pytest.mark.model
+
+PARAMS = ("model.layers.1.mlp.*", "model.layers.0.self_attn.q_proj.weight", "model.norm.weight")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cfg:
+    train: TrainCfg
+    model: object = None
+    update: object = None
+
+
+def tiny_lm(seed: int = 0):
+    torch.set_num_threads(1)
+    tok = tiny_tokenizer()
+    net = tiny_causal_lm("llama", len(tok), seed=seed).double()
+    return LoadedModel(net, tok, "tiny", f"tiny-{seed}")
+
+
+def examples(tok, n: int = 7):
+    rng = np.random.default_rng(1)
+    out = []
+    for _ in range(n):
+        L = int(rng.integers(6, 12))
+        out.append(TrainExample.from_start(rng.integers(5, len(tok), L).tolist(), int(rng.integers(2, L - 2))))
+    return out
+
+
+PROBE = [7, 9, 11, 13, 15]
+
+
+def concept(net, names):
+    """A scalar of the model: the logit of token 20 after a fixed prompt, and its gradient."""
+    params = trained_tensors(net, names)
+
+    def value():
+        with torch.no_grad():
+            return float(net(torch.tensor([PROBE])).logits[0, -1, 20])
+
+    def grads():
+        flags = {n: p.requires_grad for n, p in params.items()}
+        for p in params.values():
+            p.requires_grad_(True)
+        out = net(torch.tensor([PROBE])).logits[0, -1, 20]
+        g = torch.autograd.grad(out, list(params.values()))
+        for n, p in params.items():
+            p.requires_grad_(flags[n])
+        return torch.cat([x.reshape(-1) for x in g])[None]
+
+    return value, grads
+
+
+def run(tmp, recipe: TrainCfg, weights=None, name="ft"):
+    lm = tiny_lm()
+    exs = examples(lm.tokenizer)
+    finetune(Cfg(recipe), exs, tmp / name, weights=weights, progress=False, log=lambda m: None, model=lm)
+    return lm, exs, tmp / name
+
+
+ADAMW = TrainCfg(optimizer="adamw", lr=2e-3, batch_size=3, epochs=2, weight_decay=0.05, max_grad_norm=0.5,
+                 warmup_steps=1, schedule="linear", checkpoint_every=2, precondition="step", params=PARAMS)
+
+
+@pytest.fixture(scope="module")
+def adamw(tmp_path_factory):
+    return run(tmp_path_factory.mktemp("traj"), ADAMW)
+
+
+def test_shares_add_up_to_the_update(adamw):
+    lm, exs, folder = adamw
+    rec = load_records(folder)
+    base = tiny_lm()  # the base weights (the fine-tune changed lm's)
+    theta0 = {n: p.detach().clone() for n, p in trained_tensors(base.model, rec.names).items()}
+    final = trained_tensors(lm.model, rec.names)
+    every = attributed_update(folder, rec.ids, model=base.model, examples=exs)
+    half = attributed_update(folder, rec.ids[:3], model=base.model, examples=exs)
+    rest = attributed_update(folder, rec.ids[3:], model=base.model, examples=exs)
+    dec = decay_displacement(folder, theta0)
+    for n in rec.names:
+        real = final[n].detach() - theta0[n]
+        assert float((every[n] + dec[n] - real).abs().max()) <= 1e-10 * float(real.abs().max())
+        assert float((half[n] + rest[n] - every[n]).abs().max()) <= 1e-12 * float(every[n].abs().max())
+    assert float(dec[rec.names[0]].abs().max()) > 0
+
+
+def linear_replay(rec, exs, net, G, pts, bump):
+    """The path sum Σ_s ⟨G_s, θ_s − θ_{s−1}⟩ of the run replayed with every per-example gradient,
+    preconditioner and clip factor as recorded, pair i's weight at step t times (1 + ε) for
+    ``bump = (t, i, ε)``: linear in ε, so its finite difference is the (i, t) contribution."""
+    replay = Replay(net, rec, exs, 0)
+    per = []  # recorded per-example gradients g_{i,s} at θ_{s−1}
+    for t in range(1, rec.S + 1):
+        st = rec.steps[t - 1]
+        gs = []
+        for b in range(len(st["examples"])):
+            m = np.zeros(len(st["examples"]))
+            m[b] = 1.0
+            gs.append(replay.batch_gradient(st, m))  # c_b g_b
+        per.append(gs)
+        replay.advance(t)
+    replay.restore()
+    from safetensors.torch import load_file
+
+    theta = {n: p.detach().clone() for n, p in replay.base.items()}
+    opt = Optimizer(rec.recipe, theta)
+    total = 0.0
+    for t in range(1, rec.S + 1):
+        st = rec.steps[t - 1]
+        g = {n: sum(per[t - 1][b][n] * (1 + (bump[2] if (t, st["examples"][b]) == bump[:2] else 0.0))
+                    for b in range(len(st["examples"]))) for n in rec.names}
+        u = load_file(str(rec.folder / "precond" / f"step-{t}.safetensors"))
+        before = flat(theta, rec.names).clone()
+        opt.step(theta, g, st["lr"], st["clip"], frozen_u=u)
+        total += float(G[segment(pts, t)][0] @ (flat(theta, rec.names) - before))
+    return total
+
+
+def test_per_step_contributions_are_finite_differences_of_the_path(adamw):
+    lm, exs, folder = adamw
+    rec = load_records(folder)
+    base = tiny_lm()
+    value, grads = concept(base.model, rec.names)
+    att = attribute(base.model, rec, exs, 0, grads)
+    pts = refresh_points(rec)
+    replay = Replay(base.model, rec, exs, 0)
+    G = []
+    for r in pts:
+        replay.set(replay.base if r == 0 else replay.at_checkpoint(r))
+        G.append(grads())
+    replay.restore()
+    rows = {(t, i): v[0] for t, _, i, v in att.step_rows}
+    eps = 1e-3
+    for (t, i) in [(1, rec.steps[0]["examples"][0]), (2, rec.steps[1]["examples"][1]), (rec.S, rec.steps[-1]["examples"][-1])]:
+        fd = (linear_replay(rec, exs, base.model, G, pts, (t, i, eps))
+              - linear_replay(rec, exs, base.model, G, pts, (t, i, -eps))) / (2 * eps)
+        # 1e-6, not 1e-12: Llama's RMSNorm and rotary tables compute in float32 even in a float64
+        # model, so per-example gradients taken in another batch composition differ by ~1e-8
+        assert abs(fd - rows[(t, i)]) <= 1e-6 * abs(fd), (t, i, fd, rows[(t, i)])
+    # the pairs and the decay of θ_0 add up to the path sum of the replayed updates
+    assert abs(att.values[:, 0].sum() + att.decay[0] - att.path[0]) <= 1e-6 * abs(att.path[0])  # float32 norm, as above
+    assert abs(att.values[:, 0].sum() - sum(v[0] for *_, v in att.step_rows)) < 1e-12
+
+
+def test_full_retrain_finite_difference_sgd(tmp_path):
+    """Retraining with pair i's loss weight at 1 ± ε moves the concept by what the attribution
+    says (SGD with momentum 0.9 and decay, lr 1e-2, G refreshed every step): within 2 % (measured
+    0.8 % and 0.9 %: what first order leaves out, the pair's effect on later gradients)."""
+    recipe = dataclasses.replace(ADAMW, optimizer="sgd", lr=1e-2, momentum=0.9, checkpoint_every=1, max_grad_norm=0.0)
+    lm, exs, folder = run(tmp_path, recipe)
+    rec = load_records(folder)
+    base = tiny_lm()
+    value, grads = concept(base.model, rec.names)
+    att = attribute(base.model, rec, exs, 0, grads)
+    eps = 0.1
+    for i in (0, 4):
+        vals = []
+        for sign in (1, -1):
+            w = np.ones(len(exs))
+            w[i] += sign * eps
+            lm2, _, _ = run(tmp_path, recipe, weights=w, name=f"w{i}{sign}")
+            vals.append(concept(lm2.model, rec.names)[0]())
+        fd = (vals[0] - vals[1]) / (2 * eps)
+        assert abs(fd - att.values[i, 0]) <= 0.02 * abs(fd), (i, fd, att.values[i, 0])
+
+
+@pytest.mark.parametrize("opt,lr,tol", [("sgd", 1e-2, 0.01), ("adamw", 1e-3, 0.05)])
+def test_completeness_on_the_tiny_model(tmp_path, opt, lr, tol):
+    """The pairs' contributions and the decay of θ_0 add up to the concept's real change over the
+    fine-tune (measured 0.05 % for SGD, 3 % for AdamW at lr 1e-3: the path sum's first-order error
+    with G refreshed every step). AdamW's per-pair retrain finite differences are not the shares
+    (its second moment renormalizes a reweighted pair's gradient, which the shares hold fixed as
+    recorded): the shares are what each pair's gradient contributed to the updates taken."""
+    recipe = dataclasses.replace(ADAMW, optimizer=opt, lr=lr, momentum=0.9, checkpoint_every=1, max_grad_norm=0.0)
+    lm, exs, folder = run(tmp_path, recipe)
+    rec = load_records(folder)
+    base = tiny_lm()
+    value, grads = concept(base.model, rec.names)
+    att = attribute(base.model, rec, exs, 0, grads)
+    real = concept(lm.model, rec.names)[0]() - value()
+    assert abs(att.values[:, 0].sum() + att.decay[0] - real) <= tol * abs(real)
