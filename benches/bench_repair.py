@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--unlearn-max-steps", type=int, default=6)
     ap.add_argument("--unlearn-monitor-pairs", type=int, default=16)
     ap.add_argument("--unlearn-lr", type=float, default=0.0)
+    ap.add_argument("--unlearn-max-grad-norm", type=float, default=1.0)
     ap.add_argument("--out", default=None, help="JSON of every figure (default RUN_DIR/repairs/bench.json)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
@@ -55,7 +56,8 @@ def main() -> None:
     pairs = pl.read_parquet(Path(args.run_dir) / "pairs.parquet")
     by = "dy_mean" if pairs["dy_mean"].sum() >= 0 else "-dy_mean"
     how = {"fraction": args.fraction, "by": by}
-    ucfg = UnlearnCfg(lr=args.unlearn_lr, max_steps=args.unlearn_max_steps, monitor_pairs=args.unlearn_monitor_pairs)
+    ucfg = UnlearnCfg(lr=args.unlearn_lr, max_steps=args.unlearn_max_steps, monitor_pairs=args.unlearn_monitor_pairs,
+                      max_grad_norm=args.unlearn_max_grad_norm)
     out: dict = {"run": str(args.run_dir), "selection": how, "controls": args.controls, "cpu": platform.processor()
                  or platform.machine(), "threads": os.environ.get("OMP_NUM_THREADS"), "open_s": open_s,
                  "load_before": uptime(), "methods": {}}

@@ -9,7 +9,6 @@ import json
 import math
 
 import numpy as np
-import polars as pl
 import pytest
 import torch
 
@@ -215,7 +214,7 @@ def test_retrain_repair_writes_a_model_and_reruns_byte_identically(tiny_run):
     run = tiny_run[0]
     how = {"top": 3, "by": "dy_mean"}
     a = _repair(tiny_run, how, cfg=RepairCfg(controls=2), name="a")
-    b = _repair(tiny_run, how, cfg=RepairCfg(controls=2), name="b")
+    _repair(tiny_run, how, cfg=RepairCfg(controls=2), name="b")
     for f in ("repair.json", "model/model.safetensors", "model/config.json"):
         assert (run / "repairs/a" / f).read_bytes() == (run / "repairs/b" / f).read_bytes(), f
     assert a["selection"]["ids"] == [c for c in a["repaired"]["ids"]] and len(a["controls"]) == 2

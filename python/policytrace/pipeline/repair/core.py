@@ -106,12 +106,14 @@ def _causal(result: dict, controls: list[dict], base: dict, ft: dict) -> dict:
     return out
 
 
-def repair(run_dir: str | Path, how: dict, cfg: RepairCfg = RepairCfg(), unlearn_cfg: UnlearnCfg = UnlearnCfg(), *,
+def repair(run_dir: str | Path, how: dict, cfg: RepairCfg | None = None, unlearn_cfg: UnlearnCfg | None = None, *,
            name: str | None = None, probes2: str | None = None, record_steps: bool = False, recipe: str = "auto",
            progress: bool = True,
            log: Callable[[str], None] = print, opened: tuple[RunDir, dict, BaseState] | None = None) -> dict:
     """One repair of a finished run (module docstring); ``how`` are :func:`~policytrace.
     pipeline.selection.select`'s keywords. Returns the ``repair.json`` document."""
+    cfg = cfg if cfg is not None else RepairCfg()
+    unlearn_cfg = unlearn_cfg if unlearn_cfg is not None else UnlearnCfg()
     rd, manifest, state = opened if opened is not None else _open(run_dir, log, progress)
     name = name or repair_name(cfg.method, how, cfg, unlearn_cfg, probes2, recipe)
     if name.startswith(RESERVED) or "/" in name or name.startswith("."):
