@@ -348,7 +348,8 @@ def test_train_recipe_retrains_the_kept_pairs_with_the_run_s_train_table(tiny_ru
     assert moved > 0
     d = _repair(tiny_run, {"top": 2, "by": "dy_mean"}, cfg=RepairCfg(controls=1), recipe="train", name="tr")
     assert d["recipe"]["kind"] == "train" and d["recipe"]["optimizer"] == "adamw"
-    assert (tiny_run[0] / "repairs" / "finetuned-train" / "model.safetensors").exists()
+    assert (tiny_run[0] / "repairs" / "finetuned-train" / "model" / "model.safetensors").exists()
+    assert (tiny_run[0] / "repairs" / "finetuned-train" / "records.json").exists()
 
 
 def test_readme_repair_flags_table_is_generated():
@@ -360,3 +361,33 @@ def test_readme_repair_flags_table_is_generated():
     begin, end = "<!-- repair-flags:begin -->\n", "<!-- repair-flags:end -->"
     assert text[text.index(begin) + len(begin):text.index(end)] == markdown_table(), \
         "regenerate README's repair flags table from policytrace.pipeline.repair.config.markdown_table()"
+
+
+def test_first_order_removal_of_a_train_fine_tune_uses_its_trajectory_records(tiny_run, tmp_path):
+    import dataclasses
+
+    from policytrace.pipeline.repair import RepairCfg
+    from policytrace.pipeline.repair.recipe import TrainRecipe
+
+    _, (_, _, state), _ = tiny_run
+    # precondition = "step": the pairs' shares add up to the whole displacement (issue 21), so
+    # removing every pair gives the base weights back, to float32 rounding
+    cfg = dataclasses.replace(state.cfg, train=dataclasses.replace(state.cfg.train, precondition="step", epochs=1))
+    lm = state.model.lm
+    rows = list(state.inputs.pairs.iter_rows(named=True))
+    recipe = TrainRecipe(cfg, lm, tmp_path / "work")
+    ft = recipe.fit_into(tmp_path / "ft", rows, [1.0] * len(rows))
+    records = recipe.records(tmp_path / "ft", rows)
+    upd = records([r["id"] for r in rows])
+    some = records([r["id"] for r in rows[:3]])
+    base = dict(lm.model.named_parameters())
+    for n, d in upd.items():
+        moved = (ft[n] - base[n]).abs().max()
+        assert moved > 0, n
+        # float32 rounding of the weights themselves (spacing ~1.2e-7 at 1) plus a sliver of the move
+        tol = 8 * torch.finfo(torch.float32).eps * float(base[n].abs().max()) + 1e-4 * float(moved)
+        assert float((ft[n] - d - base[n]).abs().max()) <= tol, n
+        assert not torch.equal(some[n], d), n
+    fo = _repair(tiny_run, {"top": 2, "by": "dy_mean"}, cfg=RepairCfg(method="first-order", controls=1),
+                 recipe="train", name="fo-train")
+    assert fo["recipe"]["kind"] == "train" and fo["repaired"]["details"]["update_norm"] > 0

@@ -11,14 +11,15 @@ from typing import Callable
 import numpy as np
 from ..._files import write_atomic
 from ..._tables import to_mapping
-from ...errors import ConfigError
+from ..._files import digest_file
+from ...errors import ConfigError, RunFolderError
 from ..rundir import RunDir
 from ..selection import Selection, matched_random, select
 from ..stages import BaseState
 from .config import RepairCfg, UnlearnCfg
 from .measure import Meter, moved_back, pair_rows
 from .methods import first_order, retrain, unlearn
-from .recipe import Finetuned, SequentialRecipe, TrainRecipe, cached_finetune, save_model
+from .recipe import Finetuned, SequentialRecipe, TrainRecipe, cached_finetune, load_weights, save_model
 from .table import pair_table, ranked
 
 VERSION = 1
@@ -66,7 +67,11 @@ def finetuned(rd: RunDir, state: BaseState, log, progress: bool,
     lm = state.model.lm
     identity = {"fingerprint": rd.read_json("fingerprint.json").get("config_digest")}
     t = time.perf_counter()
+    if track and isinstance(recipe, TrainRecipe):
+        track = None  # a [train] fine-tune has its trajectory records; nothing to refit
     folder = rd.file(f"repairs/finetuned-{recipe.describe()['kind']}")
+    if isinstance(recipe, TrainRecipe):
+        return _train_finetuned(rd, state, recipe, rows, log, progress), time.perf_counter() - t
     params, info = cached_finetune(folder, recipe, rows, lm.model, lm.tokenizer, identity, log, progress)
     records = None
     if track:
@@ -82,6 +87,34 @@ def finetuned(rd: RunDir, state: BaseState, log, progress: bool,
 
         params = again
     return Finetuned(params, recipe, folder, records, info), time.perf_counter() - t
+
+
+def _train_finetuned(rd: RunDir, state: BaseState, recipe: TrainRecipe, rows: list[dict], log,
+                     progress: bool) -> Finetuned:
+    """A ``[train]`` fine-tune and its trajectory records: the folder ``train.records`` names (the
+    fine-tune the run attributed), else the run's pairs fine-tuned with the recipe once into
+    ``RUN/repairs/finetuned-train/`` (kept: its records and checkpoints)."""
+    from ...train.finetune import intact
+
+    lm = state.model.lm
+    given = state.cfg.train.records
+    folder = Path(given) if given else rd.file("repairs/finetuned-train")
+    if given:
+        if intact(folder) is None:
+            raise RunFolderError(f"train.records = {given!r} is not a finished `policytrace finetune` folder")
+        log(f"fine-tuned model: {folder / 'model'} (train.records)")
+    else:
+        log(f"fine-tuned model: the run's pairs with its [train] recipe in {folder} (reused when finished)")
+        try:
+            recipe.fit_into(folder, rows, [1.0] * len(rows), progress)
+        except RunFolderError:  # a finished fine-tune of another recipe: replaced
+            import shutil
+
+            shutil.rmtree(folder)
+            recipe.fit_into(folder, rows, [1.0] * len(rows), progress)
+    params = load_weights(folder / "model", lm.model)
+    info = {"digest": digest_file(folder / "model" / "model.safetensors"), "folder": str(folder)}
+    return Finetuned(params, recipe, folder, recipe.records(folder, rows), info)
 
 
 def _band(values: list[float]) -> dict:

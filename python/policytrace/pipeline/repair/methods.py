@@ -40,9 +40,9 @@ def first_order(ft: Finetuned, ids: list[str], run_name: str = "the run") -> tup
     if ft.records is None:
         raise RunFolderError(
             f"{run_name} holds no trajectory records, so the selected pairs' updates cannot be subtracted: first-order "
-            "removal needs a recorded fine-tune (run.mode = \"trajectory\" over `policytrace finetune`), or "
-            "`--record-steps` to refit this run's recipe once with the selections' steps recorded; or use "
-            "--method retrain / unlearn")
+            "removal needs a recorded fine-tune: the run's [train] recipe (--recipe train, the default for "
+            "run.mode = \"trajectory\") keeps trajectory records, or `--record-steps` refits this run's per-pair "
+            "recipe once with the selections' steps recorded; or use --method retrain / unlearn")
     upd = ft.records(ids)
     out = dict(ft.params)
     for n, d in upd.items():

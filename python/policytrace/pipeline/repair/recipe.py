@@ -204,41 +204,73 @@ class TrainRecipe:
     def describe(self) -> dict:
         return {"kind": "train", **self.cfg.train.recipe()}
 
-    def fit(self, rows: list[dict], weights: list[float] | None = None, progress: bool = False,
-            track: dict[str, set[str]] | None = None) -> tuple[Params, dict[str, Params]]:
-        import copy
-        import shutil
-
+    def examples(self, rows: list[dict]) -> list:
+        """The rows as the fine-tune's examples (chat ids and loss mask: model/chat.py's rule)."""
+        from ...gradients.batched import TrainExample
         from ...model.chat import chat_pair_tokens
+
+        out = []
+        for r in rows:
+            t = chat_pair_tokens(self.lm.tokenizer, chat_pair(r), self.cfg.train.max_length)
+            out.append(TrainExample(tuple(t.ids), tuple(t.mask)))
+        return out
+
+    def fit_into(self, out: Path, rows: list[dict], weights: list[float], progress: bool = False) -> Params:
+        """``policytrace finetune`` of ``rows`` (weights > 0) on a private copy of the base model
+        into ``out`` (kept: its records and checkpoints); the fine-tuned weights."""
+        import copy
+
         from ...model.loading import LoadedModel
         from ...train.finetune import finetune
+
+        keep = [(r, x) for r, x in zip(rows, weights) if x > 0]
+        if not keep:
+            raise InvalidValueError("every pair has loss weight 0: nothing to fine-tune on")
+        net = copy.deepcopy(self.lm.model)
+        lm = LoadedModel(net, self.lm.tokenizer, self.lm.name, self.lm.identity)
+        try:
+            finetune(self.cfg, self.examples([r for r, _ in keep]), out, weights=np.array([x for _, x in keep]),
+                     progress=progress, ids=[r["id"] for r, _ in keep], log=lambda m: None, model=lm)
+        finally:
+            del net, lm
+        return load_weights(out / "model", self.lm.model)
+
+    def fit(self, rows: list[dict], weights: list[float] | None = None, progress: bool = False,
+            track: dict[str, set[str]] | None = None) -> tuple[Params, dict[str, Params]]:
+        import shutil
+
         from ..._files import digest_bytes
-        from ...gradients.batched import TrainExample
 
         if track:
             raise InvalidValueError("steps of a [train] fine-tune are attributed by its trajectory records, not "
                                     "tracked during a refit; --record-steps is for runs of the per-pair recipe")
         w = [1.0] * len(rows) if weights is None else [float(x) for x in weights]
-        keep = [(r, x) for r, x in zip(rows, w) if x > 0]
-        if not keep:
-            raise InvalidValueError("every pair has loss weight 0: nothing to fine-tune on")
-        tok = self.lm.tokenizer
-        ids = [r["id"] for r, _ in keep]
-        examples = []
-        for r, _ in keep:
-            t = chat_pair_tokens(tok, chat_pair(r), self.cfg.train.max_length)
-            examples.append(TrainExample(tuple(t.ids), tuple(t.mask)))
-        key = digest_bytes(json.dumps([self.describe(), ids, [x for _, x in keep]]).encode())[:16]
+        key = digest_bytes(json.dumps([self.describe(), [r["id"] for r in rows], w]).encode())[:16]
         out = self.work / key
         if out.exists():
             shutil.rmtree(out)
-        net = copy.deepcopy(self.lm.model)
-        lm = LoadedModel(net, tok, self.lm.name, self.lm.identity)
         try:
-            finetune(self.cfg, examples, out, weights=np.array([x for _, x in keep]), progress=progress, ids=ids,
-                     log=lambda m: None, model=lm)
-            params = load_weights(out / "model", self.lm.model)
+            params = self.fit_into(out, rows, w, progress)
         finally:
-            del net, lm
             shutil.rmtree(out, ignore_errors=True)
         return params, {}
+
+    def records(self, folder: Path, rows: list[dict]) -> Callable[[list[str]], Params]:
+        """First-order removal's records of the fine-tune in ``folder`` (over ``rows``, in the
+        fine-tune's order): issue 21's :func:`~policytrace.train.trajectory.attributed_update`,
+        a replay of the recorded run on a private copy of the base model per call."""
+        import copy
+
+        from ...train.trajectory import attributed_update
+
+        examples = self.examples(rows)
+        pad = self.lm.tokenizer.pad_token_id if self.lm.tokenizer.pad_token_id is not None else 0
+
+        def records(ids: list[str]) -> Params:
+            net = copy.deepcopy(self.lm.model)
+            try:
+                return attributed_update(folder, ids, model=net, examples=examples, pad_id=pad)
+            finally:
+                del net
+
+        return records
