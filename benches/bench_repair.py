@@ -27,9 +27,68 @@ import time
 from pathlib import Path
 
 
+BEGIN, END = "<!-- repair:begin -->", "<!-- repair:end -->"
+
+
+def _rows(out: dict) -> list[str]:
+    rows = []
+    for method, r in out["methods"].items():
+        c = r["causal"]["probes"]
+        band = c["controls"]
+        ratio = "–" if c["ratio"] is None else f"{c['ratio']:.2f}"
+        frac = "" if c["fraction"] is None else f" ({100 * c['fraction']:.0f} %)"
+        rep = r["repaired"]
+        extra = ""
+        if method == "unlearn":
+            extra = f"; {r['details']['steps_taken']} steps, {r['details']['stopped']}"
+        rows.append(f"| {out.get('recipe', '?')} | {method} | {c['back']:+.4f}{frac} | {band.get('mean', float('nan')):+.4f} "
+                    f"({band.get('min', float('nan')):+.4f} .. {band.get('max', float('nan')):+.4f}) | {ratio} | "
+                    f"{rep['finetuned_kept_loss']:.4f} → {rep['kept_loss']:.4f} | {r['finetuned_heldout_loss']:.4f} → "
+                    f"{rep['heldout_loss']:.4f} | {r['timings']['selected_s']:.1f} / "
+                    f"{r['timings']['selected_with_measure_s']:.1f}{extra} |")
+    return rows
+
+
+HEADER = ("| recipe | method | moved back, top 10 % (share of the fine-tune's change) | random: mean (min .. max) | "
+          "ratio | kept-pair loss | held-out loss | seconds: repair / with measuring |\n"
+          "|---|---|---|---|---|---|---|---|")
+
+
+def write_doc(paths: list[str], doc: Path, intro: str) -> None:
+    outs = [json.loads(Path(p).read_text()) for p in paths]
+    lines = [BEGIN, "## Repairing the model", "", intro.strip(), "", HEADER]
+    for o in outs:
+        lines += _rows(o)
+    lines.append("")
+    for o in outs:
+        f = o.get("first_order_vs_retrain")
+        if f:
+            rec = "–" if f["recovered"] is None else f"{100 * f['recovered']:.0f} %"
+            lines.append(f"* **First-order removal against retrain-without** ({o.get('recipe', '?')} recipe): it recovers "
+                         f"{rec} of the retrain's move back; the subtraction costs {f['cost_subtraction_over_retrain']:.3f} "
+                         f"of a retrain, {f['cost_with_recording_over_retrain']:.2f} with the recording refit "
+                         f"({f['record_refit_s']:.0f} s) shared by the {f['selections_sharing_the_refit']} selections.")
+    for o in outs:
+        lines.append(f"* Machine: {o['cpu']}, OMP_NUM_THREADS={o['threads']}; load before / after: "
+                     f"`{o['load_before']}` / `{o['load_after']}`.")
+    lines.append(END)
+    block = "\n".join(lines) + "\n"
+    text = doc.read_text() if doc.exists() else ""
+    if BEGIN in text and END in text:
+        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END) + 1:]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    doc.write_text(text)
+    print(block)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run_dir")
+    ap.add_argument("run_dir", nargs="?")
+    ap.add_argument("--doc-from", default=None, help="comma-separated bench JSONs: write docs/validation.md's repair "
+                                                    "section from them (no measuring)")
+    ap.add_argument("--doc", default=str(Path(__file__).parent.parent / "docs" / "validation.md"))
+    ap.add_argument("--intro", default="", help="the section's first paragraph (a file or text)")
     ap.add_argument("--fraction", type=float, default=0.1)
     ap.add_argument("--controls", type=int, default=3)
     ap.add_argument("--methods", default="retrain,first-order,unlearn")
@@ -41,6 +100,12 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="JSON of every figure (default RUN_DIR/repairs/bench.json)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
+    if args.doc_from:
+        intro = Path(args.intro).read_text() if args.intro and Path(args.intro).is_file() else args.intro
+        write_doc(args.doc_from.split(","), Path(args.doc), intro)
+        return
+    if not args.run_dir:
+        ap.error("give RUN_DIR (or --doc-from)")
 
     import polars as pl
 
@@ -75,6 +140,7 @@ def main() -> None:
             "details": doc["repaired"]["details"], "timings": timings, "wall_s": time.perf_counter() - t,
             "load_after": uptime()}
     out["load_after"] = uptime()
+    out["recipe"] = doc["recipe"]["kind"]
     m = out["methods"]
     print(f"\nselection: top {args.fraction:.0%} by {by}; {args.controls} within-category random controls; "
           f"recipe {doc['recipe']['kind']}\n")
