@@ -93,6 +93,7 @@ def main() -> None:
     ap.add_argument("--controls", type=int, default=3)
     ap.add_argument("--methods", default="retrain,first-order,unlearn")
     ap.add_argument("--recipe", default="auto")
+    ap.add_argument("--tag", default="", help="a prefix of the repairs' folder names (bench-TAG-method)")
     ap.add_argument("--unlearn-max-steps", type=int, default=6)
     ap.add_argument("--unlearn-monitor-pairs", type=int, default=16)
     ap.add_argument("--unlearn-lr", type=float, default=0.0)
@@ -129,7 +130,7 @@ def main() -> None:
     for method in args.methods.split(","):
         t = time.perf_counter()
         doc = repair(args.run_dir, how, RepairCfg(method=method, controls=args.controls), ucfg,
-                     name=f"bench-{method}", record_steps=method == "first-order", recipe=args.recipe,
+                     name=f"bench-{args.tag + '-' if args.tag else ''}{method}", record_steps=method == "first-order", recipe=args.recipe,
                      progress=not args.quiet, opened=opened)
         timings = json.loads((Path(doc["folder"]) / "timings.json").read_text())
         out["methods"][method] = {"causal": doc["causal"], "repaired": {k: doc["repaired"][k] for k in (
@@ -175,7 +176,7 @@ def main() -> None:
               f"{f['cost_subtraction_over_retrain']:.4f} of a retrain for the subtraction alone and "
               f"{f['cost_with_recording_over_retrain']:.2f} with the recording refit shared by {n_sel} selections")
     print(f"\nload: {out['load_before']} / {out['load_after']}")
-    path = Path(args.out) if args.out else Path(args.run_dir) / "repairs" / "bench.json"
+    path = Path(args.out) if args.out else Path(args.run_dir) / "repairs" / f"bench{'-' + args.tag if args.tag else ''}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
     print(f"written: {path}")
