@@ -391,3 +391,16 @@ def test_first_order_removal_of_a_train_fine_tune_uses_its_trajectory_records(ti
     fo = _repair(tiny_run, {"top": 2, "by": "dy_mean"}, cfg=RepairCfg(method="first-order", controls=1),
                  recipe="train", name="fo-train")
     assert fo["recipe"]["kind"] == "train" and fo["repaired"]["details"]["update_norm"] > 0
+
+
+def test_a_second_probe_set_is_measured_beside_the_run_s_probes(tiny_run):
+    from policytrace.pipeline.repair import RepairCfg
+
+    run, (_, _, state), _ = tiny_run
+    probes = state.cfg.data.probes  # the run's own probe file as the second set: the same numbers
+    d = _repair(tiny_run, {"top": 2, "by": "dy_mean"}, cfg=RepairCfg(controls=1), probes2=probes, name="p2")
+    assert set(d["causal"]) == {"probes", "probes.jsonl"} and d["probes2"] == "probes.jsonl"
+    a, b = d["causal"]["probes"], d["causal"]["probes.jsonl"]
+    assert b["back"] == pytest.approx(a["back"], abs=1e-9) and b["ratio"] == pytest.approx(a["ratio"], rel=1e-6)
+    assert d["repaired"]["behaviour"]["probes.jsonl"]["by_category"] == pytest.approx(
+        d["repaired"]["behaviour"]["probes"]["by_category"], abs=1e-9)
