@@ -123,7 +123,11 @@ curator's score of how strongly the pair's measured Δy contradicts its label (`
 """
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     reading = Path(args.reading).read_text() if args.reading else ""
-    Path(args.out).write_text(text + ("\n" + reading if reading else ""))
+    # The repair section (benches/bench_repair.py --write-doc) is kept as it is.
+    old = Path(args.out).read_text() if Path(args.out).exists() else ""
+    begin, end = "<!-- repair:begin -->", "<!-- repair:end -->"
+    kept = old[old.index(begin):old.index(end) + len(end)] + "\n" if begin in old and end in old else ""
+    Path(args.out).write_text(text + ("\n" + reading if reading else "") + ("\n" + kept if kept else ""))
     print(Path(args.out).read_text())
 
 

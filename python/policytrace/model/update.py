@@ -124,26 +124,38 @@ class UpdateEngine:
         """∇θ of the pair's response-only loss at θ0, for the trainable parameters."""
         return self.gradient_pair(ChatPair.flat(prompt, response, pair_id))
 
-    def gradient_pair(self, pair: ChatPair) -> dict:
-        """∇θ of the pair's masked loss at θ0, for the trainable parameters."""
+    def gradient_pair(self, pair: ChatPair, at: dict | None = None) -> dict:
+        """∇θ of the pair's masked loss at θ0 (or at the weights ``at``), for the trainable
+        parameters."""
         ids, targets, positions = self._targets(pair)
-        train = {n: self.base[n] for n in self.trainable}
+        origin = self.base if at is None else at
+        train = {n: origin[n] for n in self.trainable}
         return torch.func.grad(self._loss)(train, ids, targets, positions)
+
+    def loss_pair(self, pair: ChatPair, at: dict | None = None) -> float:
+        """The pair's masked loss (mean cross-entropy of its trained tokens) at θ0 or ``at``."""
+        ids, targets, positions = self._targets(pair)
+        origin = self.base if at is None else at
+        with torch.no_grad():
+            return float(self._loss({n: origin[n] for n in self.trainable}, ids, targets, positions))
 
     def update(self, prompt: str, response: str, pair_id: str = "?", from_params: dict | None = None) -> dict:
         """Weights after the update on a prompt/response pair (:meth:`update_pair`)."""
         return self.update_pair(ChatPair.flat(prompt, response, pair_id), from_params)
 
-    def update_pair(self, pair: ChatPair, from_params: dict | None = None) -> dict:
+    def update_pair(self, pair: ChatPair, from_params: dict | None = None, weight: float = 1.0) -> dict:
         """Weights after the update, as a name → tensor dict (base tensors where untouched).
 
         ``from_params`` (weights returned by an earlier call) continues from there instead of θ0:
-        fine-tuning on a sequence of pairs, as the validation's subset retraining does."""
+        fine-tuning on a sequence of pairs, as the validation's subset retraining does.
+        ``weight`` multiplies the pair's loss (a down-weighted pair in a repair's retraining:
+        with SGD the step scales with it; Adam's normalized step barely depends on it)."""
         pair_id = pair.id
         ids, targets, positions = self._targets(pair)
         origin = self.base if from_params is None else from_params
         train = {n: origin[n] for n in self.trainable}
-        grad_fn = torch.func.grad(self._loss)
+        loss = self._loss if weight == 1.0 else (lambda t, *a: weight * self._loss(t, *a))
+        grad_fn = torch.func.grad(loss)
         if self.cfg.optimizer == "adam":
             m = {n: torch.zeros_like(p) for n, p in train.items()}
             v = {n: torch.zeros_like(p) for n, p in train.items()}

@@ -1,6 +1,6 @@
-"""Command line: ``policytrace run CONFIG.toml``, ``demo``, ``report RUN_DIR``, ``validate RUN_DIR``
-(also ``python -m policytrace ...``). Every error the package raises is printed as one line
-saying what is wrong and what to do, with exit status 2."""
+"""Command line: ``policytrace run CONFIG.toml``, ``demo``, ``report RUN_DIR``, ``validate RUN_DIR``,
+``curate``, ``repair RUN_DIR``, ``bins RUN_DIR`` (also ``python -m policytrace ...``). Every error the
+package raises is printed as one line saying what is wrong and what to do, with exit status 2."""
 
 from __future__ import annotations
 
@@ -59,7 +59,139 @@ def _parser() -> argparse.ArgumentParser:
     val.add_argument("--removal-methods", default=None,
                      help="comma-separated methods for the removal test (default: all; each costs 4 retrainings)")
     val.add_argument("--quiet", action="store_true")
+    _repair_parsers(sub)
     return ap
+
+
+# --- repair and bins (README: "Repairing the model") ---------------------------------------
+def _repair_parsers(sub) -> None:
+    from .repair.config import RepairCfg, UnlearnCfg
+
+    rp = sub.add_parser("repair", help="take the selected pairs out of the fine-tuned model (retrain, first-order "
+                                       "removal, unlearning), checked against random pairs of the same kind")
+    rp.add_argument("run_dir")
+    how = rp.add_mutually_exclusive_group(required=True)
+    how.add_argument("--top", type=int, help="the K pairs with the largest --by")
+    how.add_argument("--fraction", type=float, help="the top fraction (0, 1] of the pairs by --by")
+    how.add_argument("--threshold", type=float, help="every pair with --by >= T")
+    how.add_argument("--ids", help="comma-separated pair ids, or @FILE with one id a line")
+    how.add_argument("--bins", help="comma-separated values of --bin-column: whole bins")
+    rp.add_argument("--by", default="suspicion", help="the pairs.parquet column that ranks pairs (descending; "
+                                                      "'-dy_mean' ranks by the negated column); default suspicion")
+    rp.add_argument("--bin-column", default="category", help="the pair column --bins names values of")
+    d, u = RepairCfg(), UnlearnCfg()
+    rp.add_argument("--method", default=d.method, choices=["retrain", "first-order", "unlearn"])
+    rp.add_argument("--weight", type=float, default=d.weight,
+                    help="retrain: the selected pairs' loss weight (0 = dropped, the default)")
+    rp.add_argument("--controls", type=int, default=d.controls, help="random matched selections (default 3)")
+    rp.add_argument("--seed", type=int, default=d.seed)
+    rp.add_argument("--strata", default=d.strata, help="the pair column the controls are matched on")
+    rp.add_argument("--probes2", default=None, help="a second probe file the behaviour is also measured on")
+    rp.add_argument("--record-steps", action="store_true",
+                    help="first-order on a run without trajectory records: refit the recipe once, recording the "
+                         "selections' steps")
+    rp.add_argument("--recipe", default="auto", choices=["auto", "sequential", "train"],
+                    help="how the run's model is fine-tuned (and retrained): train = its [train] recipe (the default "
+                         "for run.mode = trajectory), sequential = its per-pair [update] pair after pair (otherwise)")
+    rp.add_argument("--name", default=None, help="the repair's folder under RUN/repairs/ (default: method-hash)")
+    for f in ("lr", "max_lr", "max_steps", "batch", "max_grad_norm", "margin", "monitor_pairs"):
+        default = getattr(u, f)
+        rp.add_argument(f"--unlearn-{f.replace('_', '-')}", dest=f"unlearn_{f}", type=type(default), default=default)
+    rp.add_argument("--unlearn-no-stop-at-base", dest="unlearn_stop_at_base", action="store_false")
+    rp.add_argument("--quiet", action="store_true")
+    b = sub.add_parser("bins", help="attributions summed over bins of a pair column, against within-bin permutations")
+    b.add_argument("run_dir")
+    b.add_argument("--by", required=True, help="the pair column to bin by (category, label, a column of your file)")
+    b.add_argument("--value", default="dy_mean", help="the per-pair attribution summed (default dy_mean)")
+    b.add_argument("--contrast", default=None, help="a second run folder over the same pairs (another behaviour): "
+                                                    "which bins drive one behaviour and not the other")
+    b.add_argument("--perm", type=int, default=2000, help="permutations (default 2000)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--alpha", type=float, default=0.05)
+    b.add_argument("--out", default=None, help="also write the table (.parquet or .csv)")
+
+
+def _selection_args(args) -> dict:
+    from ..errors import InvalidValueError
+
+    if args.ids is not None:
+        if args.ids.startswith("@"):
+            path = Path(args.ids[1:])
+            if not path.is_file():
+                raise InvalidValueError(f"--ids {args.ids}: no such file")
+            ids = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        else:
+            ids = [i.strip() for i in args.ids.split(",") if i.strip()]
+        return {"ids": ids}
+    if args.bins is not None:
+        return {"bins": [v.strip() for v in args.bins.split(",") if v.strip()], "bin_column": args.bin_column}
+    for k in ("top", "fraction", "threshold"):
+        if getattr(args, k) is not None:
+            return {k: getattr(args, k), "by": args.by}
+    raise InvalidValueError("give one of --top, --fraction, --threshold, --ids, --bins")
+
+
+def _repair(args) -> int:
+    from .._tables import from_mapping
+    from .repair import repair
+    from .repair.config import RepairCfg, UnlearnCfg
+
+    cfg = from_mapping(RepairCfg, {"method": args.method, "weight": args.weight, "controls": args.controls,
+                                   "seed": args.seed, "strata": args.strata})
+    ucfg = from_mapping(UnlearnCfg, {k[len("unlearn_"):]: v for k, v in vars(args).items() if k.startswith("unlearn_")})
+    doc = repair(args.run_dir, _selection_args(args), cfg, ucfg, name=args.name, probes2=args.probes2,
+                 record_steps=args.record_steps, recipe=args.recipe, progress=not args.quiet)
+    rep = doc["repaired"]
+    print(f"{doc['method']} of {doc['selection']['size']} pairs: {doc['folder']}")
+    for ps, c in doc["causal"].items():
+        band = c["controls"]
+        ctl = (f"; random controls {band['mean']:+.4f} (sd {band['sd']:.4f}, {band['n']} seeds), ratio "
+               f"{c['ratio']:.2f}" if band.get("n") and c["ratio"] is not None else "")
+        frac = f" ({100 * c['fraction']:.0f}% of the fine-tune's change)" if c["fraction"] is not None else ""
+        print(f"  {ps}: moved back {c['back']:+.4f}{frac}{ctl}")
+    kept = "" if rep["kept_loss"] is None else f"kept pairs {rep['finetuned_kept_loss']:.4f} -> {rep['kept_loss']:.4f}, "
+    print(f"  cost: loss on {kept}held-out text {doc['finetuned']['heldout_loss']:.4f} -> {rep['heldout_loss']:.4f}")
+    return 0
+
+
+def _bins(args) -> int:
+    import polars as pl
+
+    from ..errors import InvalidValueError
+    from .bins import bin_table, contrast
+    from .repair.table import pair_table
+    from .rundir import RunDir
+
+    rd = RunDir(args.run_dir)
+    rd.complete()
+    table = pair_table(rd)
+    if args.contrast:
+        other = RunDir(args.contrast)
+        other.complete()
+        names = (_behaviour_name(rd), _behaviour_name(other))
+        if names[0] == names[1]:
+            names = (f"{names[0]}-a", f"{names[1]}-b")
+        frame = contrast(table, pair_table(other), args.by, names, args.value, args.alpha, args.perm, args.seed)
+    else:
+        frame = bin_table(table, args.by, args.value, args.perm, args.seed)
+    with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_width_chars=200):
+        print(frame)
+    if args.out:
+        out = Path(args.out)
+        if out.suffix.lower() == ".parquet":
+            frame.write_parquet(out)
+        elif out.suffix.lower() == ".csv":
+            frame.write_csv(out)
+        else:
+            raise InvalidValueError(f"--out {out} must end in .parquet or .csv")
+        print(f"written: {out}")
+    return 0
+
+
+def _behaviour_name(rd) -> str:
+    from . import config as cfgmod
+
+    return cfgmod.load(rd.file("config.toml")).behaviour.name
 
 
 def _out_folder(path: Path) -> Path:
@@ -115,6 +247,10 @@ def _dispatch(args) -> int:
             print(f"dropped {r['pair_id']} (suspicion {r['suspicion']:+.2f}): {r['suspicion_reason']}")
         print(f"kept {res.kept.height} pairs: {res.out}")
         return 0
+    if args.cmd == "repair":
+        return _repair(args)
+    if args.cmd == "bins":
+        return _bins(args)
     if args.cmd == "finetune":
         from ..train.finetune import finetune_config
         from . import config as cfgmod

@@ -42,6 +42,8 @@ class RunFrames:
     validation: pl.DataFrame | None = None
     removal: pl.DataFrame | None = None
     planted: pl.DataFrame | None = None
+    repairs: pl.DataFrame | None = None
+    """One row per repair and probe set (`policytrace repair`); None when the folder has none."""
 
     @property
     def base(self) -> dict:
@@ -62,5 +64,8 @@ def open_run(run_dir: str | Path) -> RunFrames:
     optional = {n: rd.read_parquet(f"{n}.parquet") for n in OPTIONAL if rd.file(f"{n}.parquet").exists()}
     policy_json = rd.read_json("policy.json") if rd.file("policy.json").exists() else {}
     config = rd.file("config.toml").read_text() if rd.file("config.toml").exists() else ""
+    from ..repair.summary import repairs_frame
+
+    repairs = repairs_frame(rd.path)
     return RunFrames(rd.path.resolve(), manifest, behaviour, *required, policy_json=policy_json,
-                     config_text=config, **optional)
+                     config_text=config, repairs=repairs if repairs.height else None, **optional)

@@ -118,13 +118,16 @@ class ReportView:
     pair_panels: tuple[PairPanel, ...]
     feature_panels: tuple[FeaturePanel, ...]
     config: str
+    repairs: Table | None = None
+    """The repairs the folder holds (`policytrace repair`), or None."""
 
 
 def report_view(run: RunFrames) -> ReportView:
     """Everything the page shows, in reading order."""
     return ReportView(
         wording(run), header(run), summary(run), curator(run), policy(run), alignment(run), interference(run),
-        fidelity(run), validation(run), panels.pair_panels(run), panels.feature_panels(run), run.config_text)
+        fidelity(run), validation(run), panels.pair_panels(run), panels.feature_panels(run), run.config_text,
+        repairs(run))
 
 
 def wording(run: RunFrames) -> Wording:
@@ -281,3 +284,22 @@ def validation(run: RunFrames) -> ValidationView:
     removal = run.removal.drop("removed") if run.removal is not None else None
     return ValidationView(None if lds is None else table(lds), None if removal is None else table(removal),
                           None if run.planted is None else table(run.planted))
+
+
+REPAIR_COLUMNS = {
+    "repair": "repair", "method": "method", "pairs": "pairs", "probe_set": "probes",
+    "finetune_change": "fine-tune's change", "moved_back": "moved back", "fraction_back": "share of the change",
+    "controls_mean": "random: mean", "controls_sd": "random: sd", "controls_min": "random: min",
+    "controls_max": "random: max", "ratio": "ratio to random", "finetuned_kept_loss": "kept-pair loss before",
+    "kept_loss": "kept-pair loss after", "finetuned_heldout_loss": "held-out loss before",
+    "heldout_loss": "held-out loss after",
+}
+
+
+def repairs(run: RunFrames) -> Table | None:
+    """Each repair's move of the behaviour back towards the base model beside the band of its
+    random controls (same method, same size, same categories), and what it cost."""
+    if run.repairs is None:
+        return None
+    cols = [c for c in REPAIR_COLUMNS if c in run.repairs.columns]
+    return table(run.repairs.select(cols).rename({c: REPAIR_COLUMNS[c] for c in cols}), floats=4)
