@@ -151,7 +151,9 @@ def _sae(cfg: Config, lm: LoadedModel, hook: HookSite, inputs: Inputs, log: Log,
         sae = load_sae(cfg.sae.path or None, cfg.sae.release or None, cfg.sae.id or None, cfg.model.device)
         return SaeReader(sae, cfg.model.device), None, sae_identity(cfg.sae)
     prompts = inputs.all_pairs["prompt"].to_list() + inputs.probes["prompt"].to_list()
-    folder, quality = default_sae(lm, hook, prompts, cfg.run.cache_path(), cfg.sae, log, progress)
+    eot = lm.tokenizer.convert_tokens_to_ids(cfg.probe.eot_token) if cfg.probe.pooling == "eot" else None
+    folder, quality = default_sae(lm, hook, prompts, cfg.run.cache_path(), cfg.sae, log, progress,
+                                  pooling=cfg.probe.pooling, eot_id=eot if isinstance(eot, int) else None)
     return SaeReader(load_sae(str(folder), device=cfg.model.device), cfg.model.device), quality, folder.name
 
 
