@@ -135,3 +135,85 @@ def test_sae_on_probe_activations(model, tok, prompt_ids, tset, tmp_path):
     codes = sae_mod.SaeReader(s).encode(H)
     assert ((codes != 0).sum(1) <= 3).all()
     assert re.fullmatch(r"model\.layers\.\d+", s.cfg.metadata.hook_name)
+
+
+def test_collect_corpus_rows_are_the_probe_pass_and_the_plain_tokens(model, tok, prompt_ids, tset):
+    """Recipe 2's rows in float64: the pooled rows are the probe pass's pooled activations (the
+    same template prefix shared through its KV cache), the token rows every position of the
+    requests (the shared prefix once) and then of the plain documents, each against a plain
+    full forward of that one sequence."""
+    from policytrace.model import LoadedModel
+    from policytrace.model.chat import format_prompt
+    from policytrace.model.sites import capture
+
+    lm = LoadedModel(model, tok, "tiny")
+    docs = ["the history of cats and dogs", "a story about the weather"]
+    corpus = sae_train.collect_corpus(lm, HookSite(LAYER), PROMPTS, docs, max_tokens=10_000, batch_size=2)
+    H, _ = ProbeRunner(model, tok, LAYER, tset).run(prompt_ids)
+    np.testing.assert_allclose(corpus.pooled, H, rtol=0, atol=1e-5)  # the collector keeps float32
+
+    def full(ids):
+        with torch.no_grad(), capture(model, HookSite(LAYER)) as store:
+            model(torch.tensor([ids]))
+        return store["h"][0].numpy()
+
+    reqs = [format_prompt(tok, p) for p in PROMPTS]
+    P = sae_train._shared_prefix(reqs, [len(r) - 1 for r in reqs])
+    assert P > 0
+    order = np.argsort([len(r) for r in reqs], kind="stable")
+    expected = [full(reqs[0])[:P]] + [full(reqs[i])[P:] for i in order]
+    expected += [full(tok(d, add_special_tokens=False)["input_ids"]) for d in docs]
+    np.testing.assert_allclose(corpus.tokens, np.concatenate(expected), rtol=0, atol=1e-5)
+    cut = sae_train.collect_corpus(lm, HookSite(LAYER), PROMPTS, docs, max_tokens=P + 3, batch_size=2)
+    assert len(cut.tokens) == P + 3 and len(cut.pooled) == len(PROMPTS)  # token rows cut, pooled rows never
+
+
+def test_pool_position_follows_the_probe_pooling(tok):
+    ids = [5, 7, 9, 7, 3]
+    assert sae_train.pool_position(ids) == 4
+    assert sae_train.pool_position(ids, "eot", 7) == 3
+    assert sae_train.pool_position(ids, "mean") == 4
+
+
+def test_weighted_training_loss_is_the_two_fvus(acts):
+    """With pooled rows, one full-batch step's loss is FVU(tokens) + FVU(pooled), each about its
+    own mean, computed here in float64 from the initial weights (lr ~ 0: the weights stay)."""
+    rng = np.random.default_rng(1)
+    pooled = (acts[:40] * 0.1 + 3.0 + 0.01 * rng.normal(size=(40, 16))).astype(np.float32)
+    spec = sae_train.TrainSpec(d_sae=32, k=4, steps=1, batch_size=64, lr=1e-30, seed=3, pooled_share=0.25)
+    sae = sae_train.train_topk_sae(acts, spec, "tiny", "model.layers.1", pooled=pooled)
+    # Replay the one batch the trainer drew, in float64.
+    g = torch.Generator().manual_seed(spec.seed)
+    torch.randn(spec.d_sae, 16, generator=g)
+    x_tok = acts[torch.randint(0, len(acts), (48,), generator=g).numpy()].astype(np.float64)
+    x_pool = pooled[torch.randint(0, len(pooled), (16,), generator=g).numpy()].astype(np.float64)
+    W_enc, b_enc, W_dec, b_dec = (getattr(sae, n).detach().double().numpy() for n in ("W_enc", "b_enc", "W_dec", "b_dec"))
+
+    def err(x):
+        pre = (x - b_dec) @ W_enc + b_enc
+        top = np.argsort(-pre, axis=1)[:, :4]
+        codes = np.zeros_like(pre)
+        np.put_along_axis(codes, top, np.maximum(np.take_along_axis(pre, top, 1), 0), 1)
+        return ((codes @ W_dec + b_dec - x) ** 2).sum(1).mean()
+
+    a64, p64 = acts.astype(np.float64), pooled.astype(np.float64)
+    expected = err(x_tok) / ((a64 - a64.mean(0)) ** 2).sum(1).mean() + err(x_pool) / ((p64 - p64.mean(0)) ** 2).sum(1).mean()
+    losses = []
+    sae_train.train_topk_sae(acts, spec, "tiny", "model.layers.1", pooled=pooled,
+                             on_step=lambda loss: losses.append(loss))
+    assert losses[0] == pytest.approx(expected, rel=1e-4)
+    np.testing.assert_allclose(b_dec, np.concatenate([a64, p64]).mean(0), rtol=1e-5)
+
+
+def test_cache_key_changes_with_the_recipe_and_the_pooling():
+    site = HookSite(LAYER)
+    spec = sae_train.TrainSpec(d_sae=8, k=2, steps=1, seed=0)
+    keys = {sae_train.cache_key("m", site, ["a"], ["b"], spec),
+            sae_train.cache_key("m", site, ["a"], ["b"], spec, "eot"),
+            sae_train.cache_key("m", site, ["a"], ["b"], sae_train.TrainSpec(d_sae=8, k=2, steps=1, seed=0, recipe=1)),
+            sae_train.cache_key("m", site, ["a"], ["b"], sae_train.TrainSpec(d_sae=8, k=2, steps=1, seed=0,
+                                                                            pooled_share=0.25))}
+    assert len(keys) == 4
+    chats, docs = sae_train.corpus_texts(["my prompt"])
+    assert chats[0] == "my prompt" and docs == sae_train.generic_docs()
+    assert set(docs) <= set(chats) and len(chats) > 1 + 2 * len(docs)  # docstrings and their sentences as turns

@@ -36,7 +36,8 @@ def report(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("report")
     model = write_tiny_model(tmp / "model")
     probes, pairs = write_tiny_data(tmp)
-    execute(cfgmod.resolve(tiny_config(model, probes, pairs, tmp / "cache")), tmp / "run",
+    # k = 8 active latents: the tiny run then selects features of both signs (both bar colours)
+    execute(cfgmod.resolve(tiny_config(model, probes, pairs, tmp / "cache", sae={"train_k": 8})), tmp / "run",
             log=lambda m: None, progress=False)
     return write_report(tmp / "run")
 
@@ -165,3 +166,24 @@ def test_report_is_self_contained(report):
     text = report.read_text()
     assert "http://" not in text and "https://" not in text.replace("https://huggingface", "")
     assert "<script src" not in text and "<link" not in text
+
+
+def test_feature_drilldown_shows_top_tokens_and_contexts(report):
+    """At a feature's anchor the browser shows its logit-lens tokens, its activation by probe
+    category and side, and its top-activating token contexts (feature_contexts.parquet)."""
+    import polars as pl
+
+    contexts = pl.read_parquet(report.parent / "feature_contexts.parquet")
+    features = pl.read_parquet(report.parent / "features.parquet")
+    fid = contexts["feature_id"][0]
+    dom = chromium("--window-size=1280,900", "--dump-dom", report.as_uri() + f"#feature-{fid}")
+    panel = dom[dom.index(f'id="feature-{fid}"'):]
+    panel = panel[: panel.index("</section>")]
+    assert "Top output tokens (logit lens" in panel and 'class="lens-token"' in panel
+    lens = features.filter(pl.col("feature_id") == fid)["lens_tokens"][0].to_list()
+    assert len(lens) == 8 and panel.count('class="lens-token"') == len(lens)
+    assert "Activation by probe category and side" in panel
+    assert "Top-activating contexts" in panel
+    mine = contexts.filter(pl.col("feature_id") == fid)
+    assert panel.count('class="context"') == mine.height and panel.count("ctx-centre") == mine.height
+    assert f"{mine['source'][0]} {mine['item_id'][0]} · token {mine['position'][0]}" in panel

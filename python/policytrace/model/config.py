@@ -50,9 +50,9 @@ class SaeCfg:
     input), attn_out or mlp_out (what the attention / MLP sub-module adds)."""
     train_d_sae: int = 2304
     """Latents of the default TopK SAE, trained when no SAE is named."""
-    train_k: int = 32
+    train_k: int = 64
     """Active latents per token (k) of the default TopK SAE."""
-    train_steps: int = 600
+    train_steps: int = 400
     """Adam steps of the default SAE's training."""
     train_seed: int = 0
     """Seed of the default SAE's initialisation and batches."""

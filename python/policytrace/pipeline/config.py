@@ -83,12 +83,20 @@ class FeaturesCfg:
     """|score| a feature must exceed; < 0 = the method's default (mean_diff: 0.1, corr: 0)."""
     min_active: int = 3
     """A feature must fire on at least this many probes."""
+    contexts: int = 8
+    """Top-activating token contexts kept per selected feature over the probes, pairs and the
+    shipped corpus (feature_contexts.parquet); 0 = none."""
+    context_window: int = 6
+    """Tokens either side of each context's token."""
+    lens_tokens: int = 8
+    """Output tokens of each feature's decoder direction through the unembedding (logit lens)."""
 
     def __post_init__(self) -> None:
         if self.k < 1:
             raise fail(self, "k", "must be >= 1")
-        if self.min_active < 0:
-            raise fail(self, "min_active", "must be >= 0")
+        for name in ("min_active", "contexts", "context_window", "lens_tokens"):
+            if getattr(self, name) < 0:
+                raise fail(self, name, "must be >= 0")
 
     @property
     def threshold_or_default(self) -> float | None:

@@ -34,7 +34,7 @@ from .findings import gates, interference_findings, suspicion_findings
 from .modes import Mode, ShardFrames, get_mode
 from .rundir import FINAL_OUTPUTS, Fingerprint, RunDir, now
 from .sources import source_files
-from .stages import BasePass, BaseState, Inputs, ModelSide, base_pass, load_inputs, prepare
+from .stages import BasePass, BaseState, Inputs, ModelSide, base_pass, feature_contexts, load_inputs, prepare
 
 Log = Callable[[str], None]
 BASE_OUTPUTS = ("policy.parquet", "policy.json", "features.parquet", "probes.parquet")
@@ -115,8 +115,9 @@ def cached_base_pass(rd: RunDir, progress: bool = False, readonly: bool = False)
     return get
 
 
-def write_base(rd: RunDir, state: BaseState) -> dict:
-    """policy, features and probes files, and the base stage's marker with its facts."""
+def write_base(rd: RunDir, state: BaseState, progress: bool = False) -> dict:
+    """policy, features (with their readable contexts) and probes files, and the base stage's
+    marker with its facts."""
     pol = state.policy
     probes = state.inputs.probes.with_columns(pl.Series("y", state.base.y0), pl.Series("y_pred", state.fit.pred))
     files = {
@@ -128,6 +129,10 @@ def write_base(rd: RunDir, state: BaseState) -> dict:
     files["policy.json"] = digest_file(rd.file("policy.json"))
     files |= (rd.marker("stages/base_pass.json") or {}).get("files", {})
     files["pair_data.parquet"] = rd.write_parquet("pair_data.parquet", pair_data(state))
+    if state.cfg.features.contexts:
+        rd.log("feature contexts (probes, pairs, corpus)")
+        files["feature_contexts.parquet"] = rd.write_parquet("feature_contexts.parquet",
+                                                             feature_contexts(state, progress))
     facts = {"n_probes": probes.height, "n_features": int(len(state.features.columns)), "lam": pol.lam,
              "behaviour": behaviour_spec(state.cfg.behaviour), "sae_quality": state.model.sae_quality,
              "probe_fvu": state.features.probe_fvu, "fidelity": state.fit.fidelity,
@@ -269,7 +274,7 @@ def _base_state(rd: RunDir, cfg: Config, inputs: Inputs, ranks: Ranks, log: Log,
     base = None
     if ranks.main:
         state = prepare(cfg, log, progress, cached_base=cached_base_pass(rd, progress), inputs=inputs, timer=clock.lap)
-        base = write_base(rd, state)
+        base = write_base(rd, state, progress)
         clock.lap("base_outputs")
     ranks.barrier()
     if not ranks.main:

@@ -151,7 +151,9 @@ def _sae(cfg: Config, lm: LoadedModel, hook: HookSite, inputs: Inputs, log: Log,
         sae = load_sae(cfg.sae.path or None, cfg.sae.release or None, cfg.sae.id or None, cfg.model.device)
         return SaeReader(sae, cfg.model.device), None, sae_identity(cfg.sae)
     prompts = inputs.all_pairs["prompt"].to_list() + inputs.probes["prompt"].to_list()
-    folder, quality = default_sae(lm, hook, prompts, cfg.run.cache_path(), cfg.sae, log, progress)
+    eot = lm.tokenizer.convert_tokens_to_ids(cfg.probe.eot_token) if cfg.probe.pooling == "eot" else None
+    folder, quality = default_sae(lm, hook, prompts, cfg.run.cache_path(), cfg.sae, log, progress,
+                                  pooling=cfg.probe.pooling, eot_id=eot if isinstance(eot, int) else None)
     return SaeReader(load_sae(str(folder), device=cfg.model.device), cfg.model.device), quality, folder.name
 
 
@@ -209,10 +211,88 @@ def select(cfg: Config, inputs: Inputs, model: ModelSide, base: BasePass) -> Fea
     top = [", ".join(probes["id"][np.argsort(-X[:, j], kind="stable")[:3]].to_list()) for j in range(X.shape[1])]
     labels = [f"{g}: {probes['prompt'][int(np.argmax(X[:, j]))][:60]}" for j, g in enumerate(groups)]
     frame = chosen.select("feature_id", "n_active", "frac_active", "mean", "corr", "score", "rank").with_columns(
-        pl.Series("group", groups), pl.Series("label", labels), pl.Series("top_probes", top))
+        pl.Series("group", groups), pl.Series("label", labels), pl.Series("top_probes", top),
+        *readable_columns(cfg, model, X, cats, inputs.flag, cols))
     return FeatureSet(cols, X, gated, pre0, frame, groups, labels,
                       w_enc=model.reader.w_enc(cols) if gated else None, gate=(pre0 > 0) if gated else None,
                       probe_fvu=model.reader.fvu(base.H0, codes))
+
+
+CATEGORY_SPLIT = pl.List(pl.Struct({"category": pl.String, "n": pl.Int64, "mean": pl.Float64,
+                                     "mean_flagged": pl.Float64, "mean_unflagged": pl.Float64,
+                                     "frac_active": pl.Float64}))
+"""features.parquet's ``by_category``: a feature's activation over each probe category's probes,
+and on its flagged and other probes (null where a side has none)."""
+
+
+def _mean(v: np.ndarray) -> float | None:
+    return float(v.mean()) if len(v) else None
+
+
+def category_split(X: np.ndarray, cats: np.ndarray, flag: np.ndarray | None) -> tuple[list, list, list]:
+    """Per feature (column of X): the by-category list, the mean on flagged and on other probes."""
+    levels = sorted(set(cats.tolist()))
+    side = np.zeros(len(cats), dtype=bool) if flag is None else flag
+    by, on, off = [], [], []
+    for j in range(X.shape[1]):
+        x = X[:, j]
+        rows = []
+        for c in levels:
+            m = cats == c
+            rows.append({"category": str(c), "n": int(m.sum()), "mean": float(x[m].mean()),
+                         "mean_flagged": None if flag is None else _mean(x[m & side]),
+                         "mean_unflagged": None if flag is None else _mean(x[m & ~side]),
+                         "frac_active": float((x[m] > 0).mean())})
+        by.append(rows)
+        on.append(None if flag is None else _mean(x[side]))
+        off.append(None if flag is None else _mean(x[~side]))
+    return by, on, off
+
+
+def readable_columns(cfg: Config, model: ModelSide, X: np.ndarray, cats: np.ndarray, flag: np.ndarray | None,
+                     cols: np.ndarray) -> list[pl.Series]:
+    """features.parquet's columns for a reader: the split by category and side, and the decoder
+    direction's top output tokens through the unembedding (logit lens) with their logits."""
+    from ..model.readable import logit_lens
+
+    by, on, off = category_split(X, cats, flag)
+    n = cfg.features.lens_tokens
+    directions = model.reader.sae.W_dec.detach().double().cpu().numpy()[np.asarray(cols, dtype=np.int64)]
+    toks, logits = logit_lens(model.lm.model, model.lm.tokenizer, directions, n) if n else ([[]] * len(cols),) * 2
+    return [pl.Series("mean_flagged", on, dtype=pl.Float64), pl.Series("mean_unflagged", off, dtype=pl.Float64),
+            pl.Series("by_category", by, dtype=CATEGORY_SPLIT),
+            pl.Series("lens_tokens", toks, dtype=pl.List(pl.String)),
+            pl.Series("lens_logits", logits, dtype=pl.List(pl.Float64))]
+
+
+def feature_contexts(state: "BaseState", progress: bool = False) -> pl.DataFrame:
+    """feature_contexts.parquet: each selected feature's top-activating tokens over the probes,
+    the run's pairs (their whole chat tokens) and the shipped corpus (plain, first 128 tokens
+    of each docstring), with a window around each (model/readable.py)."""
+    from ..model.readable import Source, feature_activations, top_contexts
+    from ..model.sae_train import generic_docs
+
+    f, m, cfg = state.features, state.model, state.cfg.features
+    tok = m.lm.tokenizer
+    sources = [Source("probe", str(i), tuple(t)) for i, t in zip(state.inputs.probes["id"].to_list(), m.probe_tokens)]
+    sources += [Source("pair", str(i), tuple(t.ids)) for i, t in zip(state.inputs.pairs["id"].to_list(), m.pair_tokens)]
+    sources += [Source("corpus", f"doc-{i}", tuple(tok(d, add_special_tokens=False)["input_ids"][:128]))
+                for i, d in enumerate(generic_docs())]
+    ids = f.frame["feature_id"].to_list()
+    if cfg.contexts == 0:
+        acts: list = []
+    else:
+        acts = feature_activations(m.lm.model, m.reader, m.hook, f.columns, f.gated, [s.ids for s in sources],
+                                   int(tok.pad_token_id), progress=progress)
+    out = top_contexts(acts, sources, ids, cfg.contexts, cfg.context_window,
+                       lambda seq: [tok.decode([int(t)]) for t in seq])
+    return pl.DataFrame(out, schema=CONTEXTS_SCHEMA)
+
+
+CONTEXTS_SCHEMA = {"feature_id": pl.Int64, "rank": pl.Int64, "source": pl.String, "item_id": pl.String,
+                   "position": pl.Int64, "token": pl.String, "activation": pl.Float64,
+                   "window_tokens": pl.List(pl.String), "window_activations": pl.List(pl.Float64),
+                   "window_start": pl.Int64}
 
 
 def fit(cfg: Config, inputs: Inputs, features: FeatureSet, base: BasePass) -> PolicyFit:

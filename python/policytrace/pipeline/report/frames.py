@@ -19,7 +19,7 @@ from ..rundir import RunDir
 REQUIRED = ("policy", "features", "probes", "pairs", "pair_features", "pair_behaviour", "pair_data",
             "interference_groups")
 # Written by `policytrace validate`; a report of an unvalidated run says so instead.
-OPTIONAL = ("validation", "removal", "planted")
+OPTIONAL = ("validation", "removal", "planted", "feature_contexts")
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,9 @@ class RunFrames:
     planted: pl.DataFrame | None = None
     repairs: pl.DataFrame | None = None
     """One row per repair and probe set (`policytrace repair`); None when the folder has none."""
+    feature_contexts: pl.DataFrame | None = None
+    """Each feature's top-activating token contexts (none for runs before 0.3.0 or with
+    features.contexts = 0)."""
 
     @property
     def base(self) -> dict:

@@ -34,12 +34,27 @@ class PairPanel:
 
 
 @dataclass(frozen=True)
+class Context:
+    """One top-activating token in its window: (piece, activation, shade 0..1, is the token)."""
+
+    where: str
+    activation: str
+    tokens: tuple[tuple[str, str, float, bool], ...]
+
+
+@dataclass(frozen=True)
 class FeaturePanel:
     id: str
     anchor: str
     facts: tuple[tuple[str, str], ...]
     top_probes: Table
     movers: Table
+    lens: tuple[tuple[str, str], ...] = ()
+    """The decoder direction's top output tokens through the unembedding, with their logits."""
+    by_category: Table | None = None
+    """Its mean activation per probe category and side."""
+    contexts: tuple[Context, ...] = ()
+    """Its top-activating token contexts over probes, pairs and the corpus."""
 
 
 def _by(frame: pl.DataFrame, key: str) -> dict:
@@ -128,17 +143,48 @@ def top_probes(ids_text: str | None, probes: dict) -> Table:
     return table(frame)
 
 
+def lens_pairs(r: dict) -> tuple[tuple[str, str], ...]:
+    toks, logits = r.get("lens_tokens") or [], r.get("lens_logits") or []
+    return tuple((t, f"{v:.3g}") for t, v in zip(toks, logits))
+
+
+def category_table(r: dict) -> Table | None:
+    rows = r.get("by_category")
+    if not rows:
+        return None
+    frame = pl.DataFrame(rows, schema={"category": pl.String, "n": pl.Int64, "mean": pl.Float64,
+                                       "mean_flagged": pl.Float64, "mean_unflagged": pl.Float64,
+                                       "frac_active": pl.Float64})
+    return table(frame)
+
+
+def contexts_of(frame: pl.DataFrame | None) -> tuple[Context, ...]:
+    if frame is None:
+        return ()
+    out = []
+    for c in frame.sort("rank").iter_rows(named=True):
+        acts = c["window_activations"] or []
+        peak = max([c["activation"], *acts]) or 1.0
+        centre = c["position"] - c["window_start"]
+        toks = tuple((t, f"{a:.3g}", round(max(a, 0.0) / peak, 3), i == centre)
+                     for i, (t, a) in enumerate(zip(c["window_tokens"], acts)))
+        out.append(Context(f"{c['source']} {c['item_id']} · token {c['position']}", fmt(c["activation"]), toks))
+    return tuple(out)
+
+
 def feature_panels(run: RunFrames) -> tuple[FeaturePanel, ...]:
     """One panel per policy feature, in the order of features.parquet."""
     pol = run.policy.select("feature_id", "coef", "coef_raw", "rank")
     probes = {r["id"]: r for r in run.probes.iter_rows(named=True)}
     pf = run.pair_features.join(run.pairs.select("pair_id", "label"), on="pair_id", how="left")
     movers_of = _by(pf, "feature_id")
+    contexts = _by(run.feature_contexts, "feature_id") if run.feature_contexts is not None else {}
     out = []
     for r in run.features.join(pol, on="feature_id").iter_rows(named=True):
         fid = r["feature_id"]
         movers = _largest(movers_of.get(fid, pf.clear()), "d_coef", "pair_id", 10).select(
             "pair_id", "label", "d_coef_x", "d_coef_y", "alignment", "mediated_dy")
         out.append(FeaturePanel(str(fid), anchor("feature", fid), feature_facts(r),
-                                top_probes(r["top_probes"], probes), table(movers, links=PAIR_LINK)))
+                                top_probes(r["top_probes"], probes), table(movers, links=PAIR_LINK),
+                                lens_pairs(r), category_table(r), contexts_of(contexts.get(fid))))
     return tuple(out)
