@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -169,9 +170,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "batched.json")
     ap.add_argument("--no-readme", action="store_true")
+    ap.add_argument("--sae-path", default="", help="an SAE folder to use instead of the default one (sae.path)")
     args = ap.parse_args()
+    load_start = os.getloadavg()
     torch.set_num_threads(args.threads)
-    cfg = cfgmod.resolve({"preset": "demo", "data": {"max_pairs": 0}, "run": {"mode": "gradient", "threads": args.threads}})
+    cfg = cfgmod.resolve({"preset": "demo", "data": {"max_pairs": 0}, "run": {"mode": "gradient", "threads": args.threads}}
+                         | ({"sae": {"path": args.sae_path}} if args.sae_path else {}))
     state = prepare(cfg, log=print, progress=True)
     rate = matmul_rate(args.threads)
     cs = concept_list(state)[: args.concepts]
@@ -186,7 +190,8 @@ def main() -> None:
            "commit": git_commit(), "matmul_gflops": rate / 1e9, "n_trainable": n_train, "r": args.r,
            "pair_side": pairs, "concept_pass": cons, "engine_s_per_pair": eng,
            "marginal_speedup_whole": eng / pairs["batched_whole_s_per_pair"],
-           "marginal_speedup_projected": eng / pairs["batched_projected_s_per_pair"]}
+           "marginal_speedup_projected": eng / pairs["batched_projected_s_per_pair"],
+           "load_average": {"start": load_start, "end": os.getloadavg()}}
     args.out.parent.mkdir(exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
