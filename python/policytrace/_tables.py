@@ -62,6 +62,28 @@ def output_neutral(cls: type) -> frozenset[str]:
     return names
 
 
+def added_later(cls: type) -> frozenset[str]:
+    """Fields a table marks ``ADDED_LATER`` (a ClassVar): left out of the run's identity and of
+    the resolved TOML while they hold their default, so a folder of an earlier version, whose
+    settings are unchanged, keeps its config digest and its config.toml bytes. Set to anything
+    else, such a field counts like any other."""
+    names = frozenset(cls.__dict__.get("ADDED_LATER", ()))
+    unknown = names - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise TypeError(f"{cls.__name__}.ADDED_LATER names no field {sorted(unknown)}")
+    return names
+
+
+def identity_mapping(obj: Any) -> dict[str, Any]:
+    """:func:`to_mapping` without the ``ADDED_LATER`` fields that hold their default."""
+    later = added_later(type(obj))
+    if not later:
+        return to_mapping(obj)
+    defaults = {f.name: f.default for f in dataclasses.fields(obj)}
+    return {k: v for k, v in to_mapping(obj).items()
+            if k not in later or getattr(obj, k) != defaults[k]}
+
+
 def key(obj: Any, field: str) -> str:
     """``table.field`` for messages."""
     return f"{type(obj).TABLE}.{field}"

@@ -6,7 +6,7 @@ Declared here, beside the code that consumes them, and composed into the run con
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from .._tables import fail, table
 
@@ -37,6 +37,9 @@ class ModelCfg:
 
 @table("sae")
 class SaeCfg:
+    # Left out of the run's identity while empty, so one-layer folders keep their digest.
+    ADDED_LATER: ClassVar[tuple[str, ...]] = ("layers", "paths")
+
     path: str = ""
     """An sae-lens SAE folder (cfg.json + sae_weights.safetensors)."""
     release: str = ""
@@ -56,6 +59,15 @@ class SaeCfg:
     """Adam steps of the default SAE's training."""
     train_seed: int = 0
     """Seed of the default SAE's initialisation and batches."""
+    layers: tuple[int, ...] = ()
+    """Mediation across layers: more decoder blocks (same `sae.site`), each with its own SAE
+    (the default one trained per layer, or `sae.paths`), read in the same base pass; per layer
+    the features are selected and a policy fit by the same rules, and each pair's mediated
+    change is measured (layers.parquet; the manifest names the best layer). `sae.layer` still
+    drives every other output; [] = a one-layer run (engine and gradient modes)."""
+    paths: tuple[str, ...] = ()
+    """With a named SAE (`sae.path`): one sae-lens folder per entry of `sae.layers`, in order
+    (the entry for `sae.layer`, if listed, must be `sae.path`)."""
 
     def __post_init__(self) -> None:
         if self.layer < 0:
@@ -70,6 +82,44 @@ class SaeCfg:
             raise fail(self, "train_seed", "must be between 0 and 2**63 - 1")
         if bool(self.release) != bool(self.id):
             raise fail(self, "release" if self.id else "id", "needs both sae.release and sae.id")
+        self._check_layers()
+
+    def _check_layers(self) -> None:
+        bad = [v for v in self.layers if v < 0]
+        if bad:
+            raise fail(self, "layers", f"holds a negative layer ({bad[0]}); decoder blocks count from 0")
+        dup = sorted({v for v in self.layers if self.layers.count(v) > 1})
+        if dup:
+            raise fail(self, "layers", f"lists layer {dup[0]} more than once")
+        if self.paths and not self.layers:
+            raise fail(self, "paths", "needs sae.layers (one SAE folder per listed layer)")
+        if self.layers and self.release:
+            raise fail(self, "layers", "needs SAE folders (sae.path and sae.paths), not sae.release")
+        if self.layers and self.path and len(self.paths) != len(self.layers):
+            raise fail(self, "paths", f"must name one SAE folder per entry of sae.layers ({len(self.layers)}) "
+                                      "when sae.path names the run's SAE")
+        if self.paths and not self.path:
+            raise fail(self, "paths", "needs sae.path (the SAE of sae.layer); without both, the default SAE is "
+                                      "trained per layer")
+        if self.layer in self.layers and self.paths and self.paths[self.layers.index(self.layer)] != self.path:
+            raise fail(self, "paths", f"names another SAE for sae.layer = {self.layer} than sae.path")
+
+    @property
+    def extra_layers(self) -> tuple[int, ...]:
+        """The listed layers other than `sae.layer`, in order (each read by its own SAE)."""
+        return tuple(v for v in self.layers if v != self.layer)
+
+    @property
+    def curve_layers(self) -> tuple[int, ...]:
+        """Every layer of the mediation curve, sorted: `sae.layers` and `sae.layer`; () when
+        no layers are listed (a one-layer run has no curve)."""
+        return tuple(sorted({*self.layers, self.layer})) if self.layers else ()
+
+    def path_of(self, layer: int) -> str:
+        """The named SAE folder of a listed layer ("" = the default SAE, trained for it)."""
+        if layer == self.layer or not self.paths:
+            return self.path
+        return self.paths[self.layers.index(layer)]
 
     @property
     def named(self) -> bool:

@@ -20,7 +20,7 @@ import typing
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from .._tables import describe, fail, field_docs, from_mapping, output_neutral, table, to_mapping
+from .._tables import describe, fail, field_docs, from_mapping, identity_mapping, output_neutral, table, to_mapping
 from ..behaviours import BehaviourCfg, resolved_table
 from ..errors import ConfigError
 from ..model.config import ModelCfg, ProbeCfg, SaeCfg, UpdateCfg
@@ -218,7 +218,8 @@ class Config:
         return {name: getattr(self, name) for name in TABLES}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"preset": self.preset} | {name: to_mapping(t) for name, t in self.tables().items()}
+        """Every table's keys (those added later only when set: ``ADDED_LATER``)."""
+        return {"preset": self.preset} | {name: identity_mapping(t) for name, t in self.tables().items()}
 
 
 def _preset(**tables: dict[str, Any]) -> Config:
@@ -276,7 +277,21 @@ def resolve(user: dict | None = None) -> Config:
             raise ConfigError(f"unknown config key '{name}' (known: {', '.join(['preset', *TABLES])})")
     _refuse_empty_openings(user.get("behaviour"))
     tables = {name: from_mapping(TABLES[name], values, getattr(base, name)) for name, values in user.items()}
-    return _with_behaviour_defaults(dataclasses.replace(base, preset=preset, **tables))
+    cfg = _with_behaviour_defaults(dataclasses.replace(base, preset=preset, **tables))
+    check_across_tables(cfg)
+    return cfg
+
+
+LAYER_MODES = ("engine", "gradient")
+"""The run modes that measure the mediation curve over `sae.layers`."""
+
+
+def check_across_tables(cfg: Config) -> None:
+    """Settings of different tables that cannot go together."""
+    if cfg.sae.layers and cfg.run.mode not in LAYER_MODES:
+        raise ConfigError(f"config 'sae.layers' (mediation across layers) works in run.mode = "
+                          f"{' or '.join(repr(m) for m in LAYER_MODES)}, not {cfg.run.mode!r}; "
+                          "leave sae.layers out (or []) for a trajectory run")
 
 
 def load(path: str | os.PathLike) -> Config:
@@ -301,7 +316,7 @@ def identity(cfg: Config) -> dict[str, Any]:
     out: dict[str, Any] = {"preset": cfg.preset}
     for name, tbl in cfg.tables().items():
         neutral = output_neutral(type(tbl))
-        out |= {f"{name}.{k}": v for k, v in to_mapping(tbl).items() if k not in neutral}
+        out |= {f"{name}.{k}": v for k, v in identity_mapping(tbl).items() if k not in neutral}
     return out
 
 
