@@ -33,6 +33,9 @@ class ProbeSide:
     probe_tokens: list[list[int]]
     columns: np.ndarray
     gated: bool
+    layers: tuple = ()
+    """More sites read in the same forwards (mediation across layers): ``(hook, reader,
+    columns, gated)`` each; a concept of site ``i`` ≥ 1 is on the i-th one's codes."""
 
 
 class ConceptSums:
@@ -91,31 +94,44 @@ def _dtype(pc: Piece) -> torch.dtype:
     return (pc.grad if isinstance(pc, DensePiece) else pc.g).dtype
 
 
-def concept_rows(model, trainable: list[str], probes: ProbeSide, cx: np.ndarray, cy: np.ndarray, projector,
-                 dtype: torch.dtype, token_budget: int = 4096, progress: bool = False) -> torch.Tensor:
+def concept_rows(model, trainable: list[str], probes: ProbeSide, cx, cy: np.ndarray, projector,
+                 dtype: torch.dtype, token_budget: int = 4096, progress: bool = False,
+                 sites: list[int] | None = None) -> torch.Tensor:
     """(C, D) rows: ∇θ φ_c at the model's own weights for every concept (cotangents ``cx``
-    (C, n, K) on the codes, ``cy`` (C, n) on the scores), whole or projected."""
+    (C, n, K) on the codes, ``cy`` (C, n) on the scores), whole or projected. With
+    ``probes.layers``, ``sites[c]`` says whose codes concept ``c``'s ``cx`` (then a list of
+    (n, K_site) arrays) is on (0: the policy's own)."""
     n_concepts, n = cy.shape
+    sites = sites or [0] * n_concepts
     device = next(model.parameters()).device
     sink = ConceptSums(projector, n_concepts, dtype, device)
     if n_concepts == 0:
         return sink.out
     x_only = [not cy[c].any() for c in range(n_concepts)]
     cols = torch.as_tensor(np.array(probes.columns, dtype=np.int64), device=device)
+    more = [(hook, reader, torch.as_tensor(np.array(c, dtype=np.int64), device=device), gated)
+            for hook, reader, c, gated in probes.layers]
     batches = pack([len(t) for t in probes.probe_tokens], token_budget)
     bar = _progress.bar(n, "concept probe", progress)
     with Frozen(model), GradientHooks(model, trainable, sink, per_example=False) as hooks:
         for idx in batches:
             hooks.reset()
-            H, y = probes.runner.run_differentiable([probes.probe_tokens[i] for i in idx], None, share_prefix=True)
-            x = probes.reader.encode_torch(H, cols, probes.gated)
+            toks = [probes.probe_tokens[i] for i in idx]
+            if more:
+                Hs, y = probes.runner.run_differentiable_sites(toks, None, share_prefix=True,
+                                                               sites=[m[0] for m in more])
+            else:
+                H, y = probes.runner.run_differentiable(toks, None, share_prefix=True)
+                Hs = [H]
+            xs = [probes.reader.encode_torch(Hs[0], cols, probes.gated)]
+            xs += [reader.encode_torch(h, c, gated) for (_, reader, c, gated), h in zip(more, Hs[1:])]
             for c in range(n_concepts):
                 sink.c = c
-                outs, grads = _cotangents(x, y, cx[c][idx], cy[c][idx], x_only[c])
+                outs, grads = _cotangents(xs[sites[c]], y, cx[c][idx], cy[c][idx], x_only[c])
                 torch.autograd.grad(outs, hooks.roots(), grad_outputs=grads, retain_graph=c < n_concepts - 1,
                                     allow_unused=True)
                 hooks.flush()
-            del H, y, x
+            del Hs, y, xs
             bar.update(len(idx))
     bar.close()
     return sink.out

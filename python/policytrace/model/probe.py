@@ -23,7 +23,7 @@ from ..errors import ConfigError, InvalidValueError
 from .chat import encode_prompts, format_prompt
 from .config import POOLINGS, ProbeCfg, SaeCfg
 from .functional import Functional, decoder_call, upcast
-from .sites import HookSite, capture
+from .sites import HookSite, capture_many
 
 __all__ = ["POOLINGS", "ProbeRunner", "TargetSet", "encode_prompts", "format_prompt"]
 
@@ -177,17 +177,26 @@ class ProbeRunner:
         """Pooled block outputs ``H`` (n, d) as float32 numpy (float64 for a float64 model) and
         scores ``y`` (n,) float64
         (``progress``: a bar over probes, for the one-off base pass)."""
+        H, y, _ = self.run_sites(prompt_ids, (), params, probe_ids, progress)
+        return H, y
+
+    def run_sites(self, prompt_ids: Sequence[list[int]], sites: Sequence[HookSite], params: dict | None = None,
+                  probe_ids: Sequence[str] | None = None, progress: bool = False):
+        """:meth:`run` that also reads more ``sites`` in the same forwards: ``(H, y, [H_s, ...])``,
+        each ``H_s`` pooled like ``H`` (mediation across layers)."""
+        sites = tuple(sites)
         n = len(prompt_ids)
         probe_ids = list(probe_ids) if probe_ids is not None else [str(i) for i in range(n)]
         pools = [self.pool_positions(ids, pid) for ids, pid in zip(prompt_ids, probe_ids)]
         # float32 like the model, float64 for a float64 model (a ΔH of a tiny step survives)
         wide = next(self.model.parameters()).dtype == torch.float64
-        H = np.zeros((n, self.model.config.hidden_size), dtype=np.float64 if wide else np.float32)
+        Hs = [np.zeros((n, self.model.config.hidden_size), dtype=np.float64 if wide else np.float32)
+              for _ in range(1 + len(sites))]
         y = np.zeros(n, dtype=np.float64)
         # Length-bucketed batches: sort by length so padding stays small; results are put back
         # in probe order, and padding never changes them (positions come from the mask).
         if n == 0:
-            return H, y
+            return Hs[0], y, Hs[1:]
         order = np.argsort([len(p) for p in prompt_ids], kind="stable")
         prefix = self._common_prefix(prompt_ids, pools) if self.share_prefix else []
         bar = _progress.bar(n, "probe", progress)
@@ -195,36 +204,48 @@ class ProbeRunner:
             prefix_cache = self._prefix_cache(prefix, params) if prefix else None
             for start in range(0, n, self.batch_size):
                 idx = order[start : start + self.batch_size]
-                h, s = self._batch([prompt_ids[i] for i in idx], [pools[i] for i in idx], params, prefix, prefix_cache)
-                H[idx] = (h.double() if wide else h.float()).cpu().numpy()
+                hs, s = self._batch_sites([prompt_ids[i] for i in idx], [pools[i] for i in idx], params, prefix,
+                                          prefix_cache, sites=(self.hook, *sites))
+                for H, h in zip(Hs, hs):
+                    H[idx] = (h.double() if wide else h.float()).cpu().numpy()
                 y[idx] = s.cpu().numpy()
                 bar.update(len(idx))
         bar.close()
-        return H, y
+        return Hs[0], y, Hs[1:]
 
     def run_differentiable(self, prompt_ids: Sequence[list[int]], params: dict | None, share_prefix: bool = False):
+        """:meth:`run_differentiable_sites` of the runner's own site: ``(H, y)``."""
+        hs, y = self.run_differentiable_sites(prompt_ids, params, share_prefix)
+        return hs[0], y
+
+    def run_differentiable_sites(self, prompt_ids: Sequence[list[int]], params: dict | None,
+                                 share_prefix: bool = False, sites: Sequence[HookSite] = ()):
         """Pooled activations (n, d) and scores (n,) as torch tensors that carry gradients (with
         respect to ``params``, or to whatever requires grad in the model's own forward when
         ``params`` is None). ``share_prefix`` (for poolings at one position) runs the chat
         template's common prefix once, inside the graph: its keys and values are expanded over
         the batch, so the backward sums every probe's gradient into the one prefix (exact for
-        sums over probes, such as concept gradients; not per-probe separable)."""
+        sums over probes, such as concept gradients; not per-probe separable). Returns the list
+        of pooled activations, the runner's site first, then ``sites``, and the scores."""
         n = len(prompt_ids)
         pools = [self.pool_positions(ids) for ids in prompt_ids]
         order = np.argsort([len(p) for p in prompt_ids], kind="stable")
         share = share_prefix and self.pooling in ("last", "eot")
         prefix = self._common_prefix(prompt_ids, pools) if share and n else []
         prefix_cache = self._prefix_cache(prefix, params) if prefix else None
-        parts_h, parts_y, positions = [], [], []
+        all_sites = (self.hook, *sites)
+        parts_h: list[list] = [[] for _ in all_sites]
+        parts_y, positions = [], []
         for start in range(0, n, self.batch_size):
             idx = order[start : start + self.batch_size]
-            h, s = self._batch([prompt_ids[i] for i in idx], [pools[i] for i in idx], params, prefix, prefix_cache,
-                               fresh=_expanded_cache)
-            parts_h.append(h)
+            hs, s = self._batch_sites([prompt_ids[i] for i in idx], [pools[i] for i in idx], params, prefix,
+                                      prefix_cache, fresh=_expanded_cache, sites=all_sites)
+            for part, h in zip(parts_h, hs):
+                part.append(h)
             parts_y.append(s)
             positions.extend(idx.tolist())
         inv = torch.as_tensor(np.argsort(positions, kind="stable"))
-        return torch.cat(parts_h)[inv], torch.cat(parts_y)[inv]
+        return [torch.cat(p)[inv] for p in parts_h], torch.cat(parts_y)[inv]
 
     @staticmethod
     def _common_prefix(prompt_ids, pools) -> list[int]:
@@ -247,6 +268,12 @@ class ProbeRunner:
 
     def _batch(self, batch: list[list[int]], pools: list[int], params, prefix=(), prefix_cache=None,
                fresh=None):
+        hs, scores = self._batch_sites(batch, pools, params, prefix, prefix_cache, fresh, (self.hook,))
+        return hs[0], scores
+
+    def _batch_sites(self, batch: list[list[int]], pools: list[int], params, prefix=(), prefix_cache=None,
+                     fresh=None, sites: tuple[HookSite, ...] = ()):
+        """Pooled activations at each of ``sites`` (one forward) and the scores."""
         P = len(prefix)
         batch = [seq[P:] for seq in batch]
         pools = [p - P for p in pools]
@@ -263,25 +290,26 @@ class ProbeRunner:
         cache = None
         if prefix_cache is not None:
             cache = (fresh or _copied_cache)(prefix_cache, B)
-        with capture(self.model, self.hook) as store:
+        with capture_many(self.model, sites) as store:
             out = self._call(params, self._decoder_fn, ids, mask, pos, cache)
-        hidden_block = store["h"]
-        # Pooled residual.
-        if self.pooling in ("last", "eot"):
-            rows = torch.arange(B, device=ids.device)
-            cols = torch.tensor([T - len(seq) + p for seq, p in zip(batch, pools)], device=ids.device)
-            pooled = hidden_block[rows, cols]
-        else:
-            m = smask.unsqueeze(-1).to(hidden_block.dtype)
-            if self.pooling == "mean":
-                pooled = (hidden_block * m).sum(1) / m.sum(1)
-            else:
-                pooled = hidden_block.masked_fill(m == 0, float("-inf")).amax(1)
+        pooled = [self._pool(store[i], batch, pools, smask, T) for i in range(len(sites))]
         last_hidden, cache = out
         first = self._call(params, self._head_fn, last_hidden[:, -1])
         logp_first = torch.log_softmax(upcast(first), dim=-1)
         scores = self._score(logp_first, cache, mask, pos, params)
         return pooled, scores
+
+    def _pool(self, hidden_block, batch, pools, smask, T):
+        """The pooled activation of one site's (B, T, d) block output."""
+        if self.pooling in ("last", "eot"):
+            B = hidden_block.shape[0]
+            rows = torch.arange(B, device=hidden_block.device)
+            cols = torch.tensor([T - len(seq) + p for seq, p in zip(batch, pools)], device=hidden_block.device)
+            return hidden_block[rows, cols]
+        m = smask.unsqueeze(-1).to(hidden_block.dtype)
+        if self.pooling == "mean":
+            return (hidden_block * m).sum(1) / m.sum(1)
+        return hidden_block.masked_fill(m == 0, float("-inf")).amax(1)
 
     def _decoder_fn(self, ids, mask, pos, cache=None):
         return decoder_call(self._decoder, ids, mask, pos, cache, use_cache=True)

@@ -87,26 +87,44 @@ def site_module(model, site: HookSite):
     raise ConfigError(f"sae.site = '{site.site}': block {type(blk).__name__} has none of {names}")
 
 
+def _register(model, site: HookSite, store: dict, key):
+    module = site_module(model, site)
+
+    def hook(_module, _inputs, output):
+        store[key] = output[0] if isinstance(output, tuple) else output
+
+    def pre_hook(_module, args, kwargs):
+        store[key] = args[0] if args else kwargs["hidden_states"]
+
+    if site.site == "resid_pre":
+        return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    return module.register_forward_hook(hook)
+
+
 @contextmanager
 def capture(model, site: HookSite) -> Iterator[dict]:
     """Record the site's activation of the next forward passes into ``store["h"]``."""
     store: dict = {}
-    module = site_module(model, site)
-
-    def hook(_module, _inputs, output):
-        store["h"] = output[0] if isinstance(output, tuple) else output
-
-    def pre_hook(_module, args, kwargs):
-        store["h"] = args[0] if args else kwargs["hidden_states"]
-
-    if site.site == "resid_pre":
-        handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
-    else:
-        handle = module.register_forward_hook(hook)
+    handle = _register(model, site, store, "h")
     try:
         yield store
     finally:
         handle.remove()
+
+
+@contextmanager
+def capture_many(model, sites: "tuple[HookSite, ...] | list[HookSite]") -> Iterator[dict]:
+    """Record several sites' activations of the next forward passes, ``store[i]`` for
+    ``sites[i]`` (one forward reads them all)."""
+    store: dict = {}
+    handles = []
+    try:
+        for i, site in enumerate(sites):
+            handles.append(_register(model, site, store, i))
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def capture_block_output(model, layer: int, site: str = "resid_post"):

@@ -31,6 +31,9 @@ class Concept:
     name: str
     cx: np.ndarray  # (n, K) cotangent on ΔX
     cy: np.ndarray  # (n,) cotangent on Δy
+    site: int = 0
+    """Whose features ``cx`` is on: 0 the policy's own; ``i`` ≥ 1 the i-th other layer's
+    (mediation across layers: then K is that layer's count)."""
 
     def apply(self, dX: np.ndarray, dy: np.ndarray) -> float:
         """The concept's value for one pair's (ΔX, Δy) (what gradient mode approximates)."""

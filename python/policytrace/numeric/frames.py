@@ -55,6 +55,20 @@ INTERFERENCE_GROUPS_SCHEMA: Schema = {
     "grouping": pl.String, "group": pl.String, "n_pairs": pl.Int64, "interference_rate": pl.Float64,
     "chance_rate": pl.Float64, "excess": pl.Float64, "p_value": pl.Float64, "significant": pl.Boolean,
 }
+PAIR_LAYERS_SCHEMA: Schema = {
+    "pair_id": pl.String, "layer": pl.Int64, "dy_mean": pl.Float64, "mediated_dy": pl.Float64,
+    "mediated_share": pl.Float64, "mediated_r2": pl.Float64,
+}
+"""Mediation across layers (``sae.layers``): per pair and layer of the curve, the measured mean
+Δy and the part that layer's policy's features carry (``mediated_r2`` probe by probe: null in
+gradient mode)."""
+LAYERS_SCHEMA: Schema = {
+    "layer": pl.Int64, "main": pl.Boolean, "best": pl.Boolean, "n_features": pl.Int64, "lam": pl.Float64,
+    "r2_heldout": pl.Float64, "r2_mean_baseline": pl.Float64, "probe_fvu": pl.Float64, "sae_fvu": pl.Float64,
+    "n_pairs": pl.Int64, "dy_sum": pl.Float64, "mediated_sum": pl.Float64, "mediated_share": pl.Float64,
+    "mediated_r2": pl.Float64, "median_pair_r2": pl.Float64,
+}
+"""``layers.parquet``: one row per layer of the curve (numeric/mediation.py ``layer_summary``)."""
 
 LABELS = frozenset({"pair_id", "group", "dominant_group", "probe_group"})
 
@@ -176,3 +190,19 @@ def pair_behaviour_frame(pair_ids: Sequence[Any], levels: Sequence[Any], dy_mean
     if mediated_dy is not None:
         cols |= {"mediated_dy": mediated_dy.ravel(), "direct_dy": (dy_mean - mediated_dy).ravel()}
     return build(PAIR_BEHAVIOUR_SCHEMA, cols, g * p)
+
+
+def pair_layers_frame(pair_ids: Sequence[Any], layers: Sequence[int], dy_mean: np.ndarray, mediated: np.ndarray,
+                      r2: np.ndarray | None) -> pl.DataFrame:
+    """``pair_layers``, pair-major: ``dy_mean`` (P,), ``mediated`` and ``r2`` (P, L) per pair and
+    layer (``r2`` ``None``: not given, null)."""
+    from .mediation import mediated_share
+
+    p, n_layers = mediated.shape
+    dy = np.repeat(np.asarray(dy_mean, dtype=np.float64), n_layers)
+    cols: dict[str, Any] = {"pair_id": [i for i in pair_ids for _ in range(n_layers)],
+                            "layer": np.tile(np.asarray(layers, dtype=np.int64), p), "dy_mean": dy,
+                            "mediated_dy": mediated.ravel(), "mediated_share": nullable(mediated_share(mediated.ravel(), dy))}
+    if r2 is not None:
+        cols["mediated_r2"] = nullable(r2.ravel())
+    return build(PAIR_LAYERS_SCHEMA, cols, p * n_layers)

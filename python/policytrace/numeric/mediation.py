@@ -8,6 +8,10 @@ probe ``p_j = ΔZ_j · β`` and its mean over probes, ``mediated = Σ_k β_k · 
 ``mediated_share = mediated / mean Δy`` (how much of the average change; null when the change
 is zero) and ``mediated_r2 = 1 − ‖Δy − p‖² / ‖Δy‖²`` (how well the features' prediction
 matches the change probe by probe; ≤ 0 when they explain nothing).
+
+Across layers (``sae.layers``), :func:`layer_summary` gives each layer's curve point over all
+pairs: the mediated share of the summed change ``Σ_i mediated_i / Σ_i dy_i`` and, across pairs,
+``1 − Σ_i (dy_i − mediated_i)² / Σ_i dy_i²`` (uncentred, like the per-pair R²).
 """
 
 from __future__ import annotations
@@ -63,3 +67,25 @@ def sums_of(stacked: sp.csr_matrix, n: int, coef: np.ndarray, scale: np.ndarray)
     predicted = np.asarray(stacked @ (coef / scale)).reshape(p, n)
     owner = sp.csr_matrix((np.full(p * n, 1.0 / n), (np.repeat(np.arange(p), n), np.arange(p * n))), shape=(p, p * n))
     return predicted, np.asarray((owner @ stacked).todense())
+
+
+def pair_mediated(dX: np.ndarray, dy: np.ndarray, coef: np.ndarray, scale: np.ndarray) -> tuple[float, float]:
+    """One pair's ``(mediated, mediated_r2)`` from its ΔX (n, K) and Δy (n,) under a policy's
+    ``coef`` and ``scale`` (float64 numpy; NaN R² when Δy is zero)."""
+    predicted = np.asarray(dX, dtype=np.float64) @ (np.asarray(coef, dtype=np.float64) / scale)
+    dy = np.asarray(dy, dtype=np.float64)
+    ss = float(dy @ dy)
+    r2 = 1.0 - float(((dy - predicted) ** 2).sum()) / ss if ss > 0 else float("nan")
+    return float(predicted.mean()), r2
+
+
+def layer_summary(dy_mean: np.ndarray, mediated: np.ndarray) -> dict[str, float]:
+    """One layer's curve point over pairs (P,): the summed change and its mediated part, the
+    mediated share of the summed change (NaN when it is below :data:`ZERO_CHANGE`) and the
+    uncentred R² of the pairs' mean changes by their mediated parts (NaN when all are zero)."""
+    dy, med = np.asarray(dy_mean, dtype=np.float64), np.asarray(mediated, dtype=np.float64)
+    total, carried = float(dy.sum()), float(med.sum())
+    ss = float(dy @ dy)
+    return {"dy_sum": total, "mediated_sum": carried,
+            "mediated_share": carried / total if abs(total) > ZERO_CHANGE else float("nan"),
+            "mediated_r2": 1.0 - float(((dy - med) ** 2).sum()) / ss if ss > 0 else float("nan")}

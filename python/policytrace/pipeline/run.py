@@ -26,7 +26,7 @@ from ..model.loading import default_model_location, model_identity
 from ..model.sae import sae_identity
 from ..numeric import summarize_interference
 from ..numeric.frames import (INTERFERENCE_GROUPS_SCHEMA, INTERFERENCE_SCHEMA, PAIR_BEHAVIOUR_SCHEMA,
-                              PAIR_FEATURES_SCHEMA, PAIRS_SCHEMA, Schema, empty)
+                              PAIR_FEATURES_SCHEMA, PAIR_LAYERS_SCHEMA, PAIRS_SCHEMA, Schema, empty)
 from . import config as cfgmod
 from .config import Config
 from .distributed import SINGLE, Ranks, finish, ranks_from_env, runtime_config
@@ -71,6 +71,11 @@ def fingerprint(cfg: Config, inputs: Inputs) -> Fingerprint:
     sae = sae_identity(cfg.sae) if cfg.sae.named else "default (trained from the inputs above)"
     inputs = {"probes": digest_source(data["probes"]), "pairs": digest_source(data["pairs"]), "model": model,
               "sae": sae}
+    if cfg.sae.named and cfg.sae.extra_layers:  # the other layers' SAE folders (sae.paths)
+        from ..model.config import SaeCfg
+
+        inputs["sae_layers"] = " ".join(f"{v}:{sae_identity(SaeCfg(path=cfg.sae.path_of(v)))}"
+                                        for v in cfg.sae.extra_layers)
     return Fingerprint(cfgmod.digest(cfg), inputs, _jsonable(cfgmod.identity(cfg)), thread_counts(cfg))
 
 
@@ -100,15 +105,18 @@ def cached_base_pass(rd: RunDir, progress: bool = False, readonly: bool = False)
     other than 0) fails instead."""
 
     def get(model: ModelSide, inputs: Inputs) -> BasePass:
+        # the other layers of sae.layers, read in the same pass, are stored beside H0
+        extra = [f"H_layer{ls.layer}" for ls in model.layers]
         if rd.valid_marker("stages/base_pass.json") is not None:
-            z = rd.read_npz("base.npz", ("H0", "y0"))
-            return BasePass(z["H0"], z["y0"])
+            z = rd.read_npz("base.npz", ("H0", "y0", *extra))
+            return BasePass(z["H0"], z["y0"], tuple(z[k] for k in extra))
         if readonly:
             raise RunFolderError(f"{rd.file('base.npz')} is missing or damaged though rank 0 wrote it; "
                                  "run the same command again")
-        rd.log("base probe pass")
+        rd.log("base probe pass" + (f" (layers {', '.join(str(v) for v in sorted([model.hook.layer, *[ls.layer for ls in model.layers]]))})"
+                                         if extra else ""))
         bp = base_pass(model, inputs.probes, progress)
-        digest = rd.write_npz("base.npz", H0=bp.H0, y0=bp.y0)
+        digest = rd.write_npz("base.npz", H0=bp.H0, y0=bp.y0, **dict(zip(extra, bp.H_layers)))
         rd.mark("stages/base_pass.json", {"files": {"base.npz": digest}})
         return bp
 
@@ -158,7 +166,7 @@ def shard_rows(pairs: pl.DataFrame, batch: int) -> list[pl.DataFrame]:
 
 
 FRAME_SCHEMAS: dict[str, Schema] = {"pair_features": PAIR_FEATURES_SCHEMA, "pairs": PAIRS_SCHEMA,
-                                    "pair_behaviour": PAIR_BEHAVIOUR_SCHEMA}
+                                    "pair_behaviour": PAIR_BEHAVIOUR_SCHEMA, "pair_layers": PAIR_LAYERS_SCHEMA}
 """A shard's frames, in the order their files are written."""
 
 
@@ -247,7 +255,24 @@ def merge(rd: RunDir, state: BaseState, markers: list[dict]) -> dict[str, str]:
            for name, f in (("pair_features", pf), ("pairs", pairs), ("pair_behaviour", frames["pair_behaviour"]),
                            ("interference", summary), ("interference_groups", groups))}
     assert set(out) == set(FINAL_OUTPUTS)
+    if state.layers:  # mediation across layers: only runs with sae.layers write it
+        out["pair_layers.parquet"] = rd.write_parquet("pair_layers.parquet", frames["pair_layers"])
     return out
+
+
+def write_layers(rd: RunDir, state: BaseState) -> tuple[dict[str, str], dict]:
+    """``layers.parquet`` (the mediation curve) and its manifest facts; nothing in a one-layer run."""
+    if not state.layers:
+        return {}, {}
+    from .layers import curve
+
+    frame, facts = curve(state, rd.read_parquet("pair_layers.parquet"))
+    if facts["best_layer"] is not None:
+        share = facts["mediated_share"][str(facts["best_layer"])]
+        rd.log(f"mediation across layers: the most at layer {facts['best_layer']} (mediated share "
+               f"{share:.3g} of the summed change; " + ", ".join(
+                   f"L{k} {'–' if v is None else f'{v:.3g}'}" for k, v in facts["mediated_share"].items()) + ")")
+    return {"layers.parquet": rd.write_parquet("layers.parquet", frame)}, {"layers": facts}
 
 
 def empty_columns(frame: pl.DataFrame) -> list[str]:
@@ -317,6 +342,8 @@ def complete(rd: RunDir, state: BaseState, base: dict, clock: Timings, started: 
     cfg, mode = state.cfg, get_mode(state.cfg.run.mode)
     markers = collect_markers(rd, state)
     files = merge(rd, state, markers)
+    layer_files, layer_stage = write_layers(rd, state)
+    files |= layer_files
     clock.lap("merge")
     done = mode.finish(state, rd, rd.log)
     if done.files:
@@ -324,7 +351,7 @@ def complete(rd: RunDir, state: BaseState, base: dict, clock: Timings, started: 
     manifest = {
         "config_digest": cfgmod.digest(cfg), "status": "complete", "created": started, "finished": now(),
         "stages": {"base": base["facts"], "pairs": _pair_facts(markers) | mode.facts(rd) | {"mode": mode.name}
-                   | _empty(rd), **done.stages},
+                   | _empty(rd), **layer_stage, **done.stages},
         "shards": {str(m["shard"]): {"pairs": len(m["pairs"])} for m in markers},
         "files": {**base["files"], **files, **done.files},
         "seconds": clock.seconds, "processes": processes,

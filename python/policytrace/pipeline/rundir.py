@@ -38,7 +38,8 @@ from ..errors import RunFolderError
 MANIFEST_VERSION = 2
 FINAL_OUTPUTS = ("pairs.parquet", "pair_features.parquet", "pair_behaviour.parquet", "interference.parquet",
                  "interference_groups.parquet")
-SHARD_KINDS = {"deltas": "npz", "pair_features": "parquet", "pairs": "parquet", "pair_behaviour": "parquet"}
+SHARD_KINDS = {"deltas": "npz", "pair_features": "parquet", "pairs": "parquet", "pair_behaviour": "parquet",
+               "pair_layers": "parquet"}
 
 
 @dataclass(frozen=True)

@@ -23,11 +23,12 @@ import torch
 from ..behaviours import Behaviour, from_config as behaviour_of
 from ..errors import ConfigError, InvalidValueError, NonFiniteError
 from ..model.chat import PairTokens, chat_pair_tokens, encode_prompts
+from ..model.config import SaeCfg
 from ..model.loading import LoadedModel, load_model_cfg
 from ..model.probe import ProbeRunner, TargetSet
 from ..model.sae import SaeReader, load_sae, sae_identity
 from ..model.sae_train import default_sae
-from ..model.sites import HookSite
+from ..model.sites import HookSite, decoder_layers
 from ..model.update import UpdateEngine
 from ..numeric import Policy, fit_policy, select_features
 from ..numeric.fidelity import policy_fidelity
@@ -61,6 +62,21 @@ class Inputs:
 
 
 @dataclass(frozen=True)
+class LayerSae:
+    """One more layer of the mediation curve (``sae.layers``): its site, the SAE reading it,
+    the default SAE's quality (None for a named one) and its identity."""
+
+    hook: HookSite
+    reader: SaeReader
+    sae_quality: dict | None
+    sae_identity: str
+
+    @property
+    def layer(self) -> int:
+        return self.hook.layer
+
+
+@dataclass(frozen=True)
 class ModelSide:
     """The model, the SAE reading it, and the runners that use both."""
 
@@ -74,14 +90,23 @@ class ModelSide:
     sae_identity: str
     pair_tokens: tuple[PairTokens, ...] = ()
     """The run's pairs through the chat template, with their loss masks (checked at load)."""
+    layers: tuple[LayerSae, ...] = ()
+    """The other layers of the mediation curve (``sae.extra_layers``), in order; () in a
+    one-layer run."""
+
+    @property
+    def extra_sites(self) -> tuple[HookSite, ...]:
+        return tuple(ls.hook for ls in self.layers)
 
 
 @dataclass(frozen=True)
 class BasePass:
-    """Pooled activations H0 (n, d) and behaviour scores y0 (n,) under the base weights."""
+    """Pooled activations H0 (n, d) and behaviour scores y0 (n,) under the base weights, and
+    the other layers' pooled activations (``ModelSide.layers``' order), read in the same pass."""
 
     H0: np.ndarray
     y0: np.ndarray
+    H_layers: tuple[np.ndarray, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -112,11 +137,27 @@ class PolicyFit:
 
 
 @dataclass(frozen=True)
+class LayerFit:
+    """One more layer of the mediation curve: its features and policy by the run's own rules."""
+
+    layer: int
+    features: FeatureSet
+    fit: PolicyFit
+    sae_quality: dict | None = None
+
+    @property
+    def policy(self) -> Policy:
+        return self.fit.policy
+
+
+@dataclass(frozen=True)
 class PairDelta:
-    """ΔX (n, K) of the selected features and Δy (n,) under one set of updated weights."""
+    """ΔX (n, K) of the selected features and Δy (n,) under one set of updated weights; with
+    more layers, each one's ΔX of its own features (``BaseState.layers``' order)."""
 
     dX: np.ndarray
     dy: np.ndarray
+    dX_layers: tuple[np.ndarray, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -129,6 +170,8 @@ class BaseState:
     base: BasePass
     features: FeatureSet
     fit: PolicyFit
+    layers: tuple[LayerFit, ...] = ()
+    """The other layers of the mediation curve (``sae.extra_layers``' order); () in a one-layer run."""
 
     @property
     def policy(self) -> Policy:
@@ -147,6 +190,10 @@ def load_inputs(cfg: Config) -> Inputs:
 
 def _sae(cfg: Config, lm: LoadedModel, hook: HookSite, inputs: Inputs, log: Log, progress: bool):
     """The named SAE, or the default one (trained once, cached): (reader, quality, identity)."""
+    if cfg.sae.named and hook.layer != cfg.sae.layer:  # another layer of sae.layers: its folder in sae.paths
+        path = cfg.sae.path_of(hook.layer)
+        sae = load_sae(path, device=cfg.model.device)
+        return SaeReader(sae, cfg.model.device), None, sae_identity(SaeCfg(path=path))
     if cfg.sae.named:
         sae = load_sae(cfg.sae.path or None, cfg.sae.release or None, cfg.sae.id or None, cfg.model.device)
         return SaeReader(sae, cfg.model.device), None, sae_identity(cfg.sae)
@@ -160,11 +207,22 @@ def _sae(cfg: Config, lm: LoadedModel, hook: HookSite, inputs: Inputs, log: Log,
 def load_model_side(cfg: Config, inputs: Inputs, log: Log, progress: bool = True) -> ModelSide:
     lm = load_model_cfg(cfg.model)
     hook = HookSite(cfg.sae.layer, cfg.sae.site)
+    check_layers(cfg, lm.model)
     reader, quality, identity = _sae(cfg, lm, hook, inputs, log, progress)
     hidden = lm.model.config.hidden_size
     if reader.d_in != hidden:
         raise ConfigError(f"the SAE reads {reader.d_in}-dimensional activations but the model's hidden size is "
                           f"{hidden}: SAE and model do not match")
+    layers = []
+    for layer in cfg.sae.extra_layers:
+        site = HookSite(layer, cfg.sae.site)
+        if not cfg.sae.named:
+            log(f"mediation across layers: the default SAE of layer {layer}")
+        r, q, ident = _sae(cfg, lm, site, inputs, log, progress)
+        if r.d_in != hidden:
+            raise ConfigError(f"the SAE of sae.layers entry {layer} ({cfg.sae.path_of(layer)}) reads {r.d_in}-"
+                              f"dimensional activations but the model's hidden size is {hidden}")
+        layers.append(LayerSae(site, r, q, ident))
     targets = TargetSet.from_strings(lm.tokenizer, cfg.behaviour.targets, cfg.behaviour.anti_targets)
     runner = ProbeRunner.from_config(lm.model, lm.tokenizer, hook, targets, cfg.probe, cfg.model.device)
     tokens = encode_prompts(lm.tokenizer, probe_chat(inputs.probes), inputs.probes["id"].to_list(), cfg.probe.max_length)
@@ -173,12 +231,28 @@ def load_model_side(cfg: Config, inputs: Inputs, log: Log, progress: bool = True
     pair_toks = tuple(chat_pair_tokens(lm.tokenizer, chat_pair(r), cfg.update.max_length)
                       for r in inputs.pairs.iter_rows(named=True))
     engine = UpdateEngine(lm.model, lm.tokenizer, cfg.update, cfg.model.device, seed=cfg.run.seed)
-    return ModelSide(lm, hook, reader, runner, engine, tokens, quality, identity, pair_toks)
+    return ModelSide(lm, hook, reader, runner, engine, tokens, quality, identity, pair_toks, tuple(layers))
+
+
+def check_layers(cfg: Config, model) -> None:
+    """Every layer of ``sae.layers`` is a decoder block of this model."""
+    if not cfg.sae.layers:
+        return
+    depth = len(decoder_layers(model))
+    beyond = [v for v in cfg.sae.layers if v >= depth]
+    if beyond:
+        raise ConfigError(f"config 'sae.layers' holds layer {beyond[0]}, beyond this model's {depth} decoder "
+                          f"blocks (0..{depth - 1})")
 
 
 def base_pass(model: ModelSide, probes: pl.DataFrame, progress: bool = False) -> BasePass:
-    H0, y0 = model.runner.run(model.probe_tokens, probe_ids=probes["id"].to_list(), progress=progress)
-    return BasePass(H0, y0)
+    """The base probe pass: every layer of the run read in the same forwards."""
+    ids = probes["id"].to_list()
+    if not model.layers:
+        H0, y0 = model.runner.run(model.probe_tokens, probe_ids=ids, progress=progress)
+        return BasePass(H0, y0)
+    H0, y0, extra = model.runner.run_sites(model.probe_tokens, model.extra_sites, probe_ids=ids, progress=progress)
+    return BasePass(H0, y0, tuple(extra))
 
 
 def _selection(cfg: Config, inputs: Inputs, X_all: sp.csr_matrix, y0: np.ndarray) -> pl.DataFrame:
@@ -193,17 +267,23 @@ def _selection(cfg: Config, inputs: Inputs, X_all: sp.csr_matrix, y0: np.ndarray
                            threads=cfg.run.threads)
 
 
+def _chosen(cfg: Config, inputs: Inputs, reader: SaeReader, H0: np.ndarray, y0: np.ndarray, where: str = ""):
+    """Codes of ``H0``, the selected features' rows, their columns, pre-activations and X."""
+    codes = reader.encode(H0)
+    chosen = _selection(cfg, inputs, sp.csr_matrix(codes.astype(np.float64)), y0).filter(pl.col("selected"))
+    if chosen.height == 0:
+        raise InvalidValueError(f"feature selection chose no feature{where}; lower features.threshold or min_active")
+    cols = chosen["column"].to_numpy()
+    pre0 = reader.pre(H0)[:, cols].astype(np.float64)
+    gated = cfg.decompose.delta_x == "gated"
+    X = np.maximum(pre0, 0.0) if gated else codes[:, cols].astype(np.float64)
+    return codes, chosen, cols, pre0, gated, X
+
+
 def select(cfg: Config, inputs: Inputs, model: ModelSide, base: BasePass) -> FeatureSet:
     """Encode the base pass with the SAE, select features, and label each by its group (the probe
     category where it is most active) and its top-activating probe."""
-    codes = model.reader.encode(base.H0)
-    chosen = _selection(cfg, inputs, sp.csr_matrix(codes.astype(np.float64)), base.y0).filter(pl.col("selected"))
-    if chosen.height == 0:
-        raise InvalidValueError("feature selection chose no feature; lower features.threshold or min_active")
-    cols = chosen["column"].to_numpy()
-    pre0 = model.reader.pre(base.H0)[:, cols].astype(np.float64)
-    gated = cfg.decompose.delta_x == "gated"
-    X = np.maximum(pre0, 0.0) if gated else codes[:, cols].astype(np.float64)
+    codes, chosen, cols, pre0, gated, X = _chosen(cfg, inputs, model.reader, base.H0, base.y0)
     probes, cats = inputs.probes, inputs.categories
     levels = sorted(set(cats.tolist()))
     means = np.stack([X[cats == c].mean(0) for c in levels], axis=1)
@@ -216,6 +296,30 @@ def select(cfg: Config, inputs: Inputs, model: ModelSide, base: BasePass) -> Fea
     return FeatureSet(cols, X, gated, pre0, frame, groups, labels,
                       w_enc=model.reader.w_enc(cols) if gated else None, gate=(pre0 > 0) if gated else None,
                       probe_fvu=model.reader.fvu(base.H0, codes))
+
+
+def select_layer(cfg: Config, inputs: Inputs, ls: LayerSae, H0: np.ndarray, y0: np.ndarray) -> FeatureSet:
+    """Another layer's features by the run's rule (what the curve needs: columns, X, the gate,
+    groups and the SAE's FVU on the probes; no readable columns)."""
+    codes, chosen, cols, pre0, gated, X = _chosen(cfg, inputs, ls.reader, H0, y0, f" at sae.layers entry {ls.layer}")
+    cats = inputs.categories
+    levels = sorted(set(cats.tolist()))
+    means = np.stack([X[cats == c].mean(0) for c in levels], axis=1)
+    groups = [levels[i] for i in means.argmax(1)]
+    labels = [f"L{ls.layer} {g}" for g in groups]
+    frame = chosen.select("feature_id", "n_active", "frac_active", "mean", "corr", "score", "rank")
+    return FeatureSet(cols, X, gated, pre0, frame, groups, labels,
+                      w_enc=ls.reader.w_enc(cols) if gated else None, gate=(pre0 > 0) if gated else None,
+                      probe_fvu=ls.reader.fvu(H0, codes))
+
+
+def layer_fits(cfg: Config, inputs: Inputs, model: ModelSide, base: BasePass) -> tuple[LayerFit, ...]:
+    """Features and policy of every other layer of the curve (the base pass read them all)."""
+    out = []
+    for ls, H in zip(model.layers, base.H_layers):
+        feats = select_layer(cfg, inputs, ls, H, base.y0)
+        out.append(LayerFit(ls.layer, feats, fit(cfg, inputs, feats, base), ls.sae_quality))
+    return tuple(out)
 
 
 CATEGORY_SPLIT = pl.List(pl.Struct({"category": pl.String, "n": pl.Int64, "mean": pl.Float64,
@@ -324,24 +428,37 @@ def prepare(cfg: Config, log: Log, progress: bool = True,
     lap("base_pass")
     features = select(cfg, inputs, model, base)
     policy_fit = fit(cfg, inputs, features, base)
+    layers = layer_fits(cfg, inputs, model, base)
     lap("features_and_policy")
-    return BaseState(cfg, inputs, model, base, features, policy_fit)
+    return BaseState(cfg, inputs, model, base, features, policy_fit, layers)
 
 
 def pair_delta(state: BaseState, params: dict, pair_id: str = "?") -> PairDelta:
     """ΔX (selected features) and Δy of the probe set under updated weights; non-finite values
     stop the run with an error naming the pair, never reach an output."""
     m, f = state.model, state.features
-    H1, y1 = m.runner.run(m.probe_tokens, params=params, probe_ids=state.inputs.probes["id"].to_list())
-    if f.gated:
-        dX = f.gate * ((H1.astype(np.float64) - state.base.H0.astype(np.float64)) @ f.w_enc)
+    ids = state.inputs.probes["id"].to_list()
+    if state.layers:
+        H1, y1, H1_layers = m.runner.run_sites(m.probe_tokens, m.extra_sites, params=params, probe_ids=ids)
     else:
-        dX = m.reader.encode(H1)[:, f.columns].astype(np.float64) - f.X
+        H1, y1 = m.runner.run(m.probe_tokens, params=params, probe_ids=ids)
+        H1_layers = []
+    dX = feature_delta(f, m.reader, state.base.H0, H1)
+    dX_layers = tuple(feature_delta(lf.features, ls.reader, H0, H)
+                      for lf, ls, H0, H in zip(state.layers, m.layers, state.base.H_layers, H1_layers))
     dy = y1 - state.base.y0
-    for name, arr in (("ΔX", dX), ("Δy", dy)):
+    checks = [("ΔX", dX), ("Δy", dy)] + [(f"ΔX at layer {lf.layer}", d) for lf, d in zip(state.layers, dX_layers)]
+    for name, arr in checks:
         if not np.isfinite(arr).all():
             raise NonFiniteError(
                 f"pair '{pair_id}': {name} holds NaN or inf after the update (update.lr = {state.cfg.update.lr:g}); "
                 "the update diverged or the model overflows in its dtype: lower update.lr or use float32"
             )
-    return PairDelta(dX, dy)
+    return PairDelta(dX, dy, dX_layers)
+
+
+def feature_delta(f: FeatureSet, reader: SaeReader, H0: np.ndarray, H1: np.ndarray) -> np.ndarray:
+    """ΔX of the features ``f`` read by ``reader`` between pooled activations H0 and H1."""
+    if f.gated:
+        return f.gate * ((H1.astype(np.float64) - H0.astype(np.float64)) @ f.w_enc)
+    return reader.encode(H1)[:, f.columns].astype(np.float64) - f.X

@@ -69,6 +69,9 @@ class ShardFrames:
     """``None``: the mode computed no per-feature shifts (the merge writes an empty frame)."""
     deltas: Deltas | None = None
     """``None``: the mode measured no ΔX/Δy (validate then reads the mode's own scores)."""
+    pair_layers: pl.DataFrame | None = None
+    """Mediation across layers (``sae.layers``): per pair and layer of the curve, the mediated
+    change (:mod:`policytrace.pipeline.layers`); ``None`` in a one-layer run."""
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from ...numeric.metrics import spearman, top_k_overlap
 from ..data import chat_pair
 from ..distributed import SINGLE, Ranks
 from ..findings import side_means
+from ..layers import engine_pair_layers
 from ..rundir import RunDir
 from ..stages import BaseState
 from .base import Bar, Deltas, Log, Mode, Prepared, RunScores, ShardFrames
@@ -45,12 +46,14 @@ class EngineMode(Mode[EnginePrepared]):
 
     def shard(self, state: BaseState, prepared: EnginePrepared, rows: pl.DataFrame, bar: Bar) -> ShardFrames:
         """Update on every pair, measure, decompose the shard in one call of the core."""
-        dXs, dys = [], []
+        dXs, dys, layered = [], [], []
         for r in rows.iter_rows(named=True):
             params = state.model.engine.update_pair(chat_pair(r))
             d = state.delta(params, r["id"])
             dXs.append(sp.csr_matrix(d.dX))
             dys.append(d.dy)
+            if state.layers:
+                layered.append(d)
             bar.update(1)
         ids, dy = rows["id"].to_list(), np.stack(dys)
         att = prepared.attributor
@@ -60,7 +63,8 @@ class EngineMode(Mode[EnginePrepared]):
                             side["dy_on_unflagged"])
         # the stored ΔX is the one decomposed (the CSR copy drops explicit zeros' signs)
         deltas = Deltas(ids, np.stack([d.toarray() for d in dXs]), dy)
-        return ShardFrames(pairs, att.last_behaviour, pf, deltas)
+        by_layer = engine_pair_layers(state, ids, att.last_pairs, layered) if state.layers else None
+        return ShardFrames(pairs, att.last_behaviour, pf, deltas, by_layer)
 
     def validation(self, rd: RunDir, manifest: dict, state: BaseState, seed: int, log: Log,
                    progress: bool) -> RunScores:

@@ -37,6 +37,7 @@ from ...numeric.interference import interference
 from ...numeric.mediation import mediated_share
 from ..data import chat_pair
 from ..distributed import SINGLE, Ranks
+from ..layers import gradient_pair_layers, layer_concept
 from ..rundir import RunDir
 from ..stages import BaseState
 from .base import Bar, Finished, Log, Mode, NoBar, Prepared, RunScores, Scorer, ShardFrames
@@ -77,6 +78,10 @@ def concept_list(state: BaseState) -> list[Concept]:
             cx = np.zeros_like(cs[0].cx)
             cx[:, j] = pol.coef[j] / pol.scale[j] / n
             cs.append(Concept(f"mediated_dy:{int(fid)}", cx, np.zeros(n)))
+    for i, lf in enumerate(state.layers, start=1):  # mediation across layers: each one's mediated_dy
+        pol, k = lf.policy, len(lf.features.columns)
+        cs.append(Concept(layer_concept(lf.layer), np.tile(pol.coef / pol.scale / n, (n, 1)).reshape(n, k),
+                          np.zeros(n), site=i))
     return cs
 
 
@@ -123,11 +128,14 @@ def hooked_concept_gradients(state: BaseState, cs: list[Concept], project, progr
     m = state.model
     if not cs:  # a rank that owns none under torchrun still takes part in the exchange
         return torch.empty(0, project.dim)
-    side = ProbeSide(m.runner, m.reader, m.probe_tokens, state.features.columns, state.features.gated)
+    more = tuple((ls.hook, ls.reader, lf.features.columns, lf.features.gated)
+                 for ls, lf in zip(m.layers, state.layers))
+    side = ProbeSide(m.runner, m.reader, m.probe_tokens, state.features.columns, state.features.gated, more)
     wide = next(iter(m.engine.base.values())).dtype == torch.float64
-    return concept_rows(m.engine.model, m.engine.trainable, side, np.stack([c.cx for c in cs]),
-                        np.stack([c.cy for c in cs]), project, torch.float64 if wide else torch.float32,
-                        state.cfg.gradient.token_budget, progress)
+    cx = [c.cx for c in cs] if more else np.stack([c.cx for c in cs])
+    return concept_rows(m.engine.model, m.engine.trainable, side, cx, np.stack([c.cy for c in cs]), project,
+                        torch.float64 if wide else torch.float32, state.cfg.gradient.token_budget, progress,
+                        sites=[c.site for c in cs] if more else None)
 
 
 def setup(state: BaseState, log: Log, progress: bool, ranks: Ranks = SINGLE) -> GradientSetup:
@@ -254,7 +262,8 @@ def frames(state: BaseState, gs: GradientSetup, rows: pl.DataFrame, out: np.ndar
                         col.get("dy_on_unflagged"))
     cats = sorted(set(state.inputs.categories.tolist()), key=str)
     beh = pair_behaviour_frame(ids, cats, np.stack([col[f"dy_cat:{c}"] for c in cats]), None)
-    return ShardFrames(pairs, beh, pf)
+    by_layer = gradient_pair_layers(state, ids, col) if state.layers else None
+    return ShardFrames(pairs, beh, pf, pair_layers=by_layer)
 
 
 def raise_nonfinite(rows: pl.DataFrame, out: np.ndarray) -> None:
