@@ -18,8 +18,9 @@ from ..rundir import RunDir
 # The merged outputs every finished run has, in the order RunFrames declares them.
 REQUIRED = ("policy", "features", "probes", "pairs", "pair_features", "pair_behaviour", "pair_data",
             "interference_groups")
-# Written by `policytrace validate`; a report of an unvalidated run says so instead.
-OPTIONAL = ("validation", "removal", "planted", "feature_contexts")
+# Written by `policytrace validate` (a report of an unvalidated run says so instead), and by
+# runs that have them (feature contexts, the mediation curve of sae.layers).
+OPTIONAL = ("validation", "removal", "planted", "feature_contexts", "layers")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class RunFrames:
     feature_contexts: pl.DataFrame | None = None
     """Each feature's top-activating token contexts (none for runs before 0.3.0 or with
     features.contexts = 0)."""
+    layers: pl.DataFrame | None = None
+    """The mediation curve (layers.parquet), for runs with ``sae.layers``; None otherwise."""
 
     @property
     def base(self) -> dict:

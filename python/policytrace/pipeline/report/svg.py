@@ -13,7 +13,7 @@ import math
 import numpy as np
 from markupsafe import Markup
 
-from .tables import Bars, Heatmap, LinePath, Scatter
+from .tables import Bars, Curve, Heatmap, LinePath, Scatter
 
 RED, BLUE = "#c0392b", "#2471a3"
 PALETTE = (RED, BLUE, "#27ae60", "#8e44ad", "#d35400", "#16a085", "#7f8c8d", "#f1c40f")
@@ -27,7 +27,7 @@ def _svg(w: float, h: float, parts: list[Markup]) -> Markup:
 
 def chart(data, **layout) -> Markup:
     """The chart for one of the view layer's chart values (what the templates call)."""
-    draw = {Bars: bars, Scatter: scatter, Heatmap: heatmap, LinePath: line}[type(data)]
+    draw = {Bars: bars, Scatter: scatter, Heatmap: heatmap, LinePath: line, Curve: curve}[type(data)]
     return draw(data, **layout)
 
 
@@ -133,4 +133,47 @@ def line(data: LinePath, w: int = 460, h: int = 220) -> Markup:
            Markup('<text x="{}" y="{}" font-size="10">{:.2g}</text>').format(pad, h - pad + 14, xs.min()),
            Markup('<text x="{}" y="{}" font-size="10" text-anchor="end">{:.2g}</text>').format(
                w - pad, h - pad + 14, xs.max())]
+    return _svg(w, h, out)
+
+
+def curve(data: Curve, w: int = 520, h: int = 240) -> Markup:
+    """Lines over the layers (linear x), zero and one drawn, the best layer marked; a value
+    outside ``lo``..``hi`` is drawn at the edge (its tooltip gives the value)."""
+    pad, xs = 45, np.asarray(data.xs, dtype=float)
+    x0, x1 = float(xs.min()), float(xs.max())
+
+    def sx(v):
+        return pad + (v - x0) / ((x1 - x0) or 1) * (w - 2 * pad - 110)
+
+    def sy(v):
+        v = min(max(v, data.lo), data.hi)
+        return h - pad - (v - data.lo) / (data.hi - data.lo) * (h - 2 * pad)
+
+    out = []
+    for ref in (0.0, 1.0):
+        out.append(Markup('<line x1="{}" y1="{:.1f}" x2="{}" y2="{:.1f}" stroke="#ccc"/>').format(
+            pad, sy(ref), w - pad - 110, sy(ref)))
+        out.append(Markup('<text x="{}" y="{:.1f}" font-size="10" text-anchor="end">{:g}</text>').format(
+            pad - 4, sy(ref) + 3, ref))
+    if data.mark is not None:
+        out.append(Markup('<line x1="{0:.1f}" y1="{1}" x2="{0:.1f}" y2="{2}" stroke="{3}" stroke-dasharray="4"/>')
+                   .format(sx(data.mark), pad / 2, h - pad, RED))
+    for i, (name, ys) in enumerate(data.series):
+        colour = PALETTE[(i + 1) % len(PALETTE)]
+        pts = [(x, y) for x, y in zip(xs, ys) if y is not None and math.isfinite(y)]
+        if len(pts) >= 2:
+            out.append(Markup('<polyline points="{}" fill="none" stroke="{}" stroke-width="2"/>').format(
+                " ".join(f"{sx(a):.1f},{sy(b):.1f}" for a, b in pts), colour))
+        for a, b in pts:
+            out.append(Markup('<circle cx="{:.1f}" cy="{:.1f}" r="3.5" fill="{}"><title>{} at layer {:g}: {:.3g}'
+                              '</title></circle>').format(sx(a), sy(b), colour, name, a, b))
+        out.append(Markup('<text x="{}" y="{}" font-size="11" fill="{}">{}</text>').format(
+            w - pad - 100, 30 + 16 * i, colour, name))
+    for x in xs:
+        out.append(Markup('<text x="{:.1f}" y="{}" font-size="10" text-anchor="middle">{:g}</text>').format(
+            sx(x), h - pad + 14, x))
+    out.append(Markup('<text x="{}" y="{}" font-size="12" text-anchor="middle">{}</text>').format(
+        (w - 110) / 2, h - 8, data.title_x))
+    out.append(Markup('<text x="12" y="{0}" font-size="12" transform="rotate(-90 12 {0})" text-anchor="middle">{1}'
+                      '</text>').format(h / 2, data.title_y))
     return _svg(w, h, out)

@@ -77,6 +77,20 @@ class Heatmap:
 
 
 @dataclass(frozen=True)
+class Curve:
+    """Values over the layers of the mediation curve (linear x), one line per series, the best
+    layer marked; the y axis spans ``lo``..``hi`` and points beyond are drawn at the edge."""
+
+    xs: tuple[float, ...]
+    series: tuple[tuple[str, tuple[float, ...]], ...]
+    mark: float | None
+    title_x: str
+    title_y: str
+    lo: float = -1.0
+    hi: float = 1.5
+
+
+@dataclass(frozen=True)
 class LinePath:
     """The GCV score over the λ grid, with the λ used marked."""
 

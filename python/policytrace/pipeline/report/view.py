@@ -16,7 +16,7 @@ from ...numeric.mediation import ZERO_CHANGE
 from . import panels
 from .frames import RunFrames
 from .panels import FeaturePanel, PairPanel
-from .tables import (FEATURE_LINK, MISSING, PAIR_LINK, Bars, Heatmap, LinePath, Scatter, Table, finite, fmt,
+from .tables import (FEATURE_LINK, MISSING, PAIR_LINK, Bars, Curve, Heatmap, LinePath, Scatter, Table, finite, fmt,
                      table)
 
 
@@ -105,6 +105,21 @@ class ValidationView:
 
 
 @dataclass(frozen=True)
+class LayersView:
+    """Mediation across layers: per layer of the curve, the policy's fidelity, the SAE's FVU on
+    the probes and how much of the pairs' behaviour change its features carry."""
+
+    table: Table
+    curve: Curve
+    best_layer: str
+    best_share: str
+    main_layer: str
+    main_share: str
+    gradient: bool
+    """The mediated changes are gradient mode's (first order; no probe-by-probe R²)."""
+
+
+@dataclass(frozen=True)
 class ReportView:
     wording: Wording
     header: Header
@@ -120,6 +135,8 @@ class ReportView:
     config: str
     repairs: Table | None = None
     """The repairs the folder holds (`policytrace repair`), or None."""
+    layers: LayersView | None = None
+    """The mediation curve of a run with ``sae.layers``, or None."""
 
 
 def report_view(run: RunFrames) -> ReportView:
@@ -127,7 +144,7 @@ def report_view(run: RunFrames) -> ReportView:
     return ReportView(
         wording(run), header(run), summary(run), curator(run), policy(run), alignment(run), interference(run),
         fidelity(run), validation(run), panels.pair_panels(run), panels.feature_panels(run), run.config_text,
-        repairs(run))
+        repairs(run), layers(run))
 
 
 def wording(run: RunFrames) -> Wording:
@@ -303,3 +320,38 @@ def repairs(run: RunFrames) -> Table | None:
         return None
     cols = [c for c in REPAIR_COLUMNS if c in run.repairs.columns]
     return table(run.repairs.select(cols).rename({c: REPAIR_COLUMNS[c] for c in cols}), floats=4)
+
+
+LAYER_COLUMNS = {
+    "layer": "layer", "n_features": "features", "r2_heldout": "policy held-out R²",
+    "r2_mean_baseline": "mean baseline R²", "probe_fvu": "SAE FVU (probes)", "mediated_sum": "Σ mediated",
+    "dy_sum": "Σ dy_mean", "mediated_share": "mediated share", "mediated_r2": "R² across pairs",
+    "median_pair_r2": "median pair R²", "main": "main", "best": "best",
+}
+
+
+def layers(run: RunFrames) -> LayersView | None:
+    """The mediation curve (layers.parquet), best and main layers named; None without one."""
+    lay = run.layers
+    if lay is None or lay.height == 0:
+        return None
+    lay = lay.sort("layer")
+    facts = run.manifest.get("stages", {}).get("layers", {})
+    best = lay.filter(pl.col("best"))
+    main = lay.filter(pl.col("main"))
+
+    def share(frame: pl.DataFrame) -> str:
+        return fmt(frame["mediated_share"][0]) if frame.height else MISSING
+
+    def series(col: str) -> tuple[float, ...]:
+        return tuple(math.nan if v is None else float(v) for v in lay[col].to_list())
+
+    curve = Curve(tuple(float(v) for v in lay["layer"]),
+                  (("mediated share", series("mediated_share")), ("R² across pairs", series("mediated_r2")),
+                   ("policy held-out R²", series("r2_heldout"))),
+                  float(best["layer"][0]) if best.height else None, "decoder layer", "share / R²")
+    cols = [c for c in LAYER_COLUMNS if c in lay.columns]
+    best_layer = str(facts.get("best_layer", best["layer"][0] if best.height else MISSING))
+    return LayersView(table(lay.select(cols).rename({c: LAYER_COLUMNS[c] for c in cols}), tid="layers-table"),
+                      curve, best_layer, share(best), str(main["layer"][0]) if main.height else MISSING, share(main),
+                      run.pairs.height > 0 and set(run.pairs["mode"].unique().to_list()) == {"gradient"})
