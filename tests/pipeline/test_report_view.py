@@ -435,3 +435,59 @@ def test_svg_charts_escape_their_text():
         assert root.tag == "svg" and not root.findall(".//script")
         texts = ["".join(e.itertext()) for e in root.iter() if e.tag in ("text", "title")]
         assert any(HOSTILE in t for t in texts), texts
+
+
+# --------------------------------------------------------------------------------------
+# mediation across layers (sae.layers)
+# --------------------------------------------------------------------------------------
+
+def _layers() -> pl.DataFrame:
+    return pl.DataFrame({
+        "layer": [8, 4, 10], "main": [False, False, True], "best": [True, False, False], "n_features": [3, 2, 3],
+        "lam": [0.5, 1.0, 0.5], "r2_heldout": [0.5, 0.25, None], "r2_mean_baseline": [-0.125, -0.125, -0.125],
+        "probe_fvu": [0.25, 0.125, 0.5], "sae_fvu": [0.125, 0.125, 0.25], "n_pairs": [4, 4, 4],
+        "dy_sum": [1.0, 1.0, 1.0], "mediated_sum": [0.75, -0.5, 0.25], "mediated_share": [0.75, -0.5, 0.25],
+        "mediated_r2": [0.5, -2.0, 0.125], "median_pair_r2": [0.25, None, 0.0]})
+
+
+def test_no_layers_section_without_the_curve(run):
+    assert view.report_view(run).layers is None
+    text = page.render(view.report_view(run))
+    assert 'id="layers"' not in text and 'href="#layers"' not in text
+
+
+def test_layers_curve_table_and_best(run):
+    run = dataclasses.replace(run, layers=_layers(),
+                              manifest={"stages": {"base": _base(), "layers": {"best_layer": 8}}})
+    v = view.layers(run)
+    assert (v.best_layer, v.best_share, v.main_layer, v.main_share, v.gradient) == ("8", "0.75", "10", "0.25", False)
+    t = v.table
+    assert t.columns == ("layer", "features", "policy held-out R²", "mean baseline R²", "SAE FVU (probes)",
+                         "Σ mediated", "Σ dy_mean", "mediated share", "R² across pairs", "median pair R²", "main",
+                         "best")
+    assert t.values("layer") == [4, 8, 10]  # by layer
+    assert t.values("mediated share") == [-0.5, 0.75, 0.25]
+    assert t.values("policy held-out R²") == [0.25, 0.5, None] and t.texts("median pair R²") == ["–", "0.25", "0"]
+    assert t.values("best") == [False, True, False] and t.id == "layers-table"
+    c = v.curve
+    assert c.xs == (4.0, 8.0, 10.0) and c.mark == 8.0
+    assert [name for name, _ in c.series] == ["mediated share", "R² across pairs", "policy held-out R²"]
+    assert c.series[0][1] == (-0.5, 0.75, 0.25) and c.series[1][1] == (-2.0, 0.5, 0.125)
+    assert math.isnan(c.series[2][1][2])
+    doc = _parse(page.render(view.report_view(run)))
+    ids = [a["id"] for _, a in doc.tags if "id" in a]
+    assert ids.index("validation") < ids.index("layers") < ids.index("drilldowns") and "layers-table" in ids
+    assert "#layers" in [a["href"] for t, a in doc.tags if t == "a" and a.get("href", "").startswith("#")]
+    gradient = dataclasses.replace(run, pairs=run.pairs.with_columns(pl.lit("gradient").alias("mode")))
+    assert view.layers(gradient).gradient
+
+
+def test_curve_chart_clips_and_escapes():
+    c = tables.Curve((0.0, 5.0, 9.0), ((HOSTILE, (0.5, -16.0, 1.0)), ("b", (math.nan, 0.25, 0.5))), 5.0, HOSTILE,
+                     "y")
+    root = ET.fromstring(str(svg.chart(c)))
+    assert root.tag == "svg" and not root.findall(".//script")
+    texts = ["".join(e.itertext()) for e in root.iter() if e.tag in ("text", "title")]
+    assert any(HOSTILE in t for t in texts) and any("-16" in t for t in texts)  # the tooltip keeps the value
+    ys = [float(e.get("cy")) for e in root.iter() if e.tag == "circle"]
+    assert len(ys) == 5 and max(ys) <= 240 - 45  # the clipped point sits on the axis' lower edge

@@ -15,6 +15,7 @@ import polars as pl
 import pytest
 
 from policytrace.errors import ConfigError
+from policytrace.numeric.frames import LAYERS_SCHEMA, PAIR_LAYERS_SCHEMA
 from policytrace.numeric.mediation import layer_summary, pair_mediated
 from policytrace.pipeline import config as cfgmod
 
@@ -169,6 +170,10 @@ def test_each_layer_of_the_curve_is_a_one_layer_run_at_that_layer(tiny, tmp_path
     assert curve["layer"].to_list() == [0, 1, 2] and curve["main"].to_list() == [False, True, False]
     assert curve["best"].sum() == 1 and m["stages"]["layers"]["best_layer"] == curve.filter("best")["layer"][0]
     assert {"layers.parquet", "pair_layers.parquet"} <= set(m["files"])
+    assert list(curve.schema.items()) == list(LAYERS_SCHEMA.items())
+    assert list(by_pair.schema.items()) == list(PAIR_LAYERS_SCHEMA.items())
+    shards = sorted((tmp_path / "multi" / "shards").glob("pair_layers-*.parquet"))
+    assert len(shards) == 3 and all(pl.read_parquet_schema(p) == dict(PAIR_LAYERS_SCHEMA) for p in shards)
     multi_pairs = _pairs_of(tmp_path / "multi")
     for layer in (0, 1, 2):
         one = tmp_path / f"one-{layer}"
