@@ -460,7 +460,8 @@ def test_layers_curve_table_and_best(run):
     run = dataclasses.replace(run, layers=_layers(),
                               manifest={"stages": {"base": _base(), "layers": {"best_layer": 8}}})
     v = view.layers(run)
-    assert (v.best_layer, v.best_share, v.main_layer, v.main_share, v.gradient) == ("8", "0.75", "10", "0.25", False)
+    assert (v.best_layer, v.best_share, v.main_layer, v.main_share, v.first_order) == ("8", "0.75", "10", "0.25",
+                                                                                       False)
     t = v.table
     assert t.columns == ("layer", "features", "policy held-out R²", "mean baseline R²", "SAE FVU (probes)",
                          "Σ mediated", "Σ dy_mean", "mediated share", "R² across pairs", "median pair R²", "main",
@@ -478,8 +479,9 @@ def test_layers_curve_table_and_best(run):
     ids = [a["id"] for _, a in doc.tags if "id" in a]
     assert ids.index("validation") < ids.index("layers") < ids.index("drilldowns") and "layers-table" in ids
     assert "#layers" in [a["href"] for t, a in doc.tags if t == "a" and a.get("href", "").startswith("#")]
-    gradient = dataclasses.replace(run, pairs=run.pairs.with_columns(pl.lit("gradient").alias("mode")))
-    assert view.layers(gradient).gradient
+    first_order = dataclasses.replace(run, layers=_layers().with_columns(pl.lit(None).cast(pl.Float64)
+                                                                         .alias("median_pair_r2")))
+    assert view.layers(first_order).first_order
 
 
 def test_curve_chart_clips_and_escapes():

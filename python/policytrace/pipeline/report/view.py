@@ -115,8 +115,8 @@ class LayersView:
     best_share: str
     main_layer: str
     main_share: str
-    gradient: bool
-    """The mediated changes are gradient mode's (first order; no probe-by-probe R²)."""
+    first_order: bool
+    """No pair has a probe-by-probe R² (gradient mode's first-order mediated changes)."""
 
 
 @dataclass(frozen=True)
@@ -354,4 +354,4 @@ def layers(run: RunFrames) -> LayersView | None:
     best_layer = str(facts.get("best_layer", best["layer"][0] if best.height else MISSING))
     return LayersView(table(lay.select(cols).rename({c: LAYER_COLUMNS[c] for c in cols}), tid="layers-table"),
                       curve, best_layer, share(best), str(main["layer"][0]) if main.height else MISSING, share(main),
-                      run.pairs.height > 0 and set(run.pairs["mode"].unique().to_list()) == {"gradient"})
+                      lay["median_pair_r2"].null_count() == lay.height)
