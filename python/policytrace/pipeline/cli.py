@@ -32,6 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--finetune", action="store_true",
                    help="fine-tune the model on the pairs with a realistic recipe (AdamW, batches, epochs) and "
                         "attribute that run (trajectory mode)")
+    d.add_argument("--layers", default=None,
+                   help="mediation across layers: more decoder layers read beside sae.layer, comma-separated "
+                        "(sae.layers; the default SAE is trained for each), e.g. 4,16,22")
+    d.add_argument("--mode", default=None, choices=("engine", "gradient"), help="run.mode (default: engine)")
     d.add_argument("--quiet", action="store_true")
     ft = sub.add_parser("finetune", help="fine-tune the config's model on its pairs with its [train] recipe "
                                          "(checkpoints and the records trajectory mode attributes; resumable)")
@@ -200,6 +204,13 @@ def _out_folder(path: Path) -> Path:
     return path
 
 
+def _layer_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError as e:
+        raise ConfigError(f"--layers must be comma-separated layer numbers such as 4,16,22 (got {text!r})") from e
+
+
 def _run_or_demo(args) -> int:
     from . import config as cfgmod
     from .report import write_report
@@ -212,6 +223,10 @@ def _run_or_demo(args) -> int:
         user: dict = {"preset": "demo", "behaviour": {"name": args.behaviour}}
         if args.pairs is not None:
             user["data"] = {"max_pairs": args.pairs}
+        if args.layers:
+            user["sae"] = {"layers": _layer_list(args.layers)}
+        if args.mode:
+            user["run"] = {"mode": args.mode}
         if args.finetune:
             from ..train.demo import DEMO_FINETUNE
 
