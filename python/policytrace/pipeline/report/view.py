@@ -351,7 +351,8 @@ def layers(run: RunFrames) -> LayersView | None:
                    ("policy held-out R²", series("r2_heldout"))),
                   float(best["layer"][0]) if best.height else None, "decoder layer", "share / R²")
     cols = [c for c in LAYER_COLUMNS if c in lay.columns]
-    best_layer = str(facts.get("best_layer", best["layer"][0] if best.height else MISSING))
+    named = facts.get("best_layer", best["layer"][0] if best.height else None)
+    best_layer = MISSING if named is None else str(named)
     return LayersView(table(lay.select(cols).rename({c: LAYER_COLUMNS[c] for c in cols}), tid="layers-table"),
                       curve, best_layer, share(best), str(main["layer"][0]) if main.height else MISSING, share(main),
                       lay["median_pair_r2"].null_count() == lay.height)
