@@ -21,7 +21,7 @@ from policytrace.errors import ConfigError, RunFolderError  # noqa: E402
 from policytrace.gradients.batched import TrainExample  # noqa: E402
 from policytrace.pipeline import config as cfgmod  # noqa: E402
 from policytrace.train.config import TrainCfg  # noqa: E402
-from policytrace.train.finetune import finetune, loss_coefficients, plan, weighted_loss  # noqa: E402
+from policytrace.train.finetuning import finetune, loss_coefficients, plan, weighted_loss  # noqa: E402
 from policytrace.train.optim import Optimizer, lr_at  # noqa: E402
 
 from _tiny import tiny_causal_lm, tiny_config, tiny_tokenizer, write_tiny_data, write_tiny_model  # noqa: E402
@@ -123,7 +123,7 @@ def test_token_mean_loss_is_the_batch_token_mean_float64():
             ce = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(e.ids[1:]), reduction="none")
             per.append(ce[torch.tensor(e.trained[1:])])
         ref = torch.cat(per).mean() if loss == "token_mean" else torch.stack([p.mean() for p in per]).mean()
-        assert abs(float(ours) - float(ref)) < 1e-12
+        assert abs(float(ours.detach()) - float(ref.detach())) < 1e-12
 
 
 def test_finetune_writes_a_loadable_model_checkpoints_and_records(tiny, whole):
@@ -183,7 +183,7 @@ def test_checkpoint_folder_of_another_model_is_refused(tiny, whole, tmp_path):
 
     shutil.copytree(whole / "checkpoints/step-3", out / "checkpoints/step-3")
     cfg = dataclasses.replace(tiny["cfg"], model=dataclasses.replace(tiny["cfg"].model, name=str(other)))
-    from policytrace.train.finetune import finetune_config
+    from policytrace.train.finetuning import finetune_config
 
     with pytest.raises(RunFolderError, match=r"step-3 is a checkpoint of another fine-tune \(its model differs"):
         finetune_config(cfg, out, progress=False, log=lambda m: None)
@@ -197,3 +197,19 @@ def test_unknown_train_key_and_bad_weights(tiny, tmp_path):
         finetune(tiny["cfg"], ex, tmp_path / "w", weights=[-1.0], progress=False)
     with pytest.raises(Exception, match="has no trained token"):
         finetune(tiny["cfg"], [TrainExample((5, 6, 7), (False, False, False))], tmp_path / "w", progress=False)
+
+
+def test_the_package_exports_the_functions_even_after_their_modules_load():
+    """``policytrace.train.finetune`` is the function, whichever import came first (the module it
+    lives in is ``finetuning``, so loading it never shadows the name)."""
+    import importlib
+
+    import policytrace.train as train
+    from policytrace.train import trajectory
+
+    importlib.import_module("policytrace.train.finetuning")
+    assert train.finetune is finetune and callable(train.finetune)
+    assert train.attributed_update is trajectory.attributed_update
+    from policytrace.train import FinetuneResult, attributed_update  # noqa: F401
+    with pytest.raises(AttributeError, match="no attribute 'nonesuch'"):
+        train.nonesuch  # noqa: B018
