@@ -213,3 +213,31 @@ def test_the_package_exports_the_functions_even_after_their_modules_load():
     from policytrace.train import FinetuneResult, attributed_update  # noqa: F401
     with pytest.raises(AttributeError, match="no attribute 'nonesuch'"):
         train.nonesuch  # noqa: B018
+
+
+def test_a_model_marked_as_gguf_quantized_saves_as_the_float_model_and_keeps_its_marks(tmp_path):
+    """The embedded default is read from GGUF: transformers keeps a quantizer that makes
+    save_pretrained refuse, though the weights are dequantized floats (the trajectory demo
+    stopped there). The fine-tune's save writes the plain float model; the live model keeps its marks."""
+    from transformers import AutoModelForCausalLM
+
+    from policytrace.train.finetuning import save_model
+
+    class Unserializable:  # what transformers' GGUF quantizer answers
+        quantization_config = {"quant_method": "gguf"}
+
+        def is_serializable(self, *a, **k):
+            return False
+
+    tok = tiny_tokenizer()
+    net = tiny_causal_lm("llama", len(tok))
+    mark, qc = Unserializable(), {"quant_method": "gguf"}
+    net.hf_quantizer, net.config.quantization_config = mark, qc
+    with pytest.raises(ValueError, match="not serializable"):
+        net.save_pretrained(tmp_path / "refused", safe_serialization=True)
+    save_model(net, tok, tmp_path / "saved", TrainCfg())
+    assert net.hf_quantizer is mark and net.config.quantization_config == qc
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    assert getattr(back.config, "quantization_config", None) is None
+    for (n, a), (_, b) in zip(net.named_parameters(), back.named_parameters()):
+        assert torch.equal(a, b), n
