@@ -219,12 +219,14 @@ def test_a_model_marked_as_gguf_quantized_saves_as_the_float_model_and_keeps_its
     """The embedded default is read from GGUF: transformers keeps a quantizer that makes
     save_pretrained refuse, though the weights are dequantized floats (the trajectory demo
     stopped there). The fine-tune's save writes the plain float model; the live model keeps its marks."""
+    import types
+
     from transformers import AutoModelForCausalLM
 
     from policytrace.train.finetuning import save_model
 
     class Unserializable:  # what transformers' GGUF quantizer answers
-        quantization_config = {"quant_method": "gguf"}
+        quantization_config = types.SimpleNamespace(quant_method="gguf")
 
         def is_serializable(self, *a, **k):
             return False
