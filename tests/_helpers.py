@@ -96,11 +96,3 @@ def expect(cls, fn, *fragments):
         return e
     raise AssertionError(f"expected {names}, nothing was raised")
 
-
-def raises(fn, *fragments, cls=None):
-    """Deprecated alias of :func:`expect` (argument order ``fn, *fragments, cls=``; default
-    class PolicytraceError; returns the message), kept until tests/numeric/test_bad_inputs_numeric.py
-    moves to ``expect``."""
-    from policytrace.errors import PolicytraceError
-
-    return str(expect(cls or PolicytraceError, fn, *fragments))

@@ -23,7 +23,7 @@ from policytrace.errors import InvalidValueError, PolicytraceError
 
 BACKENDS = ("rust", "numpy")
 IDS = [10, 11, 12, 13, 14]
-from _helpers import raises  # noqa: E402
+from _helpers import expect  # noqa: E402
 
 
 def _problem(n=40, k=5, seed=0):
@@ -85,19 +85,19 @@ def _scale(path):
 def test_policy_load_damaged_json(tmp_path, field, edit):
     path = _saved(tmp_path, ".json")
     _edit_json(path, **edit(_coef(path), _scale(path)))
-    raises(lambda: pt.Policy.load(path), field, path.name, cls=InvalidValueError)
+    expect(InvalidValueError, lambda: pt.Policy.load(path), field, path.name)
 
 
 def test_policy_load_json_negative_lam(tmp_path):
     path = _edit_json(_saved(tmp_path, ".json"), lam=-1.0)
-    raises(lambda: pt.Policy.load(path), "lam", cls=InvalidValueError)
+    expect(InvalidValueError, lambda: pt.Policy.load(path), "lam")
 
 
 @pytest.mark.parametrize("ids", [[10.5, 11, 12, 13, 14], [2**70, 11, 12, 13, 14]], ids=["fractional", "2**70"])
 def test_policy_load_json_bad_feature_ids(tmp_path, ids):
     # 10.5 must not silently become feature 10; 2**70 must not leak an OverflowError.
     path = _edit_json(_saved(tmp_path, ".json"), feature_ids=ids)
-    raises(lambda: pt.Policy.load(path), "feature_ids", cls=InvalidValueError)
+    expect(InvalidValueError, lambda: pt.Policy.load(path), "feature_ids")
 
 
 def _edit_parquet(path: Path, drop=(), **columns) -> Path:
@@ -113,7 +113,7 @@ def _edit_parquet(path: Path, drop=(), **columns) -> Path:
 
 def test_policy_load_parquet_without_coef(tmp_path):
     path = _edit_parquet(_saved(tmp_path, ".parquet"), drop=["coef"])
-    raises(lambda: pt.Policy.load(path), "coef", path.name, cls=InvalidValueError)
+    expect(InvalidValueError, lambda: pt.Policy.load(path), "coef", path.name)
 
 
 @pytest.mark.parametrize(
@@ -124,13 +124,13 @@ def test_policy_load_parquet_without_coef(tmp_path):
 )
 def test_policy_load_damaged_parquet(tmp_path, field, values):
     path = _edit_parquet(_saved(tmp_path, ".parquet"), **{field: values})
-    raises(lambda: pt.Policy.load(path), field, path.name, cls=InvalidValueError)
+    expect(InvalidValueError, lambda: pt.Policy.load(path), field, path.name)
 
 
 def test_policy_load_random_bytes_parquet(tmp_path):
     path = tmp_path / "policy.parquet"
     path.write_bytes(np.random.default_rng(1).bytes(300))
-    raises(lambda: pt.Policy.load(path), path.name)
+    expect(PolicytraceError, lambda: pt.Policy.load(path), path.name)
 
 
 # --------------------------------------------------------------------------------------
@@ -146,22 +146,21 @@ def _groups(n=40):
 @pytest.mark.parametrize("threshold", [math.nan, math.inf, -1.0, "0.1"], ids=["nan", "inf", "negative", "str"])
 def test_select_corr_bad_threshold(backend, threshold):
     X, y = _problem()
-    raises(lambda: pt.select_features(X, y, method="corr", k=3, threshold=threshold, _backend=backend, threads=1),
-           "threshold")
+    expect(PolicytraceError, lambda: pt.select_features(X, y, method="corr", k=3, threshold=threshold, _backend=backend, threads=1), "threshold")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("threshold", [math.nan, "0.1"], ids=["nan", "str"])
 def test_select_mean_diff_bad_threshold(backend, threshold):
     X, y = _problem()
-    raises(lambda: pt.select_features(X, groups=_groups(), method="mean_diff", threshold=threshold,
+    expect(PolicytraceError, lambda: pt.select_features(X, groups=_groups(), method="mean_diff", threshold=threshold,
                                       _backend=backend, threads=1), "threshold")
 
 
 @pytest.mark.parametrize("k", [True, 2.5, 0, -1, "3"], ids=["True", "2.5", "0", "-1", "str"])
 def test_select_bad_k(k):
     X, y = _problem()
-    msg = raises(lambda: pt.select_features(X, y, method="corr", k=k, threads=1))
+    msg = str(expect(PolicytraceError, lambda: pt.select_features(X, y, method="corr", k=k, threads=1)))
     assert re.search(r"\bk\b", msg), f"the error does not name `k`: {msg!r}"
 
 
@@ -169,7 +168,7 @@ def test_select_bad_k(k):
 def test_select_bad_min_active(min_active):
     # NaN compares False against every count: today it silently selects no feature at all.
     X, y = _problem()
-    raises(lambda: pt.select_features(X, y, method="corr", k=3, min_active=min_active, threads=1), "min_active")
+    expect(PolicytraceError, lambda: pt.select_features(X, y, method="corr", k=3, min_active=min_active, threads=1), "min_active")
 
 
 # --------------------------------------------------------------------------------------
@@ -199,20 +198,20 @@ FUNCTIONS = ["fit_policy", "feature_stats", "decompose", "select_features", "Att
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("fn_name", FUNCTIONS)
 def test_threads_2_pow_70(fn_name, backend):
-    raises(lambda: _call_with_threads(fn_name, backend, 2**70), "threads")
+    expect(PolicytraceError, lambda: _call_with_threads(fn_name, backend, 2**70), "threads")
 
 
 @pytest.mark.parametrize("threads", ["2", 1.5], ids=["str", "1.5"])
 @pytest.mark.parametrize("fn_name", ["fit_policy", "feature_stats", "decompose"])
 def test_threads_not_an_integer(fn_name, threads):
-    raises(lambda: _call_with_threads(fn_name, "rust", threads), "threads")
+    expect(PolicytraceError, lambda: _call_with_threads(fn_name, "rust", threads), "threads")
 
 
 @pytest.mark.parametrize("value", [str(2**70), "-3", "many"])
 def test_threads_environment_variable(monkeypatch, value):
     monkeypatch.setenv("POLICYTRACE_NUM_THREADS", value)
     X, y = _problem()
-    raises(lambda: pt.fit_policy(X, y), "POLICYTRACE_NUM_THREADS")
+    expect(PolicytraceError, lambda: pt.fit_policy(X, y), "POLICYTRACE_NUM_THREADS")
 
 
 # --------------------------------------------------------------------------------------
@@ -305,20 +304,20 @@ def test_select_corr_huge_inputs(backend):
 )
 def test_bad_lam_grid(backend, grid):
     X, y = _problem()
-    raises(lambda: pt.fit_policy(X, y, lam="gcv", lam_grid=grid, _backend=backend, threads=1), "lam_grid")
+    expect(PolicytraceError, lambda: pt.fit_policy(X, y, lam="gcv", lam_grid=grid, _backend=backend, threads=1), "lam_grid")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_negative_lam_grid_with_fixed_lam(backend):
     # The grid is unused with a fixed lambda, but a negative grid is still a bad argument.
     X, y = _problem()
-    raises(lambda: pt.fit_policy(X, y, lam=5.0, lam_grid=[-1.0], _backend=backend, threads=1), "lam_grid")
+    expect(PolicytraceError, lambda: pt.fit_policy(X, y, lam=5.0, lam_grid=[-1.0], _backend=backend, threads=1), "lam_grid")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_two_dimensional_lam_grid(backend):
     X, y = _problem()
-    raises(lambda: pt.fit_policy(X, y, lam="gcv", lam_grid=[[1.0, 2.0], [3.0, 4.0]], _backend=backend,
+    expect(PolicytraceError, lambda: pt.fit_policy(X, y, lam="gcv", lam_grid=[[1.0, 2.0], [3.0, 4.0]], _backend=backend,
                                  threads=1), "lam_grid")
 
 
@@ -326,7 +325,7 @@ def test_two_dimensional_lam_grid(backend):
 @pytest.mark.parametrize("lam", ["GCV", math.nan, -1.0, True, None], ids=["GCV", "nan", "negative", "True", "None"])
 def test_bad_lam(backend, lam):
     X, y = _problem()
-    raises(lambda: pt.fit_policy(X, y, lam=lam, _backend=backend, threads=1), "lam")
+    expect(PolicytraceError, lambda: pt.fit_policy(X, y, lam=lam, _backend=backend, threads=1), "lam")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -16,7 +16,7 @@ from policytrace.errors import NonFiniteError
 from policytrace.numeric._inputs import csr_tuple
 from policytrace.numeric.mediation import sums_of
 
-from _helpers import problem, raises
+from _helpers import expect, problem
 
 
 def forms(dX: np.ndarray):
@@ -82,4 +82,4 @@ def test_non_finite_dense_value_is_named(dtype, as_list):
     bad = dX.astype(dtype)
     bad[2, 7, 3] = np.inf
     arg = [d for d in bad] if as_list else bad
-    raises(lambda: pt.decompose(pol, X, y, arg, dy), "pair 2", "probe 7", "feature column 3", cls=NonFiniteError)
+    expect(NonFiniteError, lambda: pt.decompose(pol, X, y, arg, dy), "pair 2", "probe 7", "feature column 3")

@@ -317,7 +317,7 @@ def test_train_recipe_retrains_the_kept_pairs_with_the_run_s_train_table(tiny_ru
     from policytrace.pipeline.data import chat_pair
     from policytrace.pipeline.repair import RepairCfg
     from policytrace.pipeline.repair.recipe import TrainRecipe, load_weights
-    from policytrace.train.finetune import finetune
+    from policytrace.train.finetuning import finetune
     from policytrace.model.loading import LoadedModel
 
     _, (_, _, state), _ = tiny_run

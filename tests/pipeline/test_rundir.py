@@ -80,6 +80,28 @@ def test_sigkill_then_resume_gives_identical_bytes(setup, tmp_path, fault):
     assert temporaries(out) == []
 
 
+def test_resume_keeps_the_feature_contexts_the_killed_process_wrote(setup, tmp_path, monkeypatch):
+    """The contexts cost minutes of probe, pair and corpus passes on a real model: a resumed run
+    reads them back (the base marker vouches for the file) instead of computing them again; a
+    damaged contexts file is computed again."""
+    from policytrace.pipeline import run as runmod
+
+    out = tmp_path / "run"
+    assert cli(setup["toml"], out, "before-shard-marker:2").returncode == -signal.SIGKILL
+    written = (out / "feature_contexts.parquet").read_bytes()
+    calls = []
+    real = runmod.feature_contexts
+    monkeypatch.setattr(runmod, "feature_contexts", lambda *a, **k: calls.append(1) or real(*a, **k))
+    resume_in_process(setup["cfg"], out)
+    assert calls == [] and (out / "feature_contexts.parquet").read_bytes() == written
+    assert digests(out) == digests(setup["whole"])
+    assert (out / "feature_contexts.parquet").read_bytes() == (setup["whole"] / "feature_contexts.parquet").read_bytes()
+    # damaged: recomputed (and the same bytes again)
+    (out / "feature_contexts.parquet").write_bytes(written[:-7])
+    runmod.write_base(runmod.RunDir(out, lambda m: None), runmod.prepare(setup["cfg"], lambda m: None, False), False)
+    assert calls == [1] and (out / "feature_contexts.parquet").read_bytes() == written
+
+
 def _killed_copy(setup, tmp_path) -> tuple[Path, Path]:
     """A run killed after its first shard, with its own copy of the data files."""
     data = tmp_path / "data"

@@ -21,7 +21,7 @@ from policytrace.errors import ConfigError, DataError  # noqa: E402
 from policytrace.pipeline import config as cfgmod  # noqa: E402
 from policytrace.pipeline.run import execute  # noqa: E402
 
-from _helpers import raises  # noqa: E402
+from _helpers import expect  # noqa: E402
 from _tiny import tiny_config, write_tiny_data, write_tiny_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -170,9 +170,7 @@ def test_unknown_labels_stop_at_load_naming_values_and_keys(tiny, tmp_path):
     pairs = _held_out(tiny, tmp_path)
     cfg = cfgmod.resolve(tiny_config(tmp_path / "no-model-here", tiny["probes"], pairs, tiny["cache"]))
     # the model folder does not exist: the data error comes first, before any model work
-    msg = raises(lambda: execute(cfg, tmp_path / "run", log=lambda m: None, progress=False), "'harmful_refusal'",
-                 "'harmless_compliance'", "6 pairs", "heldout.jsonl", "line 1", "behaviour.raising_labels",
-                 "behaviour.lowering_labels", "behaviour.neutral_labels", "behaviour.on_unknown", cls=DataError)
+    msg = str(expect(DataError, lambda: execute(cfg, tmp_path / "run", log=lambda m: None, progress=False), "'harmful_refusal'", "'harmless_compliance'", "6 pairs", "heldout.jsonl", "line 1", "behaviour.raising_labels", "behaviour.lowering_labels", "behaviour.neutral_labels", "behaviour.on_unknown"))
     assert "refusal" in msg and not (tmp_path / "run" / "pairs.parquet").exists()
 
 
@@ -213,8 +211,7 @@ def test_string_flag_values_are_declared_once(tiny, tmp_path):
     ds = load_dataset(fp, fq, b)
     assert ds.probes["kind"].to_list() == [p["harmful"] for p in probes]
     bad = from_config(BehaviourCfg(flag="kind", flagged_value="unsafe", unflagged_value="safe"))
-    raises(lambda: load_dataset(fp, fq, bad), "'benign'", "behaviour.flagged_value", "behaviour.unflagged_value",
-           "line 2", cls=DataError)
+    expect(DataError, lambda: load_dataset(fp, fq, bad), "'benign'", "behaviour.flagged_value", "behaviour.unflagged_value", "line 2")
 
 
 def test_data_that_would_leave_suspicion_empty_is_refused(tiny, tmp_path):
@@ -223,15 +220,13 @@ def test_data_that_would_leave_suspicion_empty_is_refused(tiny, tmp_path):
     probes = [{k: v for k, v in json.loads(line).items() if k != "harmful"}
               for line in tiny["probes"].read_text().splitlines()]
     fp = _jsonl(tmp_path / "probes.jsonl", probes)
-    raises(lambda: load_dataset(fp, tiny["pairs"]), "18 of 18 probes have no `harmful`", "suspicion",
-           "behaviour.on_unknown", cls=DataError)
+    expect(DataError, lambda: load_dataset(fp, tiny["pairs"]), "18 of 18 probes have no `harmful`", "suspicion", "behaviour.on_unknown")
     assert "no pair gets a suspicion" in load_dataset(fp, tiny["pairs"], on_unknown="warn").warnings[0]
     neutral = _jsonl(tmp_path / "pairs.jsonl", [r | {"label": "chat"} for r in tiny["rows"]])
     from policytrace.behaviours import BehaviourCfg, from_config
 
     b = from_config(BehaviourCfg(neutral_labels=("chat",)))
-    raises(lambda: load_dataset(tiny["probes"], neutral, b), "no pair has a label meant to raise or lower",
-           cls=DataError)
+    expect(DataError, lambda: load_dataset(tiny["probes"], neutral, b), "no pair has a label meant to raise or lower")
 
 
 def test_gradient_mode_trains_conversations_on_the_engines_mask(tiny, chat_reference):
@@ -306,13 +301,12 @@ def test_toml_only_behaviour_end_to_end(tiny, tmp_path):
 
 
 def test_declared_behaviour_names_what_it_lacks(tiny):
-    raises(lambda: cfgmod.resolve({"behaviour": {"name": "verbosity", "targets": ["Sure"]}}), "'verbosity'",
-           "behaviour.flag", "behaviour.raising_labels", "behaviour.module", cls=ConfigError)
+    expect(ConfigError, lambda: cfgmod.resolve({"behaviour": {"name": "verbosity", "targets": ["Sure"]}}), "'verbosity'", "behaviour.flag", "behaviour.raising_labels", "behaviour.module")
     cfg = cfgmod.resolve({"behaviour": {"name": "verbosity", "targets": ["Sure"], "flag": "long",
                                         "raising_labels": ["verbose"]}})
     from policytrace.pipeline.stages import load_inputs
 
-    raises(lambda: load_inputs(cfg), "ships no probes", "data.probes", cls=ConfigError)
+    expect(ConfigError, lambda: load_inputs(cfg), "ships no probes", "data.probes")
 
 
 PLUGIN = '''

@@ -21,7 +21,7 @@ from policytrace.errors import ConfigError, RunFolderError  # noqa: E402
 from policytrace.gradients.batched import TrainExample  # noqa: E402
 from policytrace.pipeline import config as cfgmod  # noqa: E402
 from policytrace.train.config import TrainCfg  # noqa: E402
-from policytrace.train.finetune import finetune, loss_coefficients, plan, weighted_loss  # noqa: E402
+from policytrace.train.finetuning import finetune, loss_coefficients, plan, weighted_loss  # noqa: E402
 from policytrace.train.optim import Optimizer, lr_at  # noqa: E402
 
 from _tiny import tiny_causal_lm, tiny_config, tiny_tokenizer, write_tiny_data, write_tiny_model  # noqa: E402
@@ -123,7 +123,7 @@ def test_token_mean_loss_is_the_batch_token_mean_float64():
             ce = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(e.ids[1:]), reduction="none")
             per.append(ce[torch.tensor(e.trained[1:])])
         ref = torch.cat(per).mean() if loss == "token_mean" else torch.stack([p.mean() for p in per]).mean()
-        assert abs(float(ours) - float(ref)) < 1e-12
+        assert abs(float(ours.detach()) - float(ref.detach())) < 1e-12
 
 
 def test_finetune_writes_a_loadable_model_checkpoints_and_records(tiny, whole):
@@ -183,7 +183,7 @@ def test_checkpoint_folder_of_another_model_is_refused(tiny, whole, tmp_path):
 
     shutil.copytree(whole / "checkpoints/step-3", out / "checkpoints/step-3")
     cfg = dataclasses.replace(tiny["cfg"], model=dataclasses.replace(tiny["cfg"].model, name=str(other)))
-    from policytrace.train.finetune import finetune_config
+    from policytrace.train.finetuning import finetune_config
 
     with pytest.raises(RunFolderError, match=r"step-3 is a checkpoint of another fine-tune \(its model differs"):
         finetune_config(cfg, out, progress=False, log=lambda m: None)
@@ -197,3 +197,49 @@ def test_unknown_train_key_and_bad_weights(tiny, tmp_path):
         finetune(tiny["cfg"], ex, tmp_path / "w", weights=[-1.0], progress=False)
     with pytest.raises(Exception, match="has no trained token"):
         finetune(tiny["cfg"], [TrainExample((5, 6, 7), (False, False, False))], tmp_path / "w", progress=False)
+
+
+def test_the_package_exports_the_functions_even_after_their_modules_load():
+    """``policytrace.train.finetune`` is the function, whichever import came first (the module it
+    lives in is ``finetuning``, so loading it never shadows the name)."""
+    import importlib
+
+    import policytrace.train as train
+    from policytrace.train import trajectory
+
+    importlib.import_module("policytrace.train.finetuning")
+    assert train.finetune is finetune and callable(train.finetune)
+    assert train.attributed_update is trajectory.attributed_update
+    from policytrace.train import FinetuneResult, attributed_update  # noqa: F401
+    with pytest.raises(AttributeError, match="no attribute 'nonesuch'"):
+        train.nonesuch  # noqa: B018
+
+
+def test_a_model_marked_as_gguf_quantized_saves_as_the_float_model_and_keeps_its_marks(tmp_path):
+    """The embedded default is read from GGUF: transformers keeps a quantizer that makes
+    save_pretrained refuse, though the weights are dequantized floats (the trajectory demo
+    stopped there). The fine-tune's save writes the plain float model; the live model keeps its marks."""
+    import types
+
+    from transformers import AutoModelForCausalLM
+
+    from policytrace.train.finetuning import save_model
+
+    class Unserializable:  # what transformers' GGUF quantizer answers
+        quantization_config = types.SimpleNamespace(quant_method="gguf")
+
+        def is_serializable(self, *a, **k):
+            return False
+
+    tok = tiny_tokenizer()
+    net = tiny_causal_lm("llama", len(tok))
+    mark, qc = Unserializable(), {"quant_method": "gguf"}
+    net.hf_quantizer, net.config.quantization_config = mark, qc
+    with pytest.raises(ValueError, match="not serializable"):
+        net.save_pretrained(tmp_path / "refused", safe_serialization=True)
+    save_model(net, tok, tmp_path / "saved", TrainCfg())
+    assert net.hf_quantizer is mark and net.config.quantization_config == qc
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    assert getattr(back.config, "quantization_config", None) is None
+    for (n, a), (_, b) in zip(net.named_parameters(), back.named_parameters()):
+        assert torch.equal(a, b), n

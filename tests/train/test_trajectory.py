@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 
 from policytrace.model.loading import LoadedModel  # noqa: E402
 from policytrace.train.config import TrainCfg  # noqa: E402
-from policytrace.train.finetune import finetune, trained_tensors  # noqa: E402
+from policytrace.train.finetuning import finetune, trained_tensors  # noqa: E402
 from policytrace.train.optim import Optimizer  # noqa: E402
 from policytrace.train.trajectory import (  # noqa: E402
     Replay,

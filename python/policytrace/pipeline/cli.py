@@ -62,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="pairs removed in the top-k removal test (default: an eighth of the pairs; 0 = skip)")
     val.add_argument("--removal-methods", default=None,
                      help="comma-separated methods for the removal test (default: all; each costs 4 retrainings)")
+    val.add_argument("--compare", action="append", default=[], metavar="RUN",
+                     help="another finished run over the same pairs (say, gradient mode's one-step scores beside "
+                          "a trajectory run): its score and dy_mean are ranked against the same retrained subsets; "
+                          "repeatable")
     val.add_argument("--quiet", action="store_true")
     _repair_parsers(sub)
     return ap
@@ -250,7 +254,8 @@ def _dispatch(args) -> int:
 
         frame = validate(args.run_dir, args.subsets, args.alpha, args.seed, progress=not args.quiet,
                          baselines=not args.no_baselines, removal_k=args.removal_k, planted=args.planted,
-                         removal_methods=args.removal_methods.split(",") if args.removal_methods else None)
+                         removal_methods=args.removal_methods.split(",") if args.removal_methods else None,
+                         compare=args.compare)
         print(frame)
         print(f"written: {Path(args.run_dir) / 'validation.parquet'}")
         return 0
@@ -267,7 +272,7 @@ def _dispatch(args) -> int:
     if args.cmd == "bins":
         return _bins(args)
     if args.cmd == "finetune":
-        from ..train.finetune import finetune_config
+        from ..train.finetuning import finetune_config
         from . import config as cfgmod
 
         res = finetune_config(cfgmod.load(args.config), _out_folder(Path(args.out)), progress=not args.quiet)

@@ -127,6 +127,9 @@ def write_base(rd: RunDir, state: BaseState, progress: bool = False) -> dict:
     """policy, features (with their readable contexts) and probes files, and the base stage's
     marker with its facts."""
     pol = state.policy
+    # a resumed folder keeps the contexts its earlier process wrote (minutes of probe, pair and
+    # corpus passes; the fingerprint already vouches that they came from these inputs)
+    earlier = (rd.valid_marker("stages/base.json") or {}).get("files", {})
     probes = state.inputs.probes.with_columns(pl.Series("y", state.base.y0), pl.Series("y_pred", state.fit.pred))
     files = {
         "policy.parquet": rd.write_parquet("policy.parquet", pol.to_frame()),
@@ -137,7 +140,9 @@ def write_base(rd: RunDir, state: BaseState, progress: bool = False) -> dict:
     files["policy.json"] = digest_file(rd.file("policy.json"))
     files |= (rd.marker("stages/base_pass.json") or {}).get("files", {})
     files["pair_data.parquet"] = rd.write_parquet("pair_data.parquet", pair_data(state))
-    if state.cfg.features.contexts:
+    if state.cfg.features.contexts and "feature_contexts.parquet" in earlier:
+        files["feature_contexts.parquet"] = earlier["feature_contexts.parquet"]
+    elif state.cfg.features.contexts:
         rd.log("feature contexts (probes, pairs, corpus)")
         files["feature_contexts.parquet"] = rd.write_parquet("feature_contexts.parquet",
                                                              feature_contexts(state, progress))

@@ -1,7 +1,7 @@
 """Fine-tuning with a recorded trajectory, and its attribution (issue 21).
 
 * :func:`finetune` runs the ``[train]`` recipe (:class:`TrainCfg`) and records what trajectory
-  mode needs (:mod:`.finetune`);
+  mode needs (:mod:`.finetuning`);
 * :func:`attributed_update` is the selected pairs' share of the fine-tune's weight change
   (:mod:`.trajectory`), for first-order removal;
 * :mod:`.callback` records the same during the user's own ``transformers.Trainer`` run.
@@ -14,14 +14,16 @@ from .config import TrainCfg
 __all__ = ["FinetuneResult", "TrainCfg", "attributed_update", "finetune"]
 
 
+_LAZY = {"finetune": "finetuning", "FinetuneResult": "finetuning", "attributed_update": "trajectory"}
+
+
 def __getattr__(name: str):
-    # torch-dependent pieces load on first use, so configs stay importable without the model extra
-    if name in ("finetune", "FinetuneResult"):
-        from . import finetune as _ft
+    # torch-dependent pieces load on first use, so configs stay importable without the model extra;
+    # no submodule shares a name with what it exports, so the import never shadows the function
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
 
-        return getattr(_ft, name)
-    if name == "attributed_update":
-        from .trajectory import attributed_update
-
-        return attributed_update
-    raise AttributeError(name)
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value

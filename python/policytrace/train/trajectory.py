@@ -37,7 +37,7 @@ from .. import _progress
 from ..errors import InvalidValueError, RunFolderError
 from ..gradients.batched import TrainExample, WholeProducts, per_example
 from .config import TrainCfg
-from .finetune import load_tensors, trained_tensors, weighted_loss
+from .finetuning import load_tensors, trained_tensors, weighted_loss
 from .optim import Optimizer, coefficients
 
 

@@ -112,6 +112,10 @@ class Mode(ABC, Generic[P]):
     ranks): then every rank prepares while any shard of any rank is left."""
     default_shard: ClassVar[int] = 8
     """Pairs per shard when ``run.pair_batch = 0``."""
+    fine_tune: ClassVar[str] = "sequential"
+    """The fine-tune the mode models, which ``policytrace repair`` retrains with by default:
+    ``sequential`` (one ``[update]`` step per pair in a seeded order, the paper's) or ``train``
+    (the run's ``[train]`` recipe)."""
 
     def shard_size(self, cfg) -> int:
         """Pairs per shard (the unit of resumption) for ``cfg``."""

@@ -59,7 +59,7 @@ def _key(*parts) -> str:
 
 
 def run_examples(state: BaseState, pairs: pl.DataFrame):
-    from ...train.finetune import pair_examples
+    from ...train.finetuning import pair_examples
 
     return pair_examples(state.model.lm.tokenizer, pairs, state.cfg.train.max_length)
 
@@ -67,7 +67,7 @@ def run_examples(state: BaseState, pairs: pl.DataFrame):
 def finetune_folder(state: BaseState, pairs: pl.DataFrame, log: Log, progress: bool) -> Path:
     """The fine-tune of ``pairs`` with the recipe: ``train.records``, or run (once) into the cache."""
     from ...model.loading import load_model_cfg
-    from ...train.finetune import examples_digest, finetune, intact
+    from ...train.finetuning import examples_digest, finetune, intact
 
     cfg = state.cfg
     if cfg.train.lora > 0:
@@ -178,7 +178,7 @@ def frames(state: BaseState, ts: TrajectorySetup, rows: pl.DataFrame) -> ShardFr
 
 def final_weights(state: BaseState, folder: Path) -> dict:
     from ...train.trajectory import checkpoint_dir, load_records
-    from ...train.finetune import load_tensors
+    from ...train.finetuning import load_tensors
 
     rec = load_records(folder)
     t = load_tensors(checkpoint_dir(rec, rec.S) / "trained.safetensors")
@@ -228,6 +228,7 @@ def steps_frame(state: BaseState, a: dict) -> pl.DataFrame:
 class TrajectoryMode(Mode[TrajectorySetup]):
     name = "trajectory"
     default_shard = 128
+    fine_tune = "train"
 
     def prepare(self, state: BaseState, log: Log, progress: bool, ranks: Ranks = SINGLE) -> TrajectorySetup:
         return setup(state, state.inputs.pairs, log, progress)

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from ..._files import write_atomic
+from ..._files import digest_file, write_atomic
 from ..._tables import to_mapping
-from ..._files import digest_file
 from ...errors import ConfigError, RunFolderError
+from ..modes import get_mode
 from ..rundir import RunDir
 from ..selection import Selection, matched_random, select
 from ..stages import BaseState
@@ -46,7 +46,7 @@ def _recipe(rd: RunDir, state: BaseState, kind: str = "auto"):
     cfg = state.cfg
     if kind not in ("auto", "sequential", "train"):
         raise ConfigError(f"--recipe {kind!r} must be auto, sequential or train")
-    if kind == "train" or (kind == "auto" and cfg.run.mode == "trajectory"):
+    if kind == "train" or (kind == "auto" and get_mode(cfg.run.mode).fine_tune == "train"):
         if getattr(cfg, "train", None) is None:
             raise ConfigError("--recipe train needs a [train] table (policytrace with issue 21's recipe)")
         if cfg.train.lora > 0:
@@ -94,7 +94,7 @@ def _train_finetuned(rd: RunDir, state: BaseState, recipe: TrainRecipe, rows: li
     """A ``[train]`` fine-tune and its trajectory records: the folder ``train.records`` names (the
     fine-tune the run attributed), else the run's pairs fine-tuned with the recipe once into
     ``RUN/repairs/finetuned-train/`` (kept: its records and checkpoints)."""
-    from ...train.finetune import intact
+    from ...train.finetuning import intact
 
     lm = state.model.lm
     given = state.cfg.train.records

@@ -240,7 +240,7 @@ class TrainRecipe:
         import copy
 
         from ...model.loading import LoadedModel
-        from ...train.finetune import finetune
+        from ...train.finetuning import finetune
 
         keep = [(r, x) for r, x in zip(rows, weights) if x > 0]
         if not keep:

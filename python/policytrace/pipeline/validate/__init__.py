@@ -82,6 +82,35 @@ def _lds_frame(scores: dict, masks: np.ndarray, measured: dict, seed: int, alpha
     return rows
 
 
+def compared_scores(run_dir: str | Path, pair_ids: list[str], taken: set[str]) -> dict[str, np.ndarray]:
+    """Another finished run's per-pair ``score`` and ``dy_mean`` (its ``pairs.parquet``) in this
+    run's pair order, named by its mode (``score_gradient``, ``dy_mean_engine``, ...; with
+    ``@<folder>`` where that name is taken): the same retrained subsets then rank both runs'
+    attributions, e.g. the paper's one-step scores beside a trajectory run's."""
+    rd = RunDir(run_dir, lambda _m: None)
+    manifest = rd.complete()
+    frame = rd.read_parquet("pairs.parquet")
+    theirs = frame["pair_id"].to_list()
+    missing = sorted(set(pair_ids) - set(theirs))
+    extra = sorted(set(theirs) - set(pair_ids))
+    if missing or extra:
+        raise InvalidValueError(f"--compare {run_dir}: its pairs are not this run's ({len(missing)} missing, e.g. "
+                                f"{missing[:3]}; {len(extra)} extra, e.g. {extra[:3]}); compare runs over the same pairs")
+    order = {p: i for i, p in enumerate(theirs)}
+    idx = np.array([order[p] for p in pair_ids])
+    mode = frame["mode"][0] if "mode" in frame.columns and frame.height else manifest.get("mode", "run")
+    out = {}
+    for col in ("score", "dy_mean"):
+        name = f"{col}_{mode}"
+        if name in taken or name in out:
+            name = f"{name}@{Path(run_dir).name}"
+        if name in taken or name in out:
+            raise InvalidValueError(f"--compare {run_dir}: a method called {name!r} is already compared")
+        values = frame[col].to_numpy()[idx].astype(np.float64)
+        out[name] = np.nan_to_num(values, nan=0.0)
+    return out
+
+
 def open_state(run_dir: str | Path, log: Callable[[str], None], progress: bool = False) -> tuple[RunDir, dict, BaseState]:
     """A finished, intact run folder's manifest and its rebuilt :class:`BaseState`."""
     rd = RunDir(run_dir, log)
@@ -92,9 +121,10 @@ def open_state(run_dir: str | Path, log: Callable[[str], None], progress: bool =
 
 def validate(run_dir: str | Path, subsets: int = 20, alpha: float = 0.5, seed: int = 0, progress: bool = True,
              log=print, baselines: bool = True, removal_k: int | None = None, planted: int = 0,
-             removal_methods: list[str] | None = None) -> pl.DataFrame:
+             removal_methods: list[str] | None = None, compare: list[str | Path] = ()) -> pl.DataFrame:
     """LDS of the run's attributions against real subset retraining; writes ``validation.parquet``
-    (and ``removal``, ``planted``, ``aggregates`` and ``validation.json``)."""
+    (and ``removal``, ``planted``, ``aggregates`` and ``validation.json``). ``compare``: other
+    finished runs over the same pairs whose scores join the methods (:func:`compared_scores`)."""
     if subsets < 2:
         raise InvalidValueError(f"subsets = {subsets}: LDS needs at least 2 subsets (20 or more recommended)")
     rd, manifest, state = open_state(run_dir, log)
@@ -106,6 +136,8 @@ def validate(run_dir: str | Path, subsets: int = 20, alpha: float = 0.5, seed: i
         timings[f"smda_{mode.name}_per_100_pairs_s"] = 100 * spp
     run_scores = mode.validation(rd, manifest, state, seed, log, progress)
     scores, scorer = dict(run_scores.scores), run_scores.scorer
+    for other in compare:
+        scores |= compared_scores(other, state.inputs.pairs["id"].to_list(), set(scores))
     timings |= run_scores.timings
     probe_grads = _baseline_scores(state, scores, timings, log, progress) if baselines else None
     masks = subset_masks(P, subsets, alpha, seed)
@@ -128,4 +160,4 @@ def validate(run_dir: str | Path, subsets: int = 20, alpha: float = 0.5, seed: i
     return frame
 
 
-__all__ = ["auc", "lds", "precision_at_k", "spearman", "subset_masks", "top_k_overlap", "validate"]
+__all__ = ["auc", "compared_scores", "lds", "precision_at_k", "spearman", "subset_masks", "top_k_overlap", "validate"]

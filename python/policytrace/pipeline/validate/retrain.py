@@ -95,7 +95,7 @@ class RecipeRetrainer(Retrainer):
         import torch
 
         from ...model.loading import load_model_cfg
-        from ...train.finetune import finetune
+        from ...train.finetuning import finetune
         from ..modes.trajectory import run_examples
 
         st = self.state

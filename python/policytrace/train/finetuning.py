@@ -17,6 +17,8 @@ moment, the same call resumes from the last intact checkpoint and ends with byte
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import json
 import shutil
@@ -365,8 +367,39 @@ def finish(out: Path, lm, net, cfg: TrainCfg, records: list[dict], ident: dict, 
     write_json(out / "done.json", {"identity": ident, "files": files})
 
 
+@contextlib.contextmanager
+def _as_plain_float(net):
+    """A model read from GGUF (the embedded default) carries transformers' GGUF quantizer marks,
+    and save_pretrained refuses it although its weights are dequantized floats: while saving, it
+    is the plain float model it is (the marks come back after, so the live model is unchanged)."""
+    saved = {k: getattr(net, k) for k in ("hf_quantizer", "is_quantized") if getattr(net, k, None)}
+    qc = getattr(net.config, "quantization_config", None)
+    try:
+        for k in saved:
+            try:
+                setattr(net, k, None if k == "hf_quantizer" else False)
+            except AttributeError:  # a read-only property on some transformers versions
+                pass
+        if qc is not None:
+            del net.config.quantization_config
+        yield net
+    finally:
+        for k, v in saved.items():
+            try:
+                setattr(net, k, v)
+            except AttributeError:
+                pass
+        if qc is not None:
+            net.config.quantization_config = qc
+
+
 def save_model(net, tokenizer, folder: Path, cfg: TrainCfg) -> None:
     """The model as a HF folder (safetensors); LoRA adapters merged into their weights."""
+    with _as_plain_float(net):
+        _save_model(net, tokenizer, folder, cfg)
+
+
+def _save_model(net, tokenizer, folder: Path, cfg: TrainCfg) -> None:
     if cfg.lora > 0:
         for mod in net.modules():
             if hasattr(mod, "merge") and hasattr(mod, "lora_A"):

@@ -1,0 +1,157 @@
+"""Trajectory mode against real retraining with the run's own AdamW recipe (issue "Attribute the
+fine-tuning that was actually run"), on the embedded default:
+
+    python benches/bench_trajectory.py [--lrs 5e-5,5e-4] [--subsets 20] [--pairs 48] [--work DIR]
+
+For each learning rate it
+
+* fine-tunes the demo's pairs with ``policytrace demo --finetune``'s recipe (AdamW, batches of 4,
+  2 epochs, the MLP down-projections) at that lr and attributes the run (``run.mode =
+  trajectory``): completeness (the final model's measured Δy beside Σ pair attributions, overall
+  and per probe category) comes from the run's ``completeness.parquet``;
+* validates it (``policytrace validate``): ``--subsets`` random halves of the pairs, each really
+  fine-tuned with the same recipe (same schedule, seeded order) and measured by a probe pass; LDS
+  (Spearman over subsets of Σ scores against the measured shift) for trajectory mode, the paper's
+  one-step scores (a gradient-mode run over the same pairs, ``validate --compare``), the
+  TrackStar-style gradient cosine and the other baselines, side by side on the same subsets.
+
+The paper-mode run is shared by both lrs (its scores are linear in its own lr, and LDS is a rank
+statistic). Work folders are resumable: a killed bench picks up where it was. Writes
+results/trajectory.json and the README section between <!-- trajectory:begin/end -->. It only
+measures: nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+from _common import cpu_name, git_commit, write_readme_section  # noqa: E402
+
+METHODS = ("score_trajectory", "score_gradient", "grad_cosine", "concept_influence", "dy_mean", "random")
+
+
+def _user(pairs: int, over: dict) -> dict:
+    user: dict = {"preset": "demo", "data": {"max_pairs": pairs}}
+    for table, values in over.items():
+        user[table] = {**user.get(table, {}), **values}
+    return user
+
+
+def run_folder(user: dict, out: Path, log) -> tuple[Path, float]:
+    from policytrace.pipeline import config as cfgmod
+    from policytrace.pipeline.run import execute
+
+    t = time.perf_counter()
+    execute(cfgmod.resolve(user), out, log=log, progress=False)
+    return out, time.perf_counter() - t
+
+
+def lds_table(run: Path) -> dict:
+    import polars as pl
+
+    frame = pl.read_parquet(run / "validation.parquet")
+    return {f"{r['method']}/{r['target']}": {"lds": r["lds"], "ci": [r["ci_low"], r["ci_high"]]}
+            for r in frame.iter_rows(named=True)}
+
+
+def completeness(run: Path) -> list[dict]:
+    import polars as pl
+
+    return pl.read_parquet(run / "completeness.parquet").to_dicts()
+
+
+def one_lr(lr: float, args, paper: Path, log) -> dict:
+    from policytrace.pipeline.validate import validate
+    from policytrace.train.demo import DEMO_FINETUNE
+
+    over = {k: dict(v) for k, v in DEMO_FINETUNE.items() if k != "data"}
+    over["train"]["lr"] = lr
+    run, run_s = run_folder(_user(args.pairs, over), args.work / f"trajectory-lr{lr:g}", log)
+    t = time.perf_counter()
+    validate(run, subsets=args.subsets, alpha=0.5, seed=0, progress=True, log=log, baselines=not args.no_baselines,
+             removal_k=0, compare=[paper])
+    val_s = time.perf_counter() - t
+    measured = json.loads((run / "validation.json").read_text())["measured"]
+    manifest = json.loads((run / "manifest.json").read_text())
+    comp = completeness(run)
+    return {"lr": lr, "run": str(run), "run_s": run_s, "validate_s": val_s, "lds": lds_table(run),
+            "completeness": comp, "subset_behaviour_shift": measured["behaviour"],
+            "full_behaviour_shift": comp[0]["measured_dy"],
+            "dy_by_epoch": manifest.get("trajectory", {}).get("dy_by_epoch")}
+
+
+def _fmt(x) -> str:
+    return "–" if x is None else f"{x:+.3f}"
+
+
+def table(out: dict) -> str:
+    lines = ["<!-- trajectory:begin -->",
+             f"Commit {out['commit']}, {out['cpu']}, {out['threads']} threads, load {out['load']}; "
+             f"{out['pairs']} pairs, {out['subsets']} random halves retrained with the run's recipe per lr.", "",
+             "| lr | full fine-tune Δy (measured) | half-subset Δy (mean, min .. max) | completeness gap (all probes) | "
+             + " | ".join(f"LDS {m}" for m in METHODS) + " |",
+             "|---|---|---|---|" + "---|" * len(METHODS)]
+    for r in out["lrs"]:
+        sub = r["subset_behaviour_shift"]
+        cells = []
+        for m in METHODS:
+            v = r["lds"].get(f"{m}/behaviour")
+            cells.append("–" if v is None else f"{v['lds']:.3f} [{v['ci'][0]:.2f}, {v['ci'][1]:.2f}]")
+        lines.append(f"| {r['lr']:g} | {_fmt(r['full_behaviour_shift'])} | {_fmt(sum(sub) / len(sub))} "
+                     f"({_fmt(min(sub))} .. {_fmt(max(sub))}) | {100 * r['completeness'][0]['relative_gap']:+.1f} % | "
+                     + " | ".join(cells) + " |")
+    lines += ["", "Completeness per probe set (measured Δy of the final model; Σ pair attributions + θ₀'s decay; gap):", "",
+              "| lr | probes | measured | attributed + decay | gap |", "|---|---|---|---|---|"]
+    for r in out["lrs"]:
+        for c in r["completeness"]:
+            lines.append(f"| {r['lr']:g} | {c['probes']} ({c['n_probes']}) | {c['measured_dy']:+.4f} | "
+                         f"{c['attributed_dy'] + c['decay_dy']:+.4f} | {100 * c['relative_gap']:+.1f} % |")
+    lines.append("<!-- trajectory:end -->")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--lrs", default="5e-5,5e-4", help="comma-separated AdamW learning rates")
+    ap.add_argument("--subsets", type=int, default=20)
+    ap.add_argument("--pairs", type=int, default=48)
+    ap.add_argument("--work", type=Path, default=Path("bench-trajectory"))
+    ap.add_argument("--no-baselines", action="store_true", help="skip TrackStar-style and the other baselines")
+    ap.add_argument("--json", type=Path, default=HERE / "results" / "trajectory.json")
+    ap.add_argument("--no-readme", action="store_true")
+    args = ap.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+
+    def log(msg: str) -> None:
+        print(f"[bench_trajectory {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    import torch
+
+    log("paper mode (gradient mode, one update per pair) over the same pairs")
+    paper, paper_s = run_folder(_user(args.pairs, {"run": {"mode": "gradient"}}), args.work / "paper", log)
+    out = {"commit": git_commit(), "cpu": cpu_name(), "threads": torch.get_num_threads(),
+           "load": " ".join(f"{x:.1f}" for x in os.getloadavg()), "pairs": args.pairs, "subsets": args.subsets,
+           "paper_run_s": paper_s, "lrs": []}
+    for lr in (float(x) for x in args.lrs.split(",")):
+        log(f"lr {lr:g}: fine-tune, attribute, validate")
+        out["lrs"].append(one_lr(lr, args, paper, log))
+        out["load_after"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=1))
+    block = table(out)
+    print(block)
+    if not args.no_readme:
+        write_readme_section("trajectory", block, "Trajectory mode against retraining with the run's recipe",
+                             "python benches/bench_trajectory.py")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
