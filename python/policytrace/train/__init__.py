@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from .config import TrainCfg
 
-__all__ = ["FinetuneResult", "TrainCfg", "attributed_update", "finetune"]
+__all__ = ["FinetuneResult", "RecordingCallback", "TrainCfg", "attributed_update", "finetune"]
 
 
-_LAZY = {"finetune": "finetuning", "FinetuneResult": "finetuning", "attributed_update": "trajectory"}
+_LAZY = {"finetune": "finetuning", "FinetuneResult": "finetuning", "attributed_update": "trajectory",
+         "RecordingCallback": "callback"}
 
 
 def __getattr__(name: str):
