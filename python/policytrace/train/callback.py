@@ -145,8 +145,8 @@ class _Indexed(torch.utils.data.Dataset):
 
 
 def _unwrap_optimizer(opt):
-    while hasattr(opt, "optimizer") and not isinstance(opt, torch.optim.Optimizer):
-        opt = opt.optimizer
+    while type(opt) not in (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD) and hasattr(opt, "optimizer"):
+        opt = opt.optimizer  # accelerate's AcceleratedOptimizer and the like
     return opt
 
 
