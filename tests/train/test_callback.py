@@ -24,7 +24,7 @@ from policytrace.train.config import TrainCfg  # noqa: E402
 from policytrace.train.finetuning import finetune, load_tensors, trained_tensors  # noqa: E402
 from policytrace.train.trajectory import attribute, load_records, recorded_examples  # noqa: E402
 
-from _tiny import tiny_causal_lm, tiny_tokenizer  # noqa: E402
+from _tiny import tiny_causal_lm, tiny_config, tiny_tokenizer, write_tiny_data, write_tiny_model  # noqa: E402
 
 pytestmark = pytest.mark.model
 
@@ -96,13 +96,13 @@ class PlanSampler(torch.utils.data.Sampler):
         return iter(order)
 
 
-def trainer_for(model, ds, out, recipe: TrainCfg = RECIPE, collator=None, plan: bool = True, **kw):
+def trainer_for(model, ds, out, recipe: TrainCfg = RECIPE, collator=None, plan: bool = True, params=PARAMS, **kw):
     class PlanTrainer(transformers.Trainer):
         def _get_train_sampler(self, train_dataset=None):
             return PlanSampler(len(self.train_dataset), recipe.seed) if plan else super()._get_train_sampler(train_dataset)
 
     for n, p in model.named_parameters():
-        p.requires_grad_(n in PARAMS)
+        p.requires_grad_(n in params)
     defaults = dict(output_dir=str(out / "hf"), per_device_train_batch_size=recipe.batch_size,
                     gradient_accumulation_steps=recipe.grad_accum, num_train_epochs=recipe.epochs,
                     learning_rate=recipe.lr, lr_scheduler_type=recipe.schedule, weight_decay=recipe.weight_decay,
@@ -222,6 +222,9 @@ def test_bad_inputs_name_what_to_set(tmp_path):
         tr.train()
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # TRL's config against newer transformers' renames
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::UserWarning")
 def test_sft_trainer_with_completion_only_loss(tmp_path):
     trl = pytest.importorskip("trl")
     lm = tiny_lm()
@@ -246,3 +249,54 @@ def test_sft_trainer_with_completion_only_loss(tmp_path):
         assert not any(e.trained[:3]) and any(e.trained)
     assert sorted(i for st in rec.steps for i in st["examples"]) == [0, 1, 2]
     assert cb.seconds > 0
+    doc = json.loads((tmp_path / "rec" / "records.json").read_text())
+    assert doc["callback"]["loss_checked"] and doc["callback"]["token_mean"]
+    base = tiny_lm()
+    base = LoadedModel(base.model.float(), tok, "tiny", "tiny")
+    att = attribute(base.model, rec, exs, tok.pad_token_id, concept(base.model, rec.names))
+    assert np.isfinite(att.values).all() and np.abs(att.values).max() > 0
+
+
+PIPE_TRAIN = {"optimizer": "adamw", "lr": 3e-4, "precondition": "checkpoint", "batch_size": 4, "epochs": 2,
+              "checkpoint_every": 2, "schedule": "linear", "weight_decay": 0.01, "max_grad_norm": 1.0,
+              "params": ["model.layers.*.mlp.*"]}
+
+
+def test_trajectory_mode_attributes_the_trainer_run_as_the_finetune(tmp_path):
+    """The pipeline's trajectory mode on the callback's records (train.records) against the
+    same recipe run by policytrace finetune: every pair's dy_mean and score to 1e-5."""
+    pytest.importorskip("sae_lens")
+    import polars as pl
+
+    from policytrace.pipeline import config as cfgmod
+    from policytrace.pipeline.run import execute
+
+    torch.set_num_threads(1)
+    model = write_tiny_model(tmp_path / "model")
+    probes, pairs = write_tiny_data(tmp_path)
+    user = tiny_config(model, probes, pairs, tmp_path / "cache", run={"mode": "trajectory"}, train=PIPE_TRAIN)
+    cfg = cfgmod.resolve(user)
+    execute(cfg, tmp_path / "ft-run", log=lambda m: None, progress=False)
+    ft = next((tmp_path / "cache" / "finetunes").iterdir())
+    rec = load_records(ft)
+    exs = recorded_examples(ft)
+    ds = rows(exs)
+    ds = ds.remove_columns("id").add_column("id", rec.ids)
+    net = transformers.AutoModelForCausalLM.from_pretrained(model)
+    names = rec.names
+    tr = trainer_for(net, ds, tmp_path, recipe=cfg.train, params=names)
+    RecordingCallback(tmp_path / "cb", checkpoint_every=2, precondition=cfg.train.precondition, model_name=str(model)).attach(tr)
+    tr.train()
+    execute(cfgmod.resolve({**user, "train": {**PIPE_TRAIN, "records": str(tmp_path / "cb")}}), tmp_path / "cb-run",
+            log=lambda m: None, progress=False)
+    a, b = (pl.read_parquet(tmp_path / r / "pairs.parquet").sort("pair_id") for r in ("ft-run", "cb-run"))
+    assert a["pair_id"].to_list() == b["pair_id"].to_list()
+    for col in ("dy_mean", "score"):
+        x, y = a[col].to_numpy(), b[col].to_numpy()
+        assert np.abs(x).max() > 0
+        assert float(np.abs(x - y).max()) <= 1e-5 * float(np.abs(x).max()), (col, x, y)
+    other = write_tiny_model(tmp_path / "other", seed=3)
+    with pytest.raises(Exception, match="model.name"):
+        execute(cfgmod.resolve({**user, "model": {"name": str(other)},
+                                "train": {**PIPE_TRAIN, "records": str(tmp_path / "cb")}}), tmp_path / "bad-run",
+                log=lambda m: None, progress=False)

@@ -43,7 +43,7 @@ from .._files import digest_file
 from ..errors import ConfigError, InvalidValueError, RunFolderError
 from ..gradients.batched import TrainExample
 from .config import TrainCfg
-from .finetuning import FORMAT, VERSION, examples_digest, identity, save_tensors, write_json
+from .finetuning import examples_digest, identity, save_tensors, write_json
 
 try:  # the callback base class; transformers is in the model extra
     from transformers import TrainerCallback
