@@ -178,6 +178,8 @@ class RecordingCallback(TrainerCallback):
         self.trainer = None
         self.seconds = 0.0
         """Wall-clock seconds the callback's own work took (its hooks and files)."""
+        self.file_seconds = 0.0
+        """Of :attr:`seconds`, writing θ_0, the checkpoints and the final files."""
 
     # --- attaching ------------------------------------------------------------------------
 
@@ -335,7 +337,9 @@ class RecordingCallback(TrainerCallback):
         self.optimizer_kind, self.recipe_fields = self._read_optimizer(opt, args, groups)
         self.max_grad_norm = float(args.max_grad_norm or 0.0)
         self.out.mkdir(parents=True, exist_ok=True)
+        t1 = time.perf_counter()
         self.files = {"base.safetensors": save_tensors(self.out / "base.safetensors", self.params)}
+        self.file_seconds += time.perf_counter() - t1
         drop = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
         drop += [k for k in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
                              "dropout") if float(getattr(getattr(model, "config", None), k, 0) or 0) > 0]
@@ -470,7 +474,9 @@ class RecordingCallback(TrainerCallback):
             raise InvalidValueError("the run took no optimizer step; nothing to record")
         S = self.steps[-1]["step"]
         self._checkpoint(S)
+        t1 = time.perf_counter()
         self._finish(S, processing_class if processing_class is not None else kwargs.get("tokenizer"))
+        self.file_seconds += time.perf_counter() - t1
         self.seconds += time.perf_counter() - t0
 
     # --- files ----------------------------------------------------------------------------
@@ -531,6 +537,13 @@ class RecordingCallback(TrainerCallback):
     def _checkpoint(self, s: int) -> None:
         if s in self.checkpoints:
             return
+        t0 = time.perf_counter()
+        try:
+            self._write_checkpoint(s)
+        finally:
+            self.file_seconds += time.perf_counter() - t0
+
+    def _write_checkpoint(self, s: int) -> None:
         self._settle()
         folder = self.out / "checkpoints" / f"step-{s}"
         folder.mkdir(parents=True, exist_ok=True)
