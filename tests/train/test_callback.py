@@ -300,3 +300,33 @@ def test_trajectory_mode_attributes_the_trainer_run_as_the_finetune(tmp_path):
         execute(cfgmod.resolve({**user, "model": {"name": str(other)},
                                 "train": {**PIPE_TRAIN, "records": str(tmp_path / "cb")}}), tmp_path / "bad-run",
                 log=lambda m: None, progress=False)
+
+
+def test_posthoc_tracin_from_trainer_checkpoints_agrees_with_the_records(tmp_path):
+    """An unrecorded run's post-hoc path (TracIn over the Trainer's checkpoint-N folders, AdamW's
+    v from optimizer.pt) against the recorded path on the same run: Spearman over the examples."""
+    from scipy.stats import spearmanr
+
+    from policytrace.train import tracin_checkpoints
+
+    lm = tiny_lm()
+    exs = examples(lm.tokenizer, 12)
+    net = lm.model
+    recipe = dataclasses.replace(RECIPE, max_grad_norm=0.0, weight_decay=0.0, lr=1e-3)
+    tr = trainer_for(net, rows(exs), tmp_path, recipe=recipe, save_strategy="steps", save_steps=4)
+    RecordingCallback(tmp_path / "rec", checkpoint_every=4, save_model=False).attach(tr)
+    tr.train()
+    rec = load_records(tmp_path / "rec")
+    assert rec.checkpoints == [4, 8]
+    base = tiny_lm()
+    grads = concept(base.model, rec.names)
+    recorded = attribute(base.model, rec, recorded_examples(tmp_path / "rec"), 0, grads).values[:, 0]
+    for n, p in base.model.named_parameters():
+        p.requires_grad_(n in rec.names)
+    post = tracin_checkpoints(base.model, tmp_path / "hf", exs, 0, grads)
+    assert post.checkpoints == [4, 8] and post.values.shape == (12, 1)
+    rho = spearmanr(recorded, post.values[:, 0]).statistic
+    print(f"post-hoc TracIn against the recorded path: Spearman {rho:.3f}")
+    assert rho > 0.8, (recorded, post.values[:, 0])
+    with pytest.raises(RunFolderError, match="checkpoint-N"):
+        tracin_checkpoints(base.model, tmp_path / "rec", exs, 0, grads)
