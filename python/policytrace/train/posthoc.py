@@ -8,7 +8,8 @@ batch slots, with c_i ≈ 1/|B|, so its expected share of the segment's change o
     −lr_k · (N_k − N_{k−1}) / n · ⟨u_k ⊙ ∇φ(θ_{N_{k−1}}), g_i(θ_{N_{k−1}})⟩
 
 with ``u_k = 1/(√v̂ + ε)`` from checkpoint k's ``exp_avg_sq`` (the recorded path's
-``precondition = "checkpoint"``), ``lr_k`` the learning rate checkpoint k's optimizer holds, and
+``precondition = "checkpoint"``), ``lr_k`` the segment's mean rate (between the rate checkpoint
+k − 1's optimizer holds, or the scheduler's base rate, and checkpoint k's), and
 the gradients at the segment's start (the base model, then each checkpoint before the last).
 What it does not know — which batches held which example, the schedule between checkpoints,
 momentum, clipping, the loss coefficients — it averages over, so it is an estimate of the
@@ -113,6 +114,15 @@ def _adam_state(folder: Path, model, names: list[str]) -> tuple[dict[str, torch.
     return v, hyper
 
 
+def _base_lr(folder: Path, fallback: float) -> float:
+    f = folder / "scheduler.pt"
+    try:
+        sd = torch.load(f, map_location="cpu", weights_only=True)
+        return float(sd["base_lrs"][0])
+    except Exception:  # no scheduler state, or another scheduler's
+        return fallback
+
+
 def tracin_checkpoints(model, output_dir, examples: list[TrainExample], pad_id: int,
                        grads_fn: Callable[[], torch.Tensor], names: list[str] | None = None,
                        batch: int = 8, log=lambda m: None) -> TracinResult:
@@ -132,12 +142,16 @@ def tracin_checkpoints(model, output_dir, examples: list[TrainExample], pad_id: 
     n = len(examples)
     values = None
     lrs = []
-    prev_step, start = 0, base
+    prev_step, start, start_lr = 0, base, None
     flags = {k: p.requires_grad for k, p in params.items()}
     try:
         for ck in ckpts:
             v, hyper = _adam_state(ck.folder, model, names)
-            lr, (_, b2), eps, t = float(hyper["lr"]), hyper["betas"], float(hyper["eps"]), hyper["step"]
+            end_lr, (_, b2), eps, t = float(hyper["lr"]), hyper["betas"], float(hyper["eps"]), hyper["step"]
+            if start_lr is None:  # the first step's: the scheduler's base rate (exact without warmup)
+                start_lr = _base_lr(ck.folder, end_lr)
+            lr = 0.5 * (start_lr + end_lr)  # the segment's mean rate (trapezoid; the saved rate is the next step's)
+            start_lr = end_lr
             lrs.append(lr)
             with torch.no_grad():
                 for k in names:
