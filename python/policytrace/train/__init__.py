@@ -4,17 +4,20 @@
   mode needs (:mod:`.finetuning`);
 * :func:`attributed_update` is the selected pairs' share of the fine-tune's weight change
   (:mod:`.trajectory`), for first-order removal;
-* :mod:`.callback` records the same during the user's own ``transformers.Trainer`` run.
+* :mod:`.callback` records the same during the user's own ``transformers.Trainer`` run;
+* :func:`tracin_checkpoints` (:mod:`.posthoc`) estimates it from a run nobody recorded: TracIn
+  over the Trainer's saved checkpoints with AdamW's second moment.
 """
 
 from __future__ import annotations
 
 from .config import TrainCfg
 
-__all__ = ["FinetuneResult", "TrainCfg", "attributed_update", "finetune"]
+__all__ = ["FinetuneResult", "RecordingCallback", "TrainCfg", "attributed_update", "finetune", "tracin_checkpoints"]
 
 
-_LAZY = {"finetune": "finetuning", "FinetuneResult": "finetuning", "attributed_update": "trajectory"}
+_LAZY = {"finetune": "finetuning", "FinetuneResult": "finetuning", "attributed_update": "trajectory",
+         "RecordingCallback": "callback", "tracin_checkpoints": "posthoc"}
 
 
 def __getattr__(name: str):

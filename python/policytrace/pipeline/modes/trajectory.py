@@ -123,12 +123,19 @@ def attribution(state: BaseState, pairs: pl.DataFrame, log: Log, progress: bool)
                                 "point train.records at the fine-tune of these pairs, or leave it empty")
     exs = recorded_examples(folder)
     by_id = dict(zip(rec.ids, exs))
-    _, mine = run_examples(state, pairs)
-    for pid, e in zip(want, mine):
-        if by_id[pid] != e:
-            raise InvalidValueError(f"pair '{pid}': the fine-tune in {folder} trained on other tokens than this run "
-                                    "reads (another chat template, loss mask or max_length)")
     engine = state.model.engine
+    if "callback" in rec.extra:
+        # the user's own Trainer run: its examples are the tokens its chat template, loss mask and
+        # collator made (examples.json); the run's model must be the one it started from
+        check_base(folder, rec, engine)
+        log(f"trajectory mode: {folder} is a Trainer run recorded by RecordingCallback; its own tokens and loss "
+            "mask are attributed")
+    else:
+        _, mine = run_examples(state, pairs)
+        for pid, e in zip(want, mine):
+            if by_id[pid] != e:
+                raise InvalidValueError(f"pair '{pid}': the fine-tune in {folder} trained on other tokens than this "
+                                        "run reads (another chat template, loss mask or max_length)")
     if rec.recipe.lora > 0:
         raise ConfigError(f"{folder} is a LoRA fine-tune; trajectory mode attributes full-weight fine-tunes")
     params = dict(engine.model.named_parameters())
@@ -152,6 +159,26 @@ def attribution(state: BaseState, pairs: pl.DataFrame, log: Log, progress: bool)
     cache.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(cache, buf.getvalue())
     return folder, cache, arrays
+
+
+def check_base(folder: Path, rec, engine) -> None:
+    """A recorded Trainer run started from this run's model: its θ_0 (base.safetensors) is the
+    model's own trained tensors."""
+    from ...train.finetuning import load_tensors
+
+    f = folder / "base.safetensors"
+    if not f.is_file():
+        raise InvalidValueError(f"{f} is missing: the Trainer run's records are incomplete; record it again")
+    base = load_tensors(f)
+    params = dict(engine.model.named_parameters())
+    for n in rec.names:
+        if n not in params:
+            continue  # named below
+        mine = params[n].detach().to(device="cpu", dtype=torch.float64)
+        theirs = base[n].to(torch.float64)
+        if mine.shape != theirs.shape or float((mine - theirs).abs().max()) > 1e-5 * max(1.0, float(theirs.abs().max())):
+            raise InvalidValueError(f"{folder} is a Trainer run that started from other weights than model.name "
+                                    f"(tensor '{n}' differs): set model.name (and model.dtype) to the model it fine-tuned")
 
 
 def setup(state: BaseState, pairs: pl.DataFrame, log: Log, progress: bool) -> TrajectorySetup:
