@@ -302,7 +302,7 @@ def test_trajectory_mode_attributes_the_trainer_run_as_the_finetune(tmp_path):
                 log=lambda m: None, progress=False)
 
 
-def test_posthoc_tracin_from_trainer_checkpoints_agrees_with_the_records(tmp_path):
+def test_posthoc_tracin_from_trainer_checkpoints_runs_and_reports_its_agreement(tmp_path):
     """An unrecorded run's post-hoc path (TracIn over the Trainer's checkpoint-N folders, AdamW's
     v from optimizer.pt) against the recorded path on the same run: Spearman over the examples."""
     from scipy.stats import spearmanr
