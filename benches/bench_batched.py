@@ -176,6 +176,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE / "results" / "batched.json")
     ap.add_argument("--no-readme", action="store_true")
     ap.add_argument("--sae-path", default="", help="an SAE folder to use instead of the default one (sae.path)")
+    ap.add_argument("--pairs-only", action="store_true",
+                    help="skip the concept pass: the pair side's products with seeded random concept rows of the "
+                         "same shape (its cost does not depend on their values; agreement is still checked)")
     args = ap.parse_args()
     load_start = os.getloadavg()
     torch.set_num_threads(args.threads)
@@ -183,10 +186,15 @@ def main() -> None:
                          | ({"sae": {"path": args.sae_path}} if args.sae_path else {}))
     state = prepare(cfg, log=print, progress=True)
     rate = matmul_rate(args.threads)
-    cs = concept_list(state)[: args.concepts]
-    cons, cg = concept_pass(state, cs, args.old_concepts, args.concept_budget, rate)
     engine = state.model.engine
     shapes = {n: tuple(engine.base[n].shape) for n in engine.trainable}
+    if args.pairs_only:
+        cons = None
+        cg = torch.randn(args.concepts, sum(math.prod(s) for s in shapes.values()),
+                         generator=torch.Generator().manual_seed(0))
+    else:
+        cs = concept_list(state)[: args.concepts]
+        cons, cg = concept_pass(state, cs, args.old_concepts, args.concept_budget, rate)
     pairs = pair_side(state, cg, Factored(shapes, args.r, 0), args.pairs, args.old_pairs, args.budget)
     n_train = sum(math.prod(s) for s in shapes.values())
     pairs["floor_s_per_pair"] = 6 * n_train * pairs["mean_tokens"] / rate
@@ -205,28 +213,32 @@ def main() -> None:
 
 
 def write_readme(r: dict) -> None:
-    p, c = r["pair_side"], r["concept_pass"]
+    p, c = r["pair_side"], r["concept_pass"] or {}
     floor = p["floor_s_per_pair"]
     rows = [
         "| what | per-pair route | batched / hooks | floor | batched ÷ floor |", "|---|---|---|---|---|",
-        f"| pair side, whole products (C = {c['concepts']}), s/pair | {p['per_pair_whole_s_per_pair']:.3f} | "
+        f"| pair side, whole products (C = {len(p['spearman_whole_per_concept'])}), s/pair | {p['per_pair_whole_s_per_pair']:.3f} | "
         f"{p['batched_whole_s_per_pair']:.3f} | {floor:.3f} | {p['batched_whole_s_per_pair'] / floor:.2f} |",
         f"| pair side, projected r = {r['r']}, s/pair | {p['per_pair_projected_s_per_pair']:.3f} | "
         f"{p['batched_projected_s_per_pair']:.3f} | {floor:.3f} | {p['batched_projected_s_per_pair'] / floor:.2f} |",
-        f"| concept pass, {c['concepts']} concepts, s | {c['autograd_s_scaled']:.0f} (measured on {c['autograd_measured_on']}) | "
-        f"{c['hooks_s']:.1f} | {c['floor_s']:.1f} | {c['hooks_s'] / c['floor_s']:.2f} |",
     ]
+    if c:
+        rows.append(f"| concept pass, {c['concepts']} concepts, s | {c['autograd_s_scaled']:.0f} (measured on "
+                    f"{c['autograd_measured_on']}) | {c['hooks_s']:.1f} | {c['floor_s']:.1f} | {c['hooks_s'] / c['floor_s']:.2f} |")
+    probes = (f"; {c['probes']} probes, {c['tokens']} tokens, prefix {c['prefix']} shared in {c['batches']} batches"
+              if c else "; concept pass not run (--pairs-only: seeded random concept rows)")
+    concept_agreement = f"; concept rows {c['max_rel_l2_diff']:.1e} (relative L2)" if c else ""
     block = "\n".join([
         "<!-- batched:begin -->",
         f"{r['machine']['cpu']}, {r['machine']['threads']} threads, torch {r['machine']['torch']}, commit `{r['commit']}`; "
         f"float32 matmul {r['matmul_gflops']:.0f} GFLOP/s; {r['n_trainable'] / 1e6:.1f}M trainable parameters; "
         f"{p['pairs']} pairs of {p['mean_tokens']:.0f} tokens on average, token budget {p['budget']} "
-        f"(batches of {min(p['batch_sizes'])}–{max(p['batch_sizes'])}); {c['probes']} probes, {c['tokens']} tokens, "
-        f"prefix {c['prefix']} shared in {c['batches']} batches.", "", *rows, "",
+        f"(batches of {min(p['batch_sizes'])}–{max(p['batch_sizes'])}){probes}; load average "
+        f"{r['load_average']['start'][0]:.1f} at the start, {r['load_average']['end'][0]:.1f} at the end.", "", *rows, "",
         f"Engine {r['engine_s_per_pair']:.2f} s/pair: marginal speed-up {r['marginal_speedup_whole']:.1f}× (whole), "
         f"{r['marginal_speedup_projected']:.1f}× (projected). Agreement with the per-pair route: max relative difference "
-        f"{p['max_rel_diff_whole']:.1e} (whole), {p['max_rel_diff_projected']:.1e} (projected); concept rows "
-        f"{c['max_rel_l2_diff']:.1e} (relative L2); over the {r['old_pairs']} "
+        f"{p['max_rel_diff_whole']:.1e} (whole), {p['max_rel_diff_projected']:.1e} (projected){concept_agreement}; "
+        f"over the {r['old_pairs']} "
         f"pairs of the per-pair route, every concept's products rank the pairs alike (Spearman ≥ "
         f"{p['spearman_whole_per_concept_min']:.4f}).", "<!-- batched:end -->"])
     write_readme_section("batched", block, "Gradient mode's batched pair side and concept pass",
