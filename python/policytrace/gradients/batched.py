@@ -67,8 +67,10 @@ def pack(lengths: list[int], token_budget: int, max_batch: int = 0) -> list[list
     return batches
 
 
-def batch_loss(model, examples: list[TrainExample], pad_id: int, device) -> torch.Tensor:
-    """Σ over examples of each one's mean cross-entropy on its trained tokens."""
+def batch_loss(model, examples: list[TrainExample], pad_id: int, device, coef=None) -> torch.Tensor:
+    """Σ over examples of each one's mean cross-entropy on its trained tokens, times ``coef[b]``
+    when given (the fine-tune's loss coefficients; one padded batch, right padding, causal
+    attention: no real token sees a pad)."""
     B, T = len(examples), max(len(e) for e in examples)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
     for b, e in enumerate(examples):
@@ -81,7 +83,7 @@ def batch_loss(model, examples: list[TrainExample], pad_id: int, device) -> torc
     for b, (e, p) in enumerate(zip(examples, pos)):
         rows[b, : len(p)] = torch.tensor(p)
         targets[b, : len(p)] = torch.tensor([e.ids[t + 1] for t in p])
-        weight[b, : len(p)] = 1.0 / len(p)
+        weight[b, : len(p)] = (1.0 if coef is None else float(coef[b])) / len(p)
     ids, rows, targets = ids.to(device), rows.to(device), targets.to(device)
     hidden = model.get_decoder()(input_ids=ids).last_hidden_state
     picked = hidden.gather(1, rows[..., None].expand(B, R, hidden.shape[-1]))

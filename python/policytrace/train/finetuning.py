@@ -32,8 +32,7 @@ import torch
 from .. import _faults, _progress
 from .._files import digest_bytes, digest_file, write_atomic
 from ..errors import ConfigError, InvalidValueError, NonFiniteError, RunFolderError
-from ..gradients.batched import TrainExample
-from ..model.functional import upcast
+from ..gradients.batched import TrainExample, batch_loss
 from .config import TrainCfg
 from .optim import Optimizer, lr_at
 
@@ -86,27 +85,8 @@ def n_trained(e: TrainExample) -> int:
 
 
 def weighted_loss(model, examples: list[TrainExample], coef: np.ndarray, pad_id: int, device) -> torch.Tensor:
-    """Σ_b coef_b · mean cross-entropy of example b over its trained tokens (one padded batch;
-    right padding, causal attention: no real token sees a pad)."""
-    B, T = len(examples), max(len(e) for e in examples)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    for b, e in enumerate(examples):
-        ids[b, :len(e)] = torch.tensor(e.ids)
-    pos = [[t - 1 for t in range(1, len(e)) if e.trained[t]] for e in examples]
-    R = max(len(p) for p in pos)
-    rows = torch.zeros((B, R), dtype=torch.long)
-    targets = torch.zeros((B, R), dtype=torch.long)
-    weight = torch.zeros((B, R), dtype=torch.float64)
-    for b, (e, p) in enumerate(zip(examples, pos)):
-        rows[b, :len(p)] = torch.tensor(p)
-        targets[b, :len(p)] = torch.tensor([e.ids[t + 1] for t in p])
-        weight[b, :len(p)] = float(coef[b]) / len(p)
-    ids, rows, targets = ids.to(device), rows.to(device), targets.to(device)
-    hidden = model.get_decoder()(input_ids=ids).last_hidden_state
-    picked = hidden.gather(1, rows[..., None].expand(B, R, hidden.shape[-1]))
-    logits = upcast(model.get_output_embeddings()(picked))
-    ce = torch.nn.functional.cross_entropy(logits.reshape(B * R, -1), targets.reshape(-1), reduction="none")
-    return (ce.reshape(B, R) * weight.to(device=ce.device, dtype=ce.dtype)).sum()
+    """Σ_b coef_b · mean cross-entropy of example b over its trained tokens (one padded batch)."""
+    return batch_loss(model, examples, pad_id, device, coef)
 
 
 def check_examples(examples: list[TrainExample], cfg: TrainCfg, ids: list[str]) -> None:
