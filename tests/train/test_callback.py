@@ -17,14 +17,14 @@ transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 
 from policytrace.errors import ConfigError, RunFolderError  # noqa: E402
-from policytrace.gradients.batched import TrainExample  # noqa: E402
 from policytrace.model.loading import LoadedModel  # noqa: E402
 from policytrace.train import RecordingCallback  # noqa: E402
 from policytrace.train.config import TrainCfg  # noqa: E402
-from policytrace.train.finetuning import finetune, load_tensors, trained_tensors  # noqa: E402
+from policytrace.train.finetuning import finetune, load_tensors  # noqa: E402
 from policytrace.train.trajectory import attribute, load_records, recorded_examples  # noqa: E402
 
-from _tiny import tiny_causal_lm, tiny_config, tiny_tokenizer, write_tiny_data, write_tiny_model  # noqa: E402
+from _tiny import tiny_config, write_tiny_data, write_tiny_model  # noqa: E402
+from _trajectory import Cfg, concept, examples, tiny_lm  # noqa: E402
 
 pytestmark = pytest.mark.model
 
@@ -32,29 +32,6 @@ PARAMS = ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.gate_pro
           "model.layers.1.mlp.down_proj.weight")
 RECIPE = TrainCfg(optimizer="adamw", lr=2e-3, batch_size=3, epochs=2, weight_decay=0.05, max_grad_norm=0.15,
                   schedule="linear", checkpoint_every=0, precondition="checkpoint", params=PARAMS)
-PROBE = [7, 9, 11, 13, 15]
-
-
-@dataclasses.dataclass(frozen=True)
-class Cfg:
-    train: TrainCfg
-    model: object = None
-    update: object = None
-
-
-def tiny_lm(seed: int = 0):
-    torch.set_num_threads(1)
-    tok = tiny_tokenizer()
-    return LoadedModel(tiny_causal_lm("llama", len(tok), seed=seed).double(), tok, "tiny", f"tiny-{seed}")
-
-
-def examples(tok, n: int = 7):
-    rng = np.random.default_rng(1)
-    out = []
-    for _ in range(n):
-        L = int(rng.integers(6, 12))
-        out.append(TrainExample.from_start(rng.integers(5, len(tok), L).tolist(), int(rng.integers(2, L - 2))))
-    return out
 
 
 def rows(exs):
@@ -113,22 +90,6 @@ def trainer_for(model, ds, out, recipe: TrainCfg = RECIPE, collator=None, plan: 
     return PlanTrainer(model=model, args=args, train_dataset=ds, data_collator=collator or pad_collator())
 
 
-def concept(net, names):
-    params = trained_tensors(net, names)
-
-    def grads():
-        flags = {n: p.requires_grad for n, p in params.items()}
-        for p in params.values():
-            p.requires_grad_(True)
-        out = net(torch.tensor([PROBE])).logits[0, -1, 20]
-        g = torch.autograd.grad(out, list(params.values()))
-        for n, p in params.items():
-            p.requires_grad_(flags[n])
-        return torch.cat([x.reshape(-1) for x in g])[None]
-
-    return grads
-
-
 @pytest.fixture(scope="module")
 def both(tmp_path_factory):
     root = tmp_path_factory.mktemp("callback")
@@ -172,7 +133,7 @@ def test_attribution_matches_the_finetune(both):
     for folder in (both["ft"], both["cb"]):
         base = tiny_lm()
         rec = load_records(folder)
-        att = attribute(base.model, rec, recorded_examples(folder), 0, concept(base.model, rec.names))
+        att = attribute(base.model, rec, recorded_examples(folder), 0, concept(base.model, rec.names)[1])
         out.append(att.values[:, 0])
     a, b = out
     assert np.abs(a).max() > 0
@@ -253,7 +214,7 @@ def test_sft_trainer_with_completion_only_loss(tmp_path):
     assert doc["callback"]["loss_checked"] and doc["callback"]["token_mean"]
     base = tiny_lm()
     base = LoadedModel(base.model.float(), tok, "tiny", "tiny")
-    att = attribute(base.model, rec, exs, tok.pad_token_id, concept(base.model, rec.names))
+    att = attribute(base.model, rec, exs, tok.pad_token_id, concept(base.model, rec.names)[1])
     assert np.isfinite(att.values).all() and np.abs(att.values).max() > 0
 
 
@@ -319,7 +280,7 @@ def test_posthoc_tracin_from_trainer_checkpoints_runs_and_reports_its_agreement(
     rec = load_records(tmp_path / "rec")
     assert rec.checkpoints == [4, 8]
     base = tiny_lm()
-    grads = concept(base.model, rec.names)
+    grads = concept(base.model, rec.names)[1]
     recorded = attribute(base.model, rec, recorded_examples(tmp_path / "rec"), 0, grads).values[:, 0]
     for n, p in base.model.named_parameters():
         p.requires_grad_(n in rec.names)

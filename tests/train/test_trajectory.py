@@ -13,7 +13,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from policytrace.model.loading import LoadedModel  # noqa: E402
 from policytrace.train.config import TrainCfg  # noqa: E402
 from policytrace.train.finetuning import finetune, trained_tensors  # noqa: E402
 from policytrace.train.optim import Optimizer  # noqa: E402
@@ -28,59 +27,11 @@ from policytrace.train.trajectory import (  # noqa: E402
     segment,
 )
 
-from _tiny import tiny_causal_lm, tiny_tokenizer  # noqa: E402
-from policytrace.gradients.batched import TrainExample  # noqa: E402
+from _trajectory import Cfg, concept, examples, tiny_lm  # noqa: E402
 
 pytestmark = pytest.mark.model
 
 PARAMS = ("model.layers.1.mlp.*", "model.layers.0.self_attn.q_proj.weight", "model.norm.weight")
-
-
-@dataclasses.dataclass(frozen=True)
-class Cfg:
-    train: TrainCfg
-    model: object = None
-    update: object = None
-
-
-def tiny_lm(seed: int = 0):
-    torch.set_num_threads(1)
-    tok = tiny_tokenizer()
-    net = tiny_causal_lm("llama", len(tok), seed=seed).double()
-    return LoadedModel(net, tok, "tiny", f"tiny-{seed}")
-
-
-def examples(tok, n: int = 7):
-    rng = np.random.default_rng(1)
-    out = []
-    for _ in range(n):
-        L = int(rng.integers(6, 12))
-        out.append(TrainExample.from_start(rng.integers(5, len(tok), L).tolist(), int(rng.integers(2, L - 2))))
-    return out
-
-
-PROBE = [7, 9, 11, 13, 15]
-
-
-def concept(net, names):
-    """A scalar of the model: the logit of token 20 after a fixed prompt, and its gradient."""
-    params = trained_tensors(net, names)
-
-    def value():
-        with torch.no_grad():
-            return float(net(torch.tensor([PROBE])).logits[0, -1, 20])
-
-    def grads():
-        flags = {n: p.requires_grad for n, p in params.items()}
-        for p in params.values():
-            p.requires_grad_(True)
-        out = net(torch.tensor([PROBE])).logits[0, -1, 20]
-        g = torch.autograd.grad(out, list(params.values()))
-        for n, p in params.items():
-            p.requires_grad_(flags[n])
-        return torch.cat([x.reshape(-1) for x in g])[None]
-
-    return value, grads
 
 
 def run(tmp, recipe: TrainCfg, weights=None, name="ft"):
