@@ -110,20 +110,6 @@ class SequentialRecipe:
         return (params if params is not None else dict(engine.base)), sums
 
 
-def plain_float(model) -> None:
-    """Drop transformers' GGUF quantizer marks from a model whose weights are dequantized floats
-    (the embedded default is read from GGUF), so it saves and reloads as the float model it is."""
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.hf_quantizer = None
-    if getattr(model.config, "quantization_config", None) is not None:
-        del model.config.quantization_config
-    if getattr(model, "is_quantized", False):
-        try:
-            model.is_quantized = False
-        except AttributeError:
-            pass
-
-
 def save_model(folder: Path, model, tokenizer, params: Params) -> str:
     """``params`` (a full name → tensor dict of ``model``'s parameters) as a HF model folder:
     the model's config, ``model.safetensors`` and the tokenizer. Returns the weights' digest."""
@@ -245,11 +231,7 @@ class TrainRecipe:
         keep = [(r, x) for r, x in zip(rows, weights) if x > 0]
         if not keep:
             raise InvalidValueError("every pair has loss weight 0: nothing to fine-tune on")
-        net = copy.deepcopy(self.lm.model)
-        # A model read from GGUF (the embedded default) carries transformers' GGUF quantizer,
-        # which refuses save_pretrained although its weights are dequantized floats: the copy
-        # is saved as the plain float model it is.
-        plain_float(net)
+        net = copy.deepcopy(self.lm.model)  # finetune saves a GGUF-read copy as the float model it is
         lm = LoadedModel(net, self.lm.tokenizer, self.lm.name, self.lm.identity)
         try:
             finetune(self.cfg, self.examples([r for r, _ in keep]), out, weights=np.array([x for _, x in keep]),
