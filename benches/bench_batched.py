@@ -139,12 +139,10 @@ def concept_pass(state, cs, n_old: int, budget: int, rate: float) -> tuple[dict,
     t = time.perf_counter()
     new = concept_rows(m.lm.model, m.engine.trainable, side, cx, cy, whole, torch.float32, budget, progress=True)
     t_new = time.perf_counter() - t
-    t = time.perf_counter()
-    old = concept_gradients(cs[:n_old], whole, engine=m.engine, runner=m.runner, reader=m.reader,
-                            probe_tokens=m.probe_tokens, columns=state.features.columns, gated=state.features.gated,
-                            progress=True)
-    t_old = (time.perf_counter() - t) * len(cs) / n_old
-    diff = float(((new[:n_old] - old).norm(dim=1) / old.norm(dim=1)).max())
+    if n_old == 0:  # the hooked route alone (its agreement with autograd is a test: 3e-15 in float64)
+        old, t_old, diff = None, None, None
+    else:
+        old, t_old, diff = _autograd_concepts(state, cs, n_old, whole, new)
     counts = probe_tokens_count(state)
     x_count = sum(1 for c in cs if not c.cy.any())
     n_batches = len(pack([len(t) for t in m.probe_tokens], budget))
@@ -152,6 +150,17 @@ def concept_pass(state, cs, n_old: int, budget: int, rate: float) -> tuple[dict,
     return {"concepts": len(cs), "x_concepts": x_count, "hooks_s": t_new, "autograd_s_scaled": t_old,
             "autograd_measured_on": n_old, "max_rel_l2_diff": diff, "budget": budget, "batches": n_batches,
             **counts, **floor}, new
+
+
+def _autograd_concepts(state, cs, n_old: int, whole, new) -> tuple:
+    m = state.model
+    t = time.perf_counter()
+    old = concept_gradients(cs[:n_old], whole, engine=m.engine, runner=m.runner, reader=m.reader,
+                            probe_tokens=m.probe_tokens, columns=state.features.columns, gated=state.features.gated,
+                            progress=True)
+    t_old = (time.perf_counter() - t) * len(cs) / n_old
+    diff = float(((new[:n_old] - old).norm(dim=1) / old.norm(dim=1)).max())
+    return old, t_old, diff
 
 
 def engine_side(state, n: int) -> float:
@@ -179,6 +188,9 @@ def main() -> None:
     ap.add_argument("--pairs-only", action="store_true",
                     help="skip the concept pass: the pair side's products with seeded random concept rows of the "
                          "same shape (its cost does not depend on their values; agreement is still checked)")
+    ap.add_argument("--concepts-only", action="store_true",
+                    help="only the concept pass against its floor (with --old-concepts 0: the hooked route alone); "
+                         "writes results/batched-concepts.json and its own README section")
     args = ap.parse_args()
     load_start = os.getloadavg()
     torch.set_num_threads(args.threads)
@@ -195,6 +207,8 @@ def main() -> None:
     else:
         cs = concept_list(state)[: args.concepts]
         cons, cg = concept_pass(state, cs, args.old_concepts, args.concept_budget, rate)
+    if args.concepts_only:
+        return concepts_only(args, state, cons, rate, load_start)
     pairs = pair_side(state, cg, Factored(shapes, args.r, 0), args.pairs, args.old_pairs, args.budget)
     n_train = sum(math.prod(s) for s in shapes.values())
     pairs["floor_s_per_pair"] = 6 * n_train * pairs["mean_tokens"] / rate
@@ -210,6 +224,34 @@ def main() -> None:
     print(json.dumps(res, indent=1))
     if not args.no_readme:
         write_readme(res)
+
+
+def concepts_only(args, state, cons: dict, rate: float, load_start) -> None:
+    res = {"machine": {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__},
+           "commit": git_commit(), "matmul_gflops": rate / 1e9, "concept_pass": cons,
+           "load_average": {"start": load_start, "end": os.getloadavg()}}
+    out = args.out if args.out != HERE / "results" / "batched.json" else HERE / "results" / "batched-concepts.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
+    print(json.dumps(res, indent=1))
+    if args.no_readme:
+        return
+    c = cons
+    old = ("–" if c["autograd_s_scaled"] is None else f"{c['autograd_s_scaled']:.0f} (measured on {c['autograd_measured_on']})")
+    block = "\n".join([
+        "<!-- concept-pass:begin -->",
+        f"{res['machine']['cpu']}, {args.threads} threads, torch {res['machine']['torch']}, commit `{res['commit']}`; "
+        f"float32 matmul {res['matmul_gflops']:.0f} GFLOP/s measured in the run; {c['probes']} probes, {c['tokens']} tokens, "
+        f"the chat prefix ({c['prefix']} tokens) run once per batch: {c['batches']} batches under a budget of "
+        f"{c['budget']} tokens ({c['tokens_after_sharing']} tokens after sharing); {c['concepts']} concepts, "
+        f"{c['x_concepts']} of them x-only (backpropagated to the SAE's layer only); load average "
+        f"{load_start[0]:.1f} at the start, {res['load_average']['end'][0]:.1f} at the end.", "",
+        "| what | autograd route | hooks, one forward per batch | floor (1 forward + C backwards) | hooks ÷ floor |",
+        "|---|---|---|---|---|",
+        f"| concept pass, {c['concepts']} concepts, s | {old} | {c['hooks_s']:.1f} | {c['floor_s']:.1f} | "
+        f"{c['hooks_s'] / c['floor_s']:.2f} |", "<!-- concept-pass:end -->"])
+    write_readme_section("concept-pass", block, "Gradient mode's concept pass against its floor",
+                         "python benches/bench_batched.py --concepts-only --old-concepts 0")
 
 
 def write_readme(r: dict) -> None:

@@ -37,11 +37,34 @@ from _common import cpu_name, git_commit, write_readme_section  # noqa: E402
 METHODS = ("score_trajectory", "score_gradient", "grad_cosine", "concept_influence", "dy_mean", "random")
 
 
-def _user(pairs: int, over: dict) -> dict:
-    user: dict = {"preset": "demo", "data": {"max_pairs": pairs}}
+def _user(pairs: int, over: dict, args) -> dict:
+    user: dict = {"preset": "demo", "data": {"max_pairs": pairs, **({"probes": args.probe_file} if args.probe_file else {})}}
+    if args.sae_path:
+        user["sae"] = {"path": args.sae_path}
     for table, values in over.items():
         user[table] = {**user.get(table, {}), **values}
     return user
+
+
+def probe_subset(per_cell: int, work: Path) -> str:
+    """A seeded subset of the shipped refusal probes, ``per_cell`` of each (category, harmful)
+    cell, written into the work folder (so a CPU can afford the concept passes); "" = all."""
+    if per_cell <= 0:
+        return ""
+    import random
+
+    from policytrace.behaviours import refusal
+
+    src = Path(refusal.__file__).parent / "data" / "refusal" / "probes.jsonl"
+    rows = [json.loads(line) for line in src.read_text().splitlines() if line.strip()]
+    cells: dict = {}
+    for r in rows:
+        cells.setdefault((r["category"], bool(r["harmful"])), []).append(r)
+    rng = random.Random(0)
+    keep = {r["id"] for cell in cells.values() for r in rng.sample(cell, min(per_cell, len(cell)))}
+    out = work / f"probes-{per_cell}-per-cell.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows if r["id"] in keep))
+    return str(out.resolve())
 
 
 def run_folder(user: dict, out: Path, log) -> tuple[Path, float]:
@@ -73,7 +96,7 @@ def one_lr(lr: float, args, paper: Path, log) -> dict:
 
     over = {k: dict(v) for k, v in DEMO_FINETUNE.items() if k != "data"}
     over["train"]["lr"] = lr
-    run, run_s = run_folder(_user(args.pairs, over), args.work / f"trajectory-lr{lr:g}", log)
+    run, run_s = run_folder(_user(args.pairs, over, args), args.work / f"trajectory-lr{lr:g}", log)
     t = time.perf_counter()
     validate(run, subsets=args.subsets, alpha=0.5, seed=0, progress=True, log=log, baselines=not args.no_baselines,
              removal_k=0, compare=[paper])
@@ -94,7 +117,9 @@ def _fmt(x) -> str:
 def table(out: dict) -> str:
     lines = ["<!-- trajectory:begin -->",
              f"Commit {out['commit']}, {out['cpu']}, {out['threads']} threads, load {out['load']}; "
-             f"{out['pairs']} pairs, {out['subsets']} random halves retrained with the run's recipe per lr.", "",
+             f"{out['pairs']} pairs, "
+             f"{'all 160 probes' if not out.get('probes_per_cell') else str(16 * out['probes_per_cell']) + ' probes (a seeded subset)'}, "
+             f"{out['subsets']} random halves retrained with the run's recipe per lr.", "",
              "| lr | full fine-tune Δy (measured) | half-subset Δy (mean, min .. max) | completeness gap (all probes) | "
              + " | ".join(f"LDS {m}" for m in METHODS) + " |",
              "|---|---|---|---|" + "---|" * len(METHODS)]
@@ -122,6 +147,10 @@ def main(argv=None) -> int:
     ap.add_argument("--lrs", default="5e-5,5e-4", help="comma-separated AdamW learning rates")
     ap.add_argument("--subsets", type=int, default=20)
     ap.add_argument("--pairs", type=int, default=48)
+    ap.add_argument("--probes-per-cell", type=int, default=0,
+                    help="a seeded subset of the shipped probes, N per (category, harmful) cell (0 = all 160)")
+    ap.add_argument("--sae-path", default="", help="an SAE folder to use (sae.path) instead of training the default "
+                    "on these probes' prompts, e.g. the default one cached for the full probe set")
     ap.add_argument("--work", type=Path, default=Path("bench-trajectory"))
     ap.add_argument("--no-baselines", action="store_true", help="skip TrackStar-style and the other baselines")
     ap.add_argument("--json", type=Path, default=HERE / "results" / "trajectory.json")
@@ -135,9 +164,12 @@ def main(argv=None) -> int:
     import torch
 
     log("paper mode (gradient mode, one update per pair) over the same pairs")
-    paper, paper_s = run_folder(_user(args.pairs, {"run": {"mode": "gradient"}}), args.work / "paper", log)
+    args.probe_file = probe_subset(args.probes_per_cell, args.work)
+    paper, paper_s = run_folder(_user(args.pairs, {"run": {"mode": "gradient"}}, args),
+                                args.work / "paper", log)
     out = {"commit": git_commit(), "cpu": cpu_name(), "threads": torch.get_num_threads(),
            "load": " ".join(f"{x:.1f}" for x in os.getloadavg()), "pairs": args.pairs, "subsets": args.subsets,
+           "probes_per_cell": args.probes_per_cell, "sae_path": args.sae_path,
            "paper_run_s": paper_s, "lrs": []}
     for lr in (float(x) for x in args.lrs.split(",")):
         log(f"lr {lr:g}: fine-tune, attribute, validate")

@@ -231,12 +231,9 @@ def finetune(cfg, examples: list[TrainExample], out_dir, *, weights=None, progre
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is an existing file; name a folder")
     ids = list(ids) if ids is not None else [str(i) for i in range(len(examples))]
-    w = np.ones(len(examples)) if weights is None else np.asarray(weights, dtype=np.float64)
-    if w.shape != (len(examples),) or not np.isfinite(w).all() or (w < 0).any():
-        raise InvalidValueError(f"weights must be {len(examples)} finite numbers >= 0, one per example")
+    w = _weights(weights, len(examples))
     check_examples(examples, tcfg, ids)
     steps = plan(tcfg, len(examples))
-    digest = examples_digest(examples, w)
     done = intact(out)
     lm = model if model is not None else load_model_cfg(cfg.model)
     net = lm.model
@@ -244,8 +241,8 @@ def finetune(cfg, examples: list[TrainExample], out_dir, *, weights=None, progre
         add_adapters(net, tcfg, cfg.update)
     names = trained_names(net, tcfg)
     params = trained_tensors(net, names)
-    shapes = {n: tuple(p.shape) for n, p in params.items()}
-    ident = identity(tcfg, lm.identity, names, shapes, digest)
+    ident = identity(tcfg, lm.identity, names, {n: tuple(p.shape) for n, p in params.items()},
+                     examples_digest(examples, w))
     if done is not None:
         if done.get("identity") != ident:
             raise RunFolderError(f"{out} holds a finished fine-tune of another model, recipe or data; use another "
@@ -260,44 +257,14 @@ def finetune(cfg, examples: list[TrainExample], out_dir, *, weights=None, progre
         p.requires_grad_(True)
     net.eval()
     opt = Optimizer(tcfg, {n: p.detach() for n, p in params.items()})
-    records: list[dict] = []
-    start = 0
-    ck = latest_checkpoint(out, ident)
-    if ck is not None:
-        start, folder = ck
-        with torch.no_grad():
-            for n, t in load_tensors(folder / "trained.safetensors").items():
-                params[n].copy_(t)
-        opt.load(load_tensors(folder / "optimizer.safetensors"), start)
-        records = json.loads((folder / "records.json").read_text())["steps"]
-        log(f"resuming {out} from checkpoint step {start}")
+    start, records = _resume(out, ident, params, opt, log)
     every = tcfg.checkpoint_every
     epoch_end = {i + 1 for i in range(len(steps)) if i + 1 == len(steps) or steps[i + 1].epoch != steps[i].epoch}
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else 0
-    device = next(net.parameters()).device
     t0 = time.perf_counter()
     bar = _progress.bar(len(steps), "step", progress, initial=start)
     for s in range(start + 1, len(steps) + 1):
-        st = steps[s - 1]
-        coef = loss_coefficients(tcfg, examples, st.examples, w)
-        grads = {n: torch.zeros_like(p) for n, p in params.items()}
-        loss_total, k = 0.0, 0
-        for mb in st.micro:
-            c = coef[k:k + len(mb)]
-            k += len(mb)
-            loss = weighted_loss(net, [examples[i] for i in mb], c, pad, device)
-            g = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-            for n, gi in zip(params, g):
-                if gi is not None:
-                    grads[n] += gi
-            loss_total += float(loss.detach())
-        scale, norm = opt.clip_scale(grads)
-        lr = lr_at(tcfg, s, len(steps))
-        opt.step({n: p.detach() for n, p in params.items()}, grads, lr, scale)
-        if not all(bool(torch.isfinite(p).all()) for p in params.values()):
-            raise NonFiniteError(f"the fine-tune diverged at step {s} (train.lr = {tcfg.lr:g}); lower train.lr")
-        records.append({"step": s, "epoch": st.epoch, "lr": lr, "clip": scale, "grad_norm": norm,
-                        "loss": loss_total, "examples": list(st.examples), "coef": coef.tolist()})
+        records.append(_step(net, params, opt, tcfg, examples, w, steps, s, pad))
         if tcfg.precondition == "step":
             save_tensors(out / "precond" / f"step-{s}.safetensors",
                          {n: opt.preconditioner(n) for n in names})
@@ -309,6 +276,54 @@ def finetune(cfg, examples: list[TrainExample], out_dir, *, weights=None, progre
     seconds = time.perf_counter() - t0
     finish(out, lm, net, tcfg, records, ident, ids, len(steps), examples, cfg.model)
     return FinetuneResult(out, len(steps), round(seconds, 3), records[-1]["loss"] if records else 0.0, start)
+
+
+def _weights(weights, n: int) -> np.ndarray:
+    w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.shape != (n,) or not np.isfinite(w).all() or (w < 0).any():
+        raise InvalidValueError(f"weights must be {n} finite numbers >= 0, one per example")
+    return w
+
+
+def _resume(out: Path, ident: dict, params: dict, opt: Optimizer, log) -> tuple[int, list[dict]]:
+    """The last intact checkpoint of this fine-tune, loaded into ``params`` and ``opt``: (its step,
+    the records up to it); (0, []) when there is none."""
+    ck = latest_checkpoint(out, ident)
+    if ck is None:
+        return 0, []
+    start, folder = ck
+    with torch.no_grad():
+        for n, t in load_tensors(folder / "trained.safetensors").items():
+            params[n].copy_(t)
+    opt.load(load_tensors(folder / "optimizer.safetensors"), start)
+    log(f"resuming {out} from checkpoint step {start}")
+    return start, json.loads((folder / "records.json").read_text())["steps"]
+
+
+def _step(net, params: dict, opt: Optimizer, tcfg: TrainCfg, examples: list[TrainExample], w: np.ndarray,
+          steps: list[Step], s: int, pad: int) -> dict:
+    """Optimizer step ``s`` (1-based): its micro-batches' gradients summed, clipped, applied; its record."""
+    st = steps[s - 1]
+    device = next(net.parameters()).device
+    coef = loss_coefficients(tcfg, examples, st.examples, w)
+    grads = {n: torch.zeros_like(p) for n, p in params.items()}
+    loss_total, k = 0.0, 0
+    for mb in st.micro:
+        c = coef[k:k + len(mb)]
+        k += len(mb)
+        loss = weighted_loss(net, [examples[i] for i in mb], c, pad, device)
+        g = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        for n, gi in zip(params, g):
+            if gi is not None:
+                grads[n] += gi
+        loss_total += float(loss.detach())
+    scale, norm = opt.clip_scale(grads)
+    lr = lr_at(tcfg, s, len(steps))
+    opt.step({n: p.detach() for n, p in params.items()}, grads, lr, scale)
+    if not all(bool(torch.isfinite(p).all()) for p in params.values()):
+        raise NonFiniteError(f"the fine-tune diverged at step {s} (train.lr = {tcfg.lr:g}); lower train.lr")
+    return {"step": s, "epoch": st.epoch, "lr": lr, "clip": scale, "grad_norm": norm,
+            "loss": loss_total, "examples": list(st.examples), "coef": coef.tolist()}
 
 
 def checkpoint(out: Path, s: int, params: dict, opt: Optimizer, records: list[dict], ident: dict,
@@ -348,7 +363,7 @@ def finish(out: Path, lm, net, cfg: TrainCfg, records: list[dict], ident: dict, 
 
 
 @contextlib.contextmanager
-def _as_plain_float(net):
+def as_plain_float(net):
     """A model read from GGUF (the embedded default) carries transformers' GGUF quantizer marks,
     and save_pretrained refuses it although its weights are dequantized floats: while saving, it
     is the plain float model it is (the marks come back after, so the live model is unchanged)."""
@@ -375,7 +390,7 @@ def _as_plain_float(net):
 
 def save_model(net, tokenizer, folder: Path, cfg: TrainCfg) -> None:
     """The model as a HF folder (safetensors); LoRA adapters merged into their weights."""
-    with _as_plain_float(net):
+    with as_plain_float(net):
         _save_model(net, tokenizer, folder, cfg)
 
 

@@ -160,7 +160,6 @@ def repair(run_dir: str | Path, how: dict, cfg: RepairCfg | None = None, unlearn
     ft, timings["finetune_s"] = finetuned(rd, state, log, progress, track, recipe)
     meter = Meter.for_run(state, probes2)
     rows = pair_rows(state)
-    by_id = {r["id"]: r for r in rows}
     t = time.perf_counter()
     base_beh, ft_beh = meter.behaviour(None), meter.behaviour(ft.params)
     ft_pair_loss = {r["id"]: meter.pair_loss(ft.params, [r]) for r in rows}
@@ -171,30 +170,13 @@ def repair(run_dir: str | Path, how: dict, cfg: RepairCfg | None = None, unlearn
     for label, s in selections:
         log(f"{cfg.method} on {label} ({len(s)} pairs)")
         t = time.perf_counter()
-        chosen = set(s.ids)
-        if cfg.method == "retrain":
-            params, details = retrain(ft, rows, chosen, cfg.weight, progress)
-        elif cfg.method == "first-order":
-            params, details = first_order(ft, list(s.ids), str(rd.path))
-        else:
-            params, details = unlearn(ft, meter, [by_id[i] for i in s.ids], [r for r in rows if r["id"] not in chosen],
-                                      unlearn_cfg, cfg.seed, base_mean, progress)
-        seconds = time.perf_counter() - t
-        kept = [r for r in rows if r["id"] not in chosen]
-        beh = meter.behaviour(params)
-        res = {
-            "ids": list(s.ids), "how": s.how, "behaviour": beh,
-            "moved_back": {k: moved_back(base_beh[k]["mean"], ft_beh[k]["mean"], beh[k]["mean"]) for k in beh},
-            "kept_loss": meter.pair_loss(params, kept),
-            "finetuned_kept_loss": float(np.mean([ft_pair_loss[r["id"]] for r in kept])) if kept else None,
-            "selected_loss": meter.pair_loss(params, [by_id[i] for i in s.ids]),
-            "finetuned_selected_loss": float(np.mean([ft_pair_loss[i] for i in s.ids])),
-            "heldout_loss": meter.heldout_loss(params), "details": details,
-        }
+        params, details = _apply(cfg, unlearn_cfg, ft, meter, rows, list(s.ids), base_mean, str(rd.path), progress)
+        timings[f"{label}_s"] = time.perf_counter() - t
+        res = _measure(meter, params, rows, list(s.ids), ft_pair_loss, base_beh, ft_beh) | {"how": s.how,
+                                                                                         "details": details}
         if label == "selected":
             res["model_digest"] = save_model(rd.file(f"repairs/{name}/model"), state.model.lm.model,
                                              state.model.lm.tokenizer, params)
-        timings[f"{label}_s"] = seconds
         timings[f"{label}_with_measure_s"] = time.perf_counter() - t
         results.append(res)
         del params
@@ -213,6 +195,38 @@ def repair(run_dir: str | Path, how: dict, cfg: RepairCfg | None = None, unlearn
         "causal": _causal(results[0], results[1:], base_beh, ft_beh),
     }
     return _write(rd, doc, timings, name)
+
+
+def _apply(cfg: RepairCfg, unlearn_cfg: UnlearnCfg, ft, meter: Meter, rows: list[dict], ids: list[str],
+           base_mean: float, run_name: str, progress: bool) -> tuple:
+    """The repair method on one selection: (the repaired weights, the method's details)."""
+    chosen = set(ids)
+    if cfg.method == "retrain":
+        return retrain(ft, rows, chosen, cfg.weight, progress)
+    if cfg.method == "first-order":
+        return first_order(ft, ids, run_name)
+    by_id = {r["id"]: r for r in rows}
+    return unlearn(ft, meter, [by_id[i] for i in ids], [r for r in rows if r["id"] not in chosen],
+                   unlearn_cfg, cfg.seed, base_mean, progress)
+
+
+def _measure(meter: Meter, params, rows: list[dict], ids: list[str], ft_pair_loss: dict, base_beh: dict,
+             ft_beh: dict) -> dict:
+    """What one repaired model does: its behaviour, how far it moved back, its cost (loss on the
+    kept and the selected pairs, beside the fine-tuned model's, and on the held-out text)."""
+    chosen = set(ids)
+    by_id = {r["id"]: r for r in rows}
+    kept = [r for r in rows if r["id"] not in chosen]
+    beh = meter.behaviour(params)
+    return {
+        "ids": ids, "behaviour": beh,
+        "moved_back": {k: moved_back(base_beh[k]["mean"], ft_beh[k]["mean"], beh[k]["mean"]) for k in beh},
+        "kept_loss": meter.pair_loss(params, kept),
+        "finetuned_kept_loss": float(np.mean([ft_pair_loss[r["id"]] for r in kept])) if kept else None,
+        "selected_loss": meter.pair_loss(params, [by_id[i] for i in ids]),
+        "finetuned_selected_loss": float(np.mean([ft_pair_loss[i] for i in ids])),
+        "heldout_loss": meter.heldout_loss(params),
+    }
 
 
 def _write(rd: RunDir, doc: dict, timings: dict, name: str) -> dict:

@@ -115,13 +115,11 @@ def save_model(folder: Path, model, tokenizer, params: Params) -> str:
     the model's config, ``model.safetensors`` and the tokenizer. Returns the weights' digest."""
     from safetensors.torch import save_file
 
-    import copy
+    from ...train.finetuning import as_plain_float
 
     folder.mkdir(parents=True, exist_ok=True)
-    config = copy.deepcopy(model.config)
-    if getattr(config, "quantization_config", None) is not None:
-        del config.quantization_config  # dequantized floats (a GGUF-read model): saved as a plain one
-    config.save_pretrained(folder)
+    with as_plain_float(model):  # dequantized floats (a GGUF-read model): saved as the plain one it is
+        model.config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
