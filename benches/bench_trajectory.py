@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -97,6 +98,11 @@ def one_lr(lr: float, args, paper: Path, log) -> dict:
     over = {k: dict(v) for k, v in DEMO_FINETUNE.items() if k != "data"}
     over["train"]["lr"] = lr
     run, run_s = run_folder(_user(args.pairs, over, args), args.work / f"trajectory-lr{lr:g}", log)
+    if args.reuse_retrains:  # the subsets' retrains depend on the recipe and members only
+        old = args.reuse_retrains / run.name / "validation"
+        (run / "validation").mkdir(parents=True, exist_ok=True)
+        for f in sorted(old.glob("retrain-*.json")):
+            shutil.copy2(f, run / "validation" / f.name)
     t = time.perf_counter()
     validate(run, subsets=args.subsets, alpha=0.5, seed=0, progress=True, log=log, baselines=not args.no_baselines,
              removal_k=0, compare=[paper])
@@ -151,6 +157,8 @@ def main(argv=None) -> int:
                     help="a seeded subset of the shipped probes, N per (category, harmful) cell (0 = all 160)")
     ap.add_argument("--sae-path", default="", help="an SAE folder to use (sae.path) instead of training the default "
                     "on these probes' prompts, e.g. the default one cached for the full probe set")
+    ap.add_argument("--reuse-retrains", type=Path, default=None,
+                    help="an earlier --work folder whose subset retrains (same recipe, pairs and seed) are reused")
     ap.add_argument("--work", type=Path, default=Path("bench-trajectory"))
     ap.add_argument("--no-baselines", action="store_true", help="skip TrackStar-style and the other baselines")
     ap.add_argument("--json", type=Path, default=HERE / "results" / "trajectory.json")

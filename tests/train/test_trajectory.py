@@ -23,8 +23,8 @@ from policytrace.train.trajectory import (  # noqa: E402
     decay_displacement,
     flat,
     load_records,
+    path_weights,
     refresh_points,
-    segment,
 )
 
 from _trajectory import Cfg, concept, examples, tiny_lm  # noqa: E402
@@ -67,8 +67,8 @@ def test_shares_add_up_to_the_update(adamw):
     assert float(dec[rec.names[0]].abs().max()) > 0
 
 
-def linear_replay(rec, exs, net, G, pts, bump):
-    """The path sum Σ_s ⟨G_s, θ_s − θ_{s−1}⟩ of the run replayed with every per-example gradient,
+def linear_replay(rec, exs, net, G, w, bump):
+    """The path sum Σ_s ⟨G_s, θ_s − θ_{s−1}⟩ (G_s = Σ_k w[s−1, k] G_k) of the run replayed with every per-example gradient,
     preconditioner and clip factor as recorded, pair i's weight at step t times (1 + ε) for
     ``bump = (t, i, ε)``: linear in ε, so its finite difference is the (i, t) contribution."""
     replay = Replay(net, rec, exs, 0)
@@ -95,17 +95,20 @@ def linear_replay(rec, exs, net, G, pts, bump):
         u = load_file(str(rec.folder / "precond" / f"step-{t}.safetensors"))
         before = flat(theta, rec.names).clone()
         opt.step(theta, g, st["lr"], st["clip"], frozen_u=u)
-        total += float(G[segment(pts, t)][0] @ (flat(theta, rec.names) - before))
+        g_s = sum(w[t - 1, k] * G[k][0] for k in range(len(G)))
+        total += float(g_s @ (flat(theta, rec.names) - before))
     return total
 
 
-def test_per_step_contributions_are_finite_differences_of_the_path(adamw):
+@pytest.mark.parametrize("path", ["midpoint", "start"])
+def test_per_step_contributions_are_finite_differences_of_the_path(adamw, path):
     lm, exs, folder = adamw
     rec = load_records(folder)
     base = tiny_lm()
     value, grads = concept(base.model, rec.names)
-    att = attribute(base.model, rec, exs, 0, grads)
-    pts = refresh_points(rec)
+    att = attribute(base.model, rec, exs, 0, grads, path=path)
+    pts = refresh_points(rec, path)
+    w = path_weights(rec, path)
     replay = Replay(base.model, rec, exs, 0)
     G = []
     for r in pts:
@@ -115,14 +118,43 @@ def test_per_step_contributions_are_finite_differences_of_the_path(adamw):
     rows = {(t, i): v[0] for t, _, i, v in att.step_rows}
     eps = 1e-3
     for (t, i) in [(1, rec.steps[0]["examples"][0]), (2, rec.steps[1]["examples"][1]), (rec.S, rec.steps[-1]["examples"][-1])]:
-        fd = (linear_replay(rec, exs, base.model, G, pts, (t, i, eps))
-              - linear_replay(rec, exs, base.model, G, pts, (t, i, -eps))) / (2 * eps)
+        fd = (linear_replay(rec, exs, base.model, G, w, (t, i, eps))
+              - linear_replay(rec, exs, base.model, G, w, (t, i, -eps))) / (2 * eps)
         # 1e-6, not 1e-12: Llama's RMSNorm and rotary tables compute in float32 even in a float64
         # model, so per-example gradients taken in another batch composition differ by ~1e-8
         assert abs(fd - rows[(t, i)]) <= 1e-6 * abs(fd), (t, i, fd, rows[(t, i)])
     # the pairs and the decay of θ_0 add up to the path sum of the replayed updates
     assert abs(att.values[:, 0].sum() + att.decay[0] - att.path[0]) <= 1e-6 * abs(att.path[0])  # float32 norm, as above
     assert abs(att.values[:, 0].sum() - sum(v[0] for *_, v in att.step_rows)) < 1e-12
+
+
+def test_path_weights():
+    """start: one-hot at the checkpoint before the step; midpoint: the two around it, weighted
+    to the step's middle, rows summing to 1; the final checkpoint is a refresh point only then."""
+    from types import SimpleNamespace
+
+    rec = SimpleNamespace(S=4, checkpoints=[2, 4])
+    assert refresh_points(rec, "start") == [0, 2] and refresh_points(rec, "midpoint") == [0, 2, 4]
+    assert path_weights(rec, "start").tolist() == [[1, 0], [1, 0], [0, 1], [0, 1]]
+    assert path_weights(rec, "midpoint").tolist() == [[0.75, 0.25, 0], [0.25, 0.75, 0], [0, 0.75, 0.25], [0, 0.25, 0.75]]
+    no_final = SimpleNamespace(S=4, checkpoints=[2])  # e.g. a callback run without its last checkpoint
+    assert path_weights(no_final, "midpoint").tolist() == [[0.75, 0.25], [0.25, 0.75], [0, 1], [0, 1]]
+
+
+def test_midpoint_path_is_closer_to_the_real_change(tmp_path):
+    """With G refreshed only at the epochs' ends, the pairs' sum by the midpoint rule is nearer the
+    concept's real change over the fine-tune than by the start rule (second against first order)."""
+    recipe = dataclasses.replace(ADAMW, lr=3e-3, checkpoint_every=0, max_grad_norm=0.0)
+    lm, exs, folder = run(tmp_path, recipe)
+    rec = load_records(folder)
+    base = tiny_lm()
+    value, grads = concept(base.model, rec.names)
+    real = concept(lm.model, rec.names)[0]() - value()
+    gap = {}
+    for path in ("midpoint", "start"):
+        att = attribute(base.model, rec, exs, 0, grads, path=path)
+        gap[path] = abs(att.values[:, 0].sum() + att.decay[0] - real) / abs(real)
+    assert gap["midpoint"] < gap["start"], gap
 
 
 def test_full_retrain_finite_difference_sgd(tmp_path):

@@ -182,7 +182,7 @@ class WholeProducts:
                 return torch.einsum("btco,bto->bc", (a @ w.reshape(c * shape[0], shape[1]).T).unflatten(-1, (c, shape[0])), g)
             out = torch.zeros((g.shape[0], c), dtype=g.dtype, device=g.device)
             for lo, hi in chunks(g.shape[0], shape, g.element_size()):
-                m = torch.einsum("bto,bti->boi", g[lo:hi], a[lo:hi])
+                m = torch.bmm(g[lo:hi].transpose(1, 2), a[lo:hi], out=self._workspace((hi - lo, *shape), g))
                 out[lo:hi] = m.reshape(hi - lo, -1) @ w.reshape(c, -1).T
             return out
         if isinstance(pc, BiasPiece):
@@ -192,6 +192,16 @@ class WholeProducts:
             rows = block.reshape(c, *shape)[:, pc.ids]  # (C, B, T, d): the concepts at the pair's tokens
             return torch.einsum("cbtd,btd->bc", rows.to(pc.g.dtype), pc.g)
         return pc.grad.reshape(pc.grad.shape[0], -1) @ block.to(pc.grad.dtype).T
+
+    def _workspace(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """One buffer for every chunk's per-example gradients, reused across modules and
+        batches: a fresh (up to CHUNK_BYTES) tensor per module costs its pages' first touch,
+        which on a CPU took longer than forming the gradients in it."""
+        n = math.prod(shape)
+        ws = getattr(self, "_ws", None)
+        if ws is None or ws.numel() < n or ws.dtype != like.dtype or ws.device != like.device:
+            ws = self._ws = torch.empty(max(n, CHUNK_BYTES // like.element_size()), dtype=like.dtype, device=like.device)
+        return ws[:n].view(shape)
 
     def result(self) -> torch.Tensor:
         return -self.lr * self.out

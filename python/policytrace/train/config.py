@@ -58,6 +58,11 @@ class TrainCfg:
     small runs)."""
     max_length: int = 512
     """Longest chat-formatted pair in tokens; longer pairs are an error."""
+    concept_path: Literal["midpoint", "start"] = "midpoint"
+    """Trajectory mode: the concept gradient a step is weighed by. midpoint = the gradients at
+    the checkpoints before and after the step interpolated to its middle (second order; one
+    more concept pass, at the final weights); start = the gradient at the checkpoint before it
+    (first order: overstates a change that saturates over the run). Not part of the recipe."""
     records: str = ""
     """Trajectory mode: a folder written by `policytrace finetune` or the Trainer callback
     (a run with records) to attribute; "" = fine-tune the run's pairs with this recipe first
@@ -89,4 +94,4 @@ class TrainCfg:
         """The settings that determine the trained weights (not where records come from)."""
         from .._tables import to_mapping
 
-        return {k: v for k, v in to_mapping(self).items() if k != "records"}
+        return {k: v for k, v in to_mapping(self).items() if k not in ("records", "concept_path")}

@@ -9,13 +9,15 @@ gradients, so the displacement ``θ_s − θ_0`` splits exactly into one part pe
 of ``θ_0``: pair i's part ``D_{i,s} = (1 − lr_s λ) D_{i,s−1} − lr_s α_s u_s ⊙ M_{i,s}``, its
 momentum ``M_{i,s} = μ M_{i,s−1} + γ κ_s c_{i,s} g_{i,s}``. Its share of step s is
 ``D_{i,s} − D_{i,s−1}``, and its contribution to a concept φ is the path sum
-``Σ_s ⟨G_s, D_{i,s} − D_{i,s−1}⟩`` with ``G_s = ∇φ`` at the checkpoint before step s. The adjoint
+``Σ_s ⟨G_s, D_{i,s} − D_{i,s−1}⟩`` with ``G_s`` the concept gradient ``∇φ`` along step s: by
+default the gradients at the checkpoints around the step interpolated to its middle (second
+order), or the one at the checkpoint before it (:data:`ConceptPath`). The adjoint
 (summation by parts) gives it as ``Σ_{t: i∈B_t} κ_t c_{i,t} ⟨q_t, g_{i,t}⟩``:
 
     H_S = G_S,  H_s = G_s − G_{s+1} + (1 − lr_{s+1} λ) H_{s+1}
     P_s = −lr_s α_s u_s ⊙ H_s + μ P_{s+1},  q_t = γ P_t
 
-With G piecewise constant over checkpoint segments and u constant over slots (one per step,
+With G a fixed combination of the checkpoints' gradients at each step and u constant over slots (one per step,
 ``train.precondition = "step"``, or one per checkpoint segment, ``"checkpoint"``), ``q_t`` is a
 combination ``Σ_{j,k} E[t, j, k] · u_j ⊙ G_k`` whose scalar weights come from the same recursion
 (:func:`weights`); a replay of the run forms ``q_t`` at each step and takes the batch's
@@ -28,7 +30,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -85,15 +87,40 @@ def load_records(folder) -> Records:
 # --- the scalar recursion ------------------------------------------------------------------
 
 
-def refresh_points(rec: Records) -> list[int]:
+ConceptPath = Literal["midpoint", "start"]
+"""How G_s, the concept gradient step s is weighed by, comes from the refresh points: "start",
+the gradient at the point before the step (piecewise constant, first order); "midpoint", the
+gradients at the two points around the step interpolated to the step's middle (second order:
+the path sum's error falls with the square of the segment length; one more concept pass, at the
+final checkpoint)."""
+
+
+def refresh_points(rec: Records, path: ConceptPath = "midpoint") -> list[int]:
     """Steps whose weights the concept gradients are taken at: θ_0 and every checkpoint before
-    the last step (segment k covers steps r_k + 1 .. r_{k+1})."""
-    return [0] + [c for c in rec.checkpoints if c < rec.S]
+    the last step (segment k covers steps r_k + 1 .. r_{k+1}), and with "midpoint" the final one."""
+    pts = [0] + [c for c in rec.checkpoints if c < rec.S]
+    if path == "midpoint" and rec.S in rec.checkpoints:
+        pts.append(rec.S)
+    return pts
 
 
 def segment(points: list[int], s: int) -> int:
-    """Index of the refresh point step s (1-based) reads G from: the last one before it."""
+    """Index of the refresh point before step s (1-based): the last one before it."""
     return max(k for k, r in enumerate(points) if r < s)
+
+
+def path_weights(rec: Records, path: ConceptPath = "midpoint") -> np.ndarray:
+    """(S, K): G_s = Σ_k w[s−1, k] G_k over the refresh points (:data:`ConceptPath`)."""
+    pts = refresh_points(rec, path)
+    w = np.zeros((rec.S, len(pts)))
+    for s in range(1, rec.S + 1):
+        k = segment(pts, s)
+        if path == "midpoint" and k + 1 < len(pts):
+            tau = (s - 0.5 - pts[k]) / (pts[k + 1] - pts[k])
+            w[s - 1, k], w[s - 1, k + 1] = 1.0 - tau, tau
+        else:
+            w[s - 1, k] = 1.0
+    return w
 
 
 def slot_steps(rec: Records) -> list[int]:
@@ -121,24 +148,20 @@ def scalars(rec: Records) -> tuple[np.ndarray, np.ndarray, float, float, float]:
     return lr, alpha, mu, gamma, rec.recipe.weight_decay
 
 
-def h_weights(rec: Records) -> np.ndarray:
-    """(S, K): H_s = Σ_k h[s−1, k] G_k."""
-    pts = refresh_points(rec)
-    S, K = rec.S, len(pts)
+def h_weights(rec: Records, path: ConceptPath = "midpoint") -> np.ndarray:
+    """(S, K): H_s = Σ_k h[s−1, k] G_k (H_S = G_S, H_s = G_s − G_{s+1} + (1 − lr_{s+1} λ) H_{s+1})."""
+    w = path_weights(rec, path)
     lr, _, _, _, lam = scalars(rec)
-    h = np.zeros((S, K))
-    seg = [segment(pts, s) for s in range(1, S + 1)]
-    h[S - 1, seg[S - 1]] = 1.0
-    for s in range(S - 1, 0, -1):  # s is 1-based; row s - 1
-        h[s - 1] = (1.0 - lr[s] * lam) * h[s]
-        h[s - 1, seg[s - 1]] += 1.0
-        h[s - 1, seg[s]] -= 1.0
+    h = np.zeros_like(w)
+    h[-1] = w[-1]
+    for s in range(rec.S - 1, 0, -1):  # s is 1-based; row s - 1
+        h[s - 1] = (1.0 - lr[s] * lam) * h[s] + w[s - 1] - w[s]
     return h
 
 
-def weights(rec: Records) -> np.ndarray:
+def weights(rec: Records, path: ConceptPath = "midpoint") -> np.ndarray:
     """(S, J, K): q_t = Σ_{j,k} E[t−1, j, k] · u_j ⊙ G_k."""
-    h = h_weights(rec)
+    h = h_weights(rec, path)
     lr, alpha, mu, gamma, _ = scalars(rec)
     slots = slot_steps(rec)
     S, K = h.shape
@@ -292,9 +315,10 @@ ConceptFn = Callable[[], torch.Tensor]
 """Concept gradients (C, D) at the model's current weights, in the records' tensor order."""
 
 
-def concept_gradients_at_points(replay: Replay, rec: Records, grads_fn: ConceptFn, log) -> list[torch.Tensor]:
+def concept_gradients_at_points(replay: Replay, rec: Records, grads_fn: ConceptFn, log,
+                                path: ConceptPath = "midpoint") -> list[torch.Tensor]:
     out = []
-    for r in refresh_points(rec):
+    for r in refresh_points(rec, path):
         replay.set(replay.base if r == 0 else replay.at_checkpoint(r))
         log(f"trajectory: concept gradients at step {r}")
         out.append(grads_fn())
@@ -303,27 +327,30 @@ def concept_gradients_at_points(replay: Replay, rec: Records, grads_fn: ConceptF
 
 
 def attribute(model, rec: Records, examples: list[TrainExample], pad_id: int, grads_fn: ConceptFn,
-              progress: bool = False, log=lambda m: None, G: list[torch.Tensor] | None = None) -> Attribution:
+              progress: bool = False, log=lambda m: None, G: list[torch.Tensor] | None = None,
+              path: ConceptPath = "midpoint") -> Attribution:
     """Every pair's contribution to every concept (module docstring), by one replay of the run.
-    ``G``: the concept gradients at the refresh points, when the caller has them."""
+    ``G``: the concept gradients at the refresh points, when the caller has them; ``path``: how
+    the steps between them weigh them (:data:`ConceptPath`)."""
     import time
 
     check_examples_match(rec, examples)
     replay = Replay(model, rec, examples, pad_id)
     t0 = time.perf_counter()
-    G = G if G is not None else concept_gradients_at_points(replay, rec, grads_fn, log)
+    G = G if G is not None else concept_gradients_at_points(replay, rec, grads_fn, log, path)
     t1 = time.perf_counter()
     dtype = G[0].dtype
     U = preconditioners(rec, dtype, replay.device)
     Uflat = [flat(u, rec.names) for u in U] if U is not None else None
-    E = weights(rec)
-    h = h_weights(rec)
-    pts = refresh_points(rec)
+    E = weights(rec, path)
+    h = h_weights(rec, path)
+    w = path_weights(rec, path)
+    pts = refresh_points(rec, path)
     lr, _, _, _, lam = scalars(rec)
     C = G[0].shape[0]
     values = np.zeros((len(examples), C))
     rows = []
-    path = np.zeros(C)
+    walked = np.zeros(C)  # the path sum of the replayed updates
     base_flat = flat(replay.base, rec.names).to(dtype)
     decay = np.zeros(C)
     if lam:
@@ -349,11 +376,11 @@ def attribute(model, rec: Records, examples: list[TrainExample], pad_id: int, gr
         before = flat(replay.params, rec.names).detach().clone()
         replay.advance(t)
         delta = (flat(replay.params, rec.names).detach() - before).to(dtype)
-        path += (G[segment(pts, t)] @ delta).double().cpu().numpy()
+        walked += sum(float(w[t - 1, k]) * (G[k] @ delta).double().cpu().numpy() for k in range(len(pts)) if w[t - 1, k])
         bar.update(1)
     bar.close()
     replay.restore()
-    return Attribution(values, rows, decay, path, {"concept_gradients": round(t1 - t0, 3),
+    return Attribution(values, rows, decay, walked, {"concept_gradients": round(t1 - t0, 3),
                                                    "replay": round(time.perf_counter() - t1, 3)})
 
 

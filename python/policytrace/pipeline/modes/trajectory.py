@@ -145,7 +145,7 @@ def attribution(state: BaseState, pairs: pl.DataFrame, log: Log, progress: bool)
                                 "of another model")
     fn = grads_fn(state, rec.names, rec.shapes, np.stack([c.cx for c in cs]), np.stack([c.cy for c in cs]), progress)
     pad = state.model.lm.tokenizer.pad_token_id or 0
-    att = attribute(engine.model, rec, exs, pad, fn, progress=progress, log=log)
+    att = attribute(engine.model, rec, exs, pad, fn, progress=progress, log=log, path=state.cfg.train.concept_path)
     rows = att.step_rows
     arrays = {"ids": np.array(rec.ids), "values": att.values, "decay": att.decay, "path": att.path,
               "names": np.array([c.name for c in cs]),
