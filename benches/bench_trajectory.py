@@ -35,7 +35,7 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from _common import cpu_name, git_commit, write_readme_section  # noqa: E402
 
-METHODS = ("score_trajectory", "score_gradient", "grad_cosine", "concept_influence", "dy_mean", "random")
+METHODS = ("dy_mean", "dy_mean_gradient", "grad_cosine", "concept_influence", "score_trajectory", "score_gradient", "random")
 
 
 def _user(pairs: int, over: dict, args) -> dict:
@@ -125,7 +125,10 @@ def table(out: dict) -> str:
              f"Commit {out['commit']}, {out['cpu']}, {out['threads']} threads, load {out['load']}; "
              f"{out['pairs']} pairs, "
              f"{'all 160 probes' if not out.get('probes_per_cell') else str(16 * out['probes_per_cell']) + ' probes (a seeded subset)'}, "
-             f"{out['subsets']} random halves retrained with the run's recipe per lr.", "",
+             f"{out['subsets']} random halves retrained with the run's recipe per lr. LDS on the behaviour shift "
+             "(Spearman over the subsets of the summed attribution against the measured mean Δy): `dy_mean` is "
+             "trajectory mode's, `dy_mean_gradient` the paper's one-step mode's (validate --compare), "
+             "`grad_cosine` TrackStar-style, `score_*` the policy score's.", "",
              "| lr | full fine-tune Δy (measured) | half-subset Δy (mean, min .. max) | completeness gap (all probes) | "
              + " | ".join(f"LDS {m}" for m in METHODS) + " |",
              "|---|---|---|---|" + "---|" * len(METHODS)]
