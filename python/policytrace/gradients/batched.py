@@ -155,6 +155,7 @@ class WholeProducts:
         if off != concepts.shape[1]:
             raise ValueError(f"concept gradients have {concepts.shape[1]} columns, the parameters {off}")
         self.out = torch.zeros((batch, concepts.shape[0]), dtype=torch.float64, device=concepts.device)
+        self._ws: torch.Tensor | None = None
 
     def project_input(self, name: str) -> None:
         return None
@@ -198,7 +199,7 @@ class WholeProducts:
         batches: a fresh (up to CHUNK_BYTES) tensor per module costs its pages' first touch,
         which on a CPU took longer than forming the gradients in it."""
         n = math.prod(shape)
-        ws = getattr(self, "_ws", None)
+        ws = self._ws
         if ws is None or ws.numel() < n or ws.dtype != like.dtype or ws.device != like.device:
             ws = self._ws = torch.empty(max(n, CHUNK_BYTES // like.element_size()), dtype=like.dtype, device=like.device)
         return ws[:n].view(shape)

@@ -65,8 +65,8 @@ class ConceptSums:
         for pc in pieces:
             if self.whole:
                 self._add_whole(row.view(shape), pc)
-                continue
-            row += self._projected(name, pc, shape).reshape(-1).to(row.dtype)
+            else:
+                row += self._projected(name, pc, shape).reshape(-1).to(row.dtype)
 
     @staticmethod
     def _add_whole(dst: torch.Tensor, pc: Piece) -> None:

@@ -17,8 +17,9 @@ order), or the one at the checkpoint before it (:data:`ConceptPath`). The adjoin
     H_S = G_S,  H_s = G_s − G_{s+1} + (1 − lr_{s+1} λ) H_{s+1}
     P_s = −lr_s α_s u_s ⊙ H_s + μ P_{s+1},  q_t = γ P_t
 
-With G a fixed combination of the checkpoints' gradients at each step and u constant over slots (one per step,
-``train.precondition = "step"``, or one per checkpoint segment, ``"checkpoint"``), ``q_t`` is a
+With G a fixed combination of the checkpoints' gradients at each step and u constant over
+slots (one per step, ``train.precondition = "step"``, or one per checkpoint segment,
+``"checkpoint"``), ``q_t`` is a
 combination ``Σ_{j,k} E[t, j, k] · u_j ⊙ G_k`` whose scalar weights come from the same recursion
 (:func:`weights`); a replay of the run forms ``q_t`` at each step and takes the batch's
 per-example products ``⟨q_t, g_{i,t}⟩`` in one hooked backward (:mod:`policytrace.gradients`).
@@ -376,7 +377,8 @@ def attribute(model, rec: Records, examples: list[TrainExample], pad_id: int, gr
         before = flat(replay.params, rec.names).detach().clone()
         replay.advance(t)
         delta = (flat(replay.params, rec.names).detach() - before).to(dtype)
-        walked += sum(float(w[t - 1, k]) * (G[k] @ delta).double().cpu().numpy() for k in range(len(pts)) if w[t - 1, k])
+        for k in np.flatnonzero(w[t - 1]):
+            walked += float(w[t - 1, k]) * (G[k] @ delta).double().cpu().numpy()
         bar.update(1)
     bar.close()
     replay.restore()
