@@ -97,12 +97,15 @@ def one_lr(lr: float, args, paper: Path, log) -> dict:
 
     over = {k: dict(v) for k, v in DEMO_FINETUNE.items() if k != "data"}
     over["train"]["lr"] = lr
-    run, run_s = run_folder(_user(args.pairs, over, args), args.work / f"trajectory-lr{lr:g}", log)
+    over["train"].update(args.train_over)
+    name = f"trajectory-lr{lr:g}"
+    args.reuse_name[name + args.run_suffix] = name
+    run, run_s = run_folder(_user(args.pairs, over, args), args.work / (name + args.run_suffix), log)
     if args.reuse_retrains:  # the subsets' retrains depend on the recipe and members only
-        old = args.reuse_retrains / run.name / "validation"
-        (run / "validation").mkdir(parents=True, exist_ok=True)
-        for f in sorted(old.glob("retrain-*.json")):
-            shutil.copy2(f, run / "validation" / f.name)
+        for sub in ("validation", "validation-noise"):
+            (run / sub).mkdir(parents=True, exist_ok=True)
+            for f in sorted((args.reuse_retrains / args.reuse_name.get(run.name, run.name) / sub).glob("retrain-*.json")):
+                shutil.copy2(f, run / sub / f.name)
     t = time.perf_counter()
     validate(run, subsets=args.subsets, alpha=0.5, seed=0, progress=True, log=log, baselines=not args.no_baselines,
              removal_k=0, compare=[paper])
@@ -110,10 +113,57 @@ def one_lr(lr: float, args, paper: Path, log) -> dict:
     measured = json.loads((run / "validation.json").read_text())["measured"]
     manifest = json.loads((run / "manifest.json").read_text())
     comp = completeness(run)
-    return {"lr": lr, "run": str(run), "run_s": run_s, "validate_s": val_s, "lds": lds_table(run),
+    noise = noise_ceiling(run, args, log) if args.noise_seed else None
+    return {"noise": noise, "lr": lr, "run": str(run), "run_s": run_s, "validate_s": val_s, "lds": lds_table(run),
             "completeness": comp, "subset_behaviour_shift": measured["behaviour"],
             "full_behaviour_shift": comp[0]["measured_dy"],
             "dy_by_epoch": manifest.get("trajectory", {}).get("dy_by_epoch")}
+
+
+def noise_ceiling(run: Path, args, log) -> dict:
+    """The same subsets retrained again with another data order (``train.seed + args.noise_seed``):
+    how well one retraining's shifts rank the other's (Spearman over the subsets) bounds the LDS
+    any per-pair attribution of this recipe can reach; each method's LDS against the second order
+    and against the two orders' mean sits beside it."""
+    import dataclasses
+
+    import numpy as np
+
+    from policytrace.numeric.metrics import lds, spearman
+    from policytrace.pipeline.modes import get_mode
+    from policytrace.pipeline.validate import open_state, subset_masks
+
+    rd, manifest, state = open_state(run, log)
+    first = json.loads((run / "validation.json").read_text())["measured"]["behaviour"]
+    train = dataclasses.replace(state.cfg.train, seed=state.cfg.train.seed + args.noise_seed)
+    other = dataclasses.replace(state, cfg=dataclasses.replace(state.cfg, train=train))
+    masks = subset_masks(state.inputs.pairs.height, args.subsets, 0.5, 0)
+    retrainer = get_mode(state.cfg.run.mode).retrainer(other, 0, rd.file("validation-noise"))
+    second = []
+    for i, mask in enumerate(masks):
+        log(f"noise ceiling: subset {i + 1}/{len(masks)} with data-order seed {train.seed}")
+        second.append(retrainer.measure(np.flatnonzero(mask))["behaviour_shift"])
+    import polars as pl
+
+    frame = pl.read_parquet(run / "validation_scores.parquet")
+    out = {"seed": train.seed, "behaviour_second": second,
+           "ceiling_spearman": spearman(np.array(first), np.array(second)), "methods": {}}
+    mean = (np.array(first) + np.array(second)) / 2
+    for m in METHODS:
+        if m in frame.columns:
+            sc = frame[m].to_numpy()
+            out["methods"][m] = {"second": lds(sc, masks, np.array(second))["lds"], "mean": lds(sc, masks, mean)["lds"]}
+    return out
+
+
+def _value(text: str):
+    """A --train value as TOML reads it (a number, a bool or a bare string)."""
+    import tomllib
+
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
 
 
 def _fmt(x) -> str:
@@ -147,6 +197,18 @@ def table(out: dict) -> str:
         for c in r["completeness"]:
             lines.append(f"| {r['lr']:g} | {c['probes']} ({c['n_probes']}) | {c['measured_dy']:+.4f} | "
                          f"{c['attributed_dy'] + c['decay_dy']:+.4f} | {100 * c['relative_gap']:+.1f} % |")
+    noisy = [r for r in out["lrs"] if r.get("noise")]
+    if noisy:
+        lines += ["", "The noise ceiling: every subset retrained again with another data order (`train.seed` + "
+                  f"{out.get('noise_seed')}); Spearman of the two orders' shifts over the subsets, and each method's LDS "
+                  "against the second order and against the two orders' mean:", "",
+                  "| lr | order vs order | " + " | ".join(f"{m} (2nd / mean)" for m in METHODS) + " |",
+                  "|---|---|" + "---|" * len(METHODS)]
+        for r in noisy:
+            n = r["noise"]
+            cells = [f"{n['methods'][m]['second']:.3f} / {n['methods'][m]['mean']:.3f}" if m in n["methods"] else "–"
+                     for m in METHODS]
+            lines.append(f"| {r['lr']:g} | {n['ceiling_spearman']:.3f} | " + " | ".join(cells) + " |")
     lines.append("<!-- trajectory:end -->")
     return "\n".join(lines)
 
@@ -163,10 +225,17 @@ def main(argv=None) -> int:
     ap.add_argument("--reuse-retrains", type=Path, default=None,
                     help="an earlier --work folder whose subset retrains (same recipe, pairs and seed) are reused")
     ap.add_argument("--work", type=Path, default=Path("bench-trajectory"))
+    ap.add_argument("--noise-seed", type=int, default=0,
+                    help="also retrain every subset with train.seed + N (another data order): the noise ceiling")
+    ap.add_argument("--train", action="append", default=[], metavar="KEY=VALUE",
+                    help="a [train] field for the trajectory runs (e.g. second_moment=differentiated); repeatable")
+    ap.add_argument("--run-suffix", default="", help="appended to each trajectory run folder's name")
     ap.add_argument("--no-baselines", action="store_true", help="skip TrackStar-style and the other baselines")
     ap.add_argument("--json", type=Path, default=HERE / "results" / "trajectory.json")
     ap.add_argument("--no-readme", action="store_true")
     args = ap.parse_args(argv)
+    args.train_over = {k: _value(v) for k, v in (kv.split("=", 1) for kv in args.train)}
+    args.reuse_name = {}
     args.work.mkdir(parents=True, exist_ok=True)
 
     def log(msg: str) -> None:
@@ -180,7 +249,8 @@ def main(argv=None) -> int:
                                 args.work / "paper", log)
     out = {"commit": git_commit(), "cpu": cpu_name(), "threads": torch.get_num_threads(),
            "load": " ".join(f"{x:.1f}" for x in os.getloadavg()), "pairs": args.pairs, "subsets": args.subsets,
-           "probes_per_cell": args.probes_per_cell, "sae_path": args.sae_path,
+           "probes_per_cell": args.probes_per_cell, "sae_path": args.sae_path, "noise_seed": args.noise_seed,
+           "train_overrides": args.train_over,
            "paper_run_s": paper_s, "lrs": []}
     for lr in (float(x) for x in args.lrs.split(",")):
         log(f"lr {lr:g}: fine-tune, attribute, validate")

@@ -107,3 +107,19 @@ def test_validate_retrains_with_the_recipe(tiny):
     assert beh.height == 1 and np.isfinite(beh["lds"][0])
     cached = sorted((tiny["run"] / "validation").glob("retrain-*.json"))
     assert len(cached) == 4
+
+
+def test_differentiated_second_moment_reuses_the_finetune_and_keeps_completeness(tiny, tmp_path):
+    """train.second_moment = "differentiated": the same cached fine-tune (the field is not part of
+    the recipe), other pair values (the v̂ term), and completeness on the shares, which are the
+    fixed run's own values."""
+    user = {**tiny["user"], "train": {**TRAIN, "second_moment": "differentiated"}}
+    logs = []
+    execute(cfgmod.resolve(user), tmp_path / "diff", log=logs.append, progress=False)
+    assert not any("fine-tuning" in m for m in logs)
+    fixed = pl.read_parquet(tiny["run"] / "pairs.parquet").sort("pair_id")
+    diff = pl.read_parquet(tmp_path / "diff" / "pairs.parquet").sort("pair_id")
+    assert diff["dy_mean"].is_finite().all()
+    assert not np.allclose(diff["dy_mean"].to_numpy(), fixed["dy_mean"].to_numpy(), rtol=1e-3)
+    a, b = (pl.read_parquet(d / "completeness.parquet") for d in (tiny["run"], tmp_path / "diff"))
+    assert np.allclose(a["attributed_dy"].to_numpy(), b["attributed_dy"].to_numpy(), rtol=1e-6, atol=1e-12)

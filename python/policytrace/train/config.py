@@ -63,6 +63,13 @@ class TrainCfg:
     the checkpoints before and after the step interpolated to its middle (second order; one
     more concept pass, at the final weights); start = the gradient at the checkpoint before it
     (first order: overstates a change that saturates over the run). Not part of the recipe."""
+    second_moment: Literal["fixed", "differentiated"] = "fixed"
+    """Trajectory mode under adamw: fixed = each pair's share of the updates the run took, with
+    1/(√v̂+ε) as recorded (the shares add up to the change: completeness); differentiated = the
+    derivative with respect to the pair's loss weight through v̂ too, what removing or
+    down-weighting it changes once Adam renormalises (these sum to about zero, so completeness
+    is still checked on the shares; one more replay, one float64 vector of the trained size per
+    step held in memory). sgd ignores it. Not part of the recipe."""
     records: str = ""
     """Trajectory mode: a folder written by `policytrace finetune` or the Trainer callback
     (a run with records) to attribute; "" = fine-tune the run's pairs with this recipe first
@@ -94,4 +101,4 @@ class TrainCfg:
         """The settings that determine the trained weights (not where records come from)."""
         from .._tables import to_mapping
 
-        return {k: v for k, v in to_mapping(self).items() if k not in ("records", "concept_path")}
+        return {k: v for k, v in to_mapping(self).items() if k not in ("records", "concept_path", "second_moment")}

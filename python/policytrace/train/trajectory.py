@@ -23,6 +23,19 @@ slots (one per step, ``train.precondition = "step"``, or one per checkpoint segm
 combination ``Σ_{j,k} E[t, j, k] · u_j ⊙ G_k`` whose scalar weights come from the same recursion
 (:func:`weights`); a replay of the run forms ``q_t`` at each step and takes the batch's
 per-example products ``⟨q_t, g_{i,t}⟩`` in one hooked backward (:mod:`policytrace.gradients`).
+
+The shares hold AdamW's second moment as recorded. ``train.second_moment = "differentiated"``
+adds what a pair's loss weight changes through it: ``v_t`` holds ``Σ_{s≤t} β2^{t−s}(1−β2) x_s²``
+(``x_s = κ_s Σ c g`` the step's batch gradient), so raising pair i's weight at step s also shrinks
+every later step's ``u_t``. With ``r_t = √(v_t / bc2_t)``, ``u_t = 1/(r_t + ε)`` and
+``e_t = lr_t α_t (m_t ⊙ u_t) ⊙ u_t / (bc2_t r_t)`` (0 where ``r_t = 0``), the derivative of the
+concept's path sum adds ``κ_s c_{i,s} ⟨Qv_s, g_{i,s}⟩`` with
+
+    Qv_s = (1 − β2) x_s ⊙ Σ_{t≥s} β2^{t−s} (H_t ⊙ e_t)
+
+and ``H_t`` as above. AdamW's step is scale-free (m and √v both scale with the weights), so these
+derivatives sum over all pairs to about zero, not to the change: they say what re-weighting or
+removing pairs does when Adam renormalises, and completeness is checked on the shares.
 """
 
 from __future__ import annotations
@@ -310,6 +323,15 @@ class Attribution:
     decay: np.ndarray
     path: np.ndarray
     seconds: dict = field(default_factory=dict)
+    shares: np.ndarray | None = None
+    """The pairs' shares of the updates (P, C) when ``values`` also holds the second moment's
+    derivative (``second_moment = "differentiated"``); None when they are ``values``."""
+
+
+SecondMoment = Literal["fixed", "differentiated"]
+"""How trajectory mode treats AdamW's second moment (module docstring): "fixed", the recorded
+preconditioner (the pairs' shares add up to the run's update); "differentiated", also through
+v̂ (the derivative with respect to a pair's loss weight; sgd has no second moment)."""
 
 
 ConceptFn = Callable[[], torch.Tensor]
@@ -327,12 +349,46 @@ def concept_gradients_at_points(replay: Replay, rec: Records, grads_fn: ConceptF
     return out
 
 
+def moment_factors(model, rec: Records, examples: list[TrainExample], pad_id: int) -> list[torch.Tensor]:
+    """``e_t`` (module docstring) for t = 1..S, flat float64 (``1/r³`` overflows float32 where
+    a coordinate's gradients are tiny), from a replay of the run's AdamW state of its own."""
+    replay = Replay(model, rec, examples, pad_id)
+    b2, eps = rec.recipe.betas[1], rec.recipe.eps
+    lr, alpha, _, _, _ = scalars(rec)
+    out = []
+    for t in range(1, rec.S + 1):
+        replay.advance(t)
+        bc2 = 1.0 - b2**t
+        m = flat(replay.opt.m, rec.names).double()
+        r = (flat(replay.opt.v, rec.names).double() / bc2).sqrt()
+        u = 1.0 / (r + eps)
+        e = (lr[t - 1] * alpha[t - 1] / bc2) * m * u * u / r
+        out.append(torch.where(r > 0, e, torch.zeros_like(e)))
+    replay.restore()
+    return out
+
+
+def moment_vector(e: list[torch.Tensor], h: np.ndarray, G: list[torch.Tensor], x: torch.Tensor, s: int,
+                  beta2: float) -> torch.Tensor:
+    """Qv_s (C, D) = (1 − β2) x_s ⊙ Σ_k G_k ⊙ Σ_{t≥s} β2^{t−s} h[t−1, k] e_t."""
+    out = torch.zeros_like(G[0])
+    for k in range(len(G)):
+        acc = torch.zeros_like(e[0])
+        for t in range(s, len(e) + 1):
+            if h[t - 1, k]:
+                acc += (beta2 ** (t - s) * h[t - 1, k]) * e[t - 1]
+        if acc.any():
+            out += G[k] * ((1.0 - beta2) * x.double() * acc).to(G[k].dtype)
+    return out
+
+
 def attribute(model, rec: Records, examples: list[TrainExample], pad_id: int, grads_fn: ConceptFn,
               progress: bool = False, log=lambda m: None, G: list[torch.Tensor] | None = None,
-              path: ConceptPath = "midpoint") -> Attribution:
+              path: ConceptPath = "midpoint", second_moment: SecondMoment = "fixed") -> Attribution:
     """Every pair's contribution to every concept (module docstring), by one replay of the run.
     ``G``: the concept gradients at the refresh points, when the caller has them; ``path``: how
-    the steps between them weigh them (:data:`ConceptPath`)."""
+    the steps between them weigh them (:data:`ConceptPath`); ``second_moment``: whether AdamW's
+    v̂ is held as recorded or differentiated too (:data:`SecondMoment`; one more replay)."""
     import time
 
     check_examples_match(rec, examples)
@@ -350,6 +406,9 @@ def attribute(model, rec: Records, examples: list[TrainExample], pad_id: int, gr
     lr, _, _, _, lam = scalars(rec)
     C = G[0].shape[0]
     values = np.zeros((len(examples), C))
+    moments = second_moment == "differentiated" and rec.recipe.optimizer == "adamw"
+    e = moment_factors(model, rec, examples, pad_id) if moments else None
+    shares = np.zeros((len(examples), C)) if moments else None
     rows = []
     walked = np.zeros(C)  # the path sum of the replayed updates
     base_flat = flat(replay.base, rec.names).to(dtype)
@@ -367,15 +426,19 @@ def attribute(model, rec: Records, examples: list[TrainExample], pad_id: int, gr
             for k in range(E.shape[2]):
                 if E[t - 1, j, k]:
                     q += E[t - 1, j, k] * (G[k] * Uflat[j] if Uflat is not None else G[k])
-        idx = st["examples"]
-        sink = WholeProducts(q, rec.names, rec.shapes, "sgd", -1.0, len(idx))
-        per_example(model, rec.names, sink, [examples[i] for i in idx], pad_id, replay.device)
-        out = sink.result().cpu().numpy() * st["clip"] * np.asarray(st["coef"])[:, None]
-        for b, i in enumerate(idx):
+        batch = [examples[i] for i in st["examples"]]
+        out = _products(model, rec, q, batch, pad_id, replay.device, st)
+        grads = None
+        if moments:
+            grads = replay.batch_gradient(st)
+            qv = moment_vector(e, h, G, st["clip"] * flat(grads, rec.names), t, rec.recipe.betas[1])
+            np.add.at(shares, st["examples"], out)
+            out = out + _products(model, rec, qv, batch, pad_id, replay.device, st)
+        for b, i in enumerate(st["examples"]):
             values[i] += out[b]
             rows.append((t, st["epoch"], i, out[b]))
         before = flat(replay.params, rec.names).detach().clone()
-        replay.advance(t)
+        replay.advance(t, grads)
         delta = (flat(replay.params, rec.names).detach() - before).to(dtype)
         for k in np.flatnonzero(w[t - 1]):
             walked += float(w[t - 1, k]) * (G[k] @ delta).double().cpu().numpy()
@@ -383,7 +446,15 @@ def attribute(model, rec: Records, examples: list[TrainExample], pad_id: int, gr
     bar.close()
     replay.restore()
     return Attribution(values, rows, decay, walked, {"concept_gradients": round(t1 - t0, 3),
-                                                   "replay": round(time.perf_counter() - t1, 3)})
+                                                   "replay": round(time.perf_counter() - t1, 3)}, shares)
+
+
+def _products(model, rec: Records, q: torch.Tensor, batch: list[TrainExample], pad_id: int, device,
+              st: dict) -> np.ndarray:
+    """(B, C): κ_t c_{i,t} ⟨q_c, g_{i,t}⟩ for the step's batch at the model's current weights."""
+    sink = WholeProducts(q, rec.names, rec.shapes, "sgd", -1.0, len(batch))
+    per_example(model, rec.names, sink, batch, pad_id, device)
+    return sink.result().cpu().numpy() * st["clip"] * np.asarray(st["coef"])[:, None]
 
 
 def recorded_examples(folder) -> list[TrainExample]:

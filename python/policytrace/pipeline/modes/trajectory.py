@@ -145,9 +145,11 @@ def attribution(state: BaseState, pairs: pl.DataFrame, log: Log, progress: bool)
                                 "of another model")
     fn = grads_fn(state, rec.names, rec.shapes, np.stack([c.cx for c in cs]), np.stack([c.cy for c in cs]), progress)
     pad = state.model.lm.tokenizer.pad_token_id or 0
-    att = attribute(engine.model, rec, exs, pad, fn, progress=progress, log=log, path=state.cfg.train.concept_path)
+    att = attribute(engine.model, rec, exs, pad, fn, progress=progress, log=log, path=state.cfg.train.concept_path,
+                    second_moment=state.cfg.train.second_moment)
     rows = att.step_rows
     arrays = {"ids": np.array(rec.ids), "values": att.values, "decay": att.decay, "path": att.path,
+              "shares": att.values if att.shares is None else att.shares,
               "names": np.array([c.name for c in cs]),
               "step": np.array([r[0] for r in rows], dtype=np.int64), "epoch": np.array([r[1] for r in rows], dtype=np.int64),
               "example": np.array([r[2] for r in rows], dtype=np.int64),
@@ -226,7 +228,7 @@ def completeness(state: BaseState, a: dict, folder: Path) -> tuple[pl.DataFrame,
     for label, concept, mask in groups:
         j = names.index(concept)
         measured = float(d.dy[mask].mean())
-        pairs_sum = float(a["values"][:, j].sum())
+        pairs_sum = float(a.get("shares", a["values"])[:, j].sum())  # shares add up; derivatives need not
         decay, path = float(a["decay"][j]), float(a["path"][j])
         gap = (pairs_sum + decay - measured) / abs(measured) if measured else float("nan")
         ok = bool(abs(gap) <= COMPLETENESS_MARGIN) if measured else False

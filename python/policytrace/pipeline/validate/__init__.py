@@ -155,6 +155,8 @@ def validate(run_dir: str | Path, subsets: int = 20, alpha: float = 0.5, seed: i
         log(f"{planted} planted mislabeled pairs")
         rd.write_parquet("planted.parquet", planted_test(state, planted, seed, scorer, baselines, progress, probe_grads))
     rd.write_parquet("aggregates.parquet", aggregate_scores(scores, state.inputs.pairs))
+    rd.write_parquet("validation_scores.parquet", pl.DataFrame(
+        {"pair_id": state.inputs.pairs["id"].to_list(), **{m: np.asarray(sc, np.float64) for m, sc in scores.items()}}))
     rd.write("validation.json", json.dumps({"agreement": run_scores.agreement, "lds": rows, "timings": timings,
                                             "measured": measured}, indent=1))
     return frame
