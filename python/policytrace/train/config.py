@@ -5,13 +5,16 @@ the model extra. The names ``optimizer``, ``lr``, ``batch_size``, ``epochs``, ``
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from .._tables import fail, table
 
 
 @table("train")
 class TrainCfg:
+    # Left out of the run's identity while at its default, so earlier run folders still resume.
+    ADDED_LATER: ClassVar[tuple[str, ...]] = ("second_moment",)
+
     optimizer: Literal["adamw", "sgd"] = "adamw"
     """adamw (decoupled weight decay, PyTorch's AdamW) or sgd with momentum (decay decoupled
     too: θ ← (1 − lr·λ)θ − lr·b, b ← μ·b + g)."""
