@@ -123,3 +123,25 @@ def test_differentiated_second_moment_reuses_the_finetune_and_keeps_completeness
     assert not np.allclose(diff["dy_mean"].to_numpy(), fixed["dy_mean"].to_numpy(), rtol=1e-3)
     a, b = (pl.read_parquet(d / "completeness.parquet") for d in (tiny["run"], tmp_path / "diff"))
     assert np.allclose(a["attributed_dy"].to_numpy(), b["attributed_dy"].to_numpy(), rtol=1e-6, atol=1e-12)
+
+
+def test_counterfactual_pair_values(tiny, tmp_path):
+    """train.pair_value = "counterfactual": the cached fine-tune is reused, the pair values are the
+    simulated retrains' Banzhaf values (other than the shares, finite), completeness still sums
+    the shares and sets the simulated full run's change beside them, and a rerun is byte-identical."""
+    user = {**tiny["user"], "train": {**TRAIN, "pair_value": "counterfactual", "simulations": 64}}
+    cfg = cfgmod.resolve(user)
+    logs = []
+    execute(cfg, tmp_path / "cf", log=logs.append, progress=False)
+    assert not any("fine-tuning" in m for m in logs)
+    fixed = pl.read_parquet(tiny["run"] / "pairs.parquet").sort("pair_id")
+    cf = pl.read_parquet(tmp_path / "cf" / "pairs.parquet").sort("pair_id")
+    assert cf["dy_mean"].is_finite().all()
+    assert not np.allclose(cf["dy_mean"].to_numpy(), fixed["dy_mean"].to_numpy(), rtol=1e-3)
+    a, b = (pl.read_parquet(d / "completeness.parquet") for d in (tiny["run"], tmp_path / "cf"))
+    assert np.allclose(a["attributed_dy"].to_numpy(), b["attributed_dy"].to_numpy(), rtol=1e-6, atol=1e-12)
+    assert b["simulated_dy"].is_finite().all() and a["simulated_dy"].is_null().all()
+    execute(cfg, tmp_path / "again", log=quiet, progress=False)
+    for name in ("pairs.parquet", "completeness.parquet"):
+        x, y = ((d / name).read_bytes() for d in (tmp_path / "cf", tmp_path / "again"))
+        assert x == y, name

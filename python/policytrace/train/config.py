@@ -13,7 +13,7 @@ from .._tables import fail, table
 @table("train")
 class TrainCfg:
     # Left out of the run's identity while at its default, so earlier run folders still resume.
-    ADDED_LATER: ClassVar[tuple[str, ...]] = ("second_moment",)
+    ADDED_LATER: ClassVar[tuple[str, ...]] = ("second_moment", "pair_value", "simulations")
 
     optimizer: Literal["adamw", "sgd"] = "adamw"
     """adamw (decoupled weight decay, PyTorch's AdamW) or sgd with momentum (decay decoupled
@@ -73,6 +73,15 @@ class TrainCfg:
     down-weighting it changes once Adam renormalises (these sum to about zero, so completeness
     is still checked on the shares; one more replay, one float64 vector of the trained size per
     step held in memory). sgd ignores it. Not part of the recipe."""
+    pair_value: Literal["share", "counterfactual"] = "share"
+    """Trajectory mode: what a pair's attribution is. share = its share of the updates the run
+    took (they add up to the run's change); counterfactual = its Banzhaf value over retrains of
+    random subsets with this recipe, simulated to first order in the weights (per-example
+    gradients at θ_0, AdamW's renormalisation included): what including the pair changes when
+    the run is retrained (memory: pairs × trained size floats). Completeness is checked on the
+    shares either way. Not part of the recipe."""
+    simulations: int = 256
+    """Simulated subset retrains behind `pair_value = "counterfactual"`."""
     records: str = ""
     """Trajectory mode: a folder written by `policytrace finetune` or the Trainer callback
     (a run with records) to attribute; "" = fine-tune the run's pairs with this recipe first
@@ -90,6 +99,8 @@ class TrainCfg:
             raise fail(self, "betas", "must be two numbers in [0, 1)")
         if not self.eps > 0:
             raise fail(self, "eps", "must be > 0")
+        if self.simulations < 2:
+            raise fail(self, "simulations", "must be >= 2 (256 recommended)")
         for name in ("warmup_steps", "checkpoint_every", "lora"):
             if getattr(self, name) < 0:
                 raise fail(self, name, "must be >= 0")
@@ -104,4 +115,4 @@ class TrainCfg:
         """The settings that determine the trained weights (not where records come from)."""
         from .._tables import to_mapping
 
-        return {k: v for k, v in to_mapping(self).items() if k not in ("records", "concept_path", "second_moment")}
+        return {k: v for k, v in to_mapping(self).items() if k not in ("records", "concept_path", "second_moment", "pair_value", "simulations")}

@@ -102,7 +102,7 @@ def grads_fn(state: BaseState, names: list[str], shapes: dict, cx: np.ndarray, c
 
 def attribution(state: BaseState, pairs: pl.DataFrame, log: Log, progress: bool) -> tuple[Path, Path, dict]:
     """The cached attribution of ``pairs``' fine-tune (computed when missing): (folder, cache, arrays)."""
-    from ...train.trajectory import attribute, load_records, recorded_examples
+    from ...train.trajectory import Replay, attribute, concept_gradients_at_points, load_records, recorded_examples
 
     folder = finetune_folder(state, pairs, log, progress)
     rec = load_records(folder)
@@ -145,11 +145,17 @@ def attribution(state: BaseState, pairs: pl.DataFrame, log: Log, progress: bool)
                                 "of another model")
     fn = grads_fn(state, rec.names, rec.shapes, np.stack([c.cx for c in cs]), np.stack([c.cy for c in cs]), progress)
     pad = state.model.lm.tokenizer.pad_token_id or 0
-    att = attribute(engine.model, rec, exs, pad, fn, progress=progress, log=log, path=state.cfg.train.concept_path,
-                    second_moment=state.cfg.train.second_moment)
+    tcfg = state.cfg.train
+    G = concept_gradients_at_points(Replay(engine.model, rec, exs, pad), rec, fn, log, tcfg.concept_path)
+    att = attribute(engine.model, rec, exs, pad, fn, progress=progress, log=log, G=G, path=tcfg.concept_path,
+                    second_moment=tcfg.second_moment)
     rows = att.step_rows
-    arrays = {"ids": np.array(rec.ids), "values": att.values, "decay": att.decay, "path": att.path,
-              "shares": att.values if att.shares is None else att.shares,
+    shares = att.values if att.shares is None else att.shares
+    values, simulated = att.values, None
+    if tcfg.pair_value == "counterfactual":
+        values, simulated = counterfactual_values(engine.model, rec, exs, pad, G, tcfg, log, progress)
+    arrays = {"ids": np.array(rec.ids), "values": values, "decay": att.decay, "path": att.path, "shares": shares,
+              **({"simulated": simulated} if simulated is not None else {}),
               "names": np.array([c.name for c in cs]),
               "step": np.array([r[0] for r in rows], dtype=np.int64), "epoch": np.array([r[1] for r in rows], dtype=np.int64),
               "example": np.array([r[2] for r in rows], dtype=np.int64),
@@ -161,6 +167,19 @@ def attribution(state: BaseState, pairs: pl.DataFrame, log: Log, progress: bool)
     cache.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(cache, buf.getvalue())
     return folder, cache, arrays
+
+
+def counterfactual_values(model, rec, exs, pad: int, G: list, tcfg, log: Log, progress: bool):
+    """(P, C) Banzhaf values over simulated subset retrains, and (C,) the simulated full run's change."""
+    from ...train.counterfactual import banzhaf_values, mean_path_gradient, pair_gradients
+    from ...train.trajectory import Replay, flat
+
+    replay = Replay(model, rec, exs, pad)
+    log(f"trajectory: counterfactual pair values ({tcfg.simulations} simulated subset retrains)")
+    g = pair_gradients(replay, rec, progress)
+    theta0 = flat(replay.base, rec.names).to(g.dtype)
+    Gbar = mean_path_gradient(rec, G, tcfg.concept_path)
+    return banzhaf_values(rec, exs, g, theta0, Gbar, tcfg.simulations, tcfg.seed, progress)
 
 
 def check_base(folder: Path, rec, engine) -> None:
@@ -230,10 +249,12 @@ def completeness(state: BaseState, a: dict, folder: Path) -> tuple[pl.DataFrame,
         measured = float(d.dy[mask].mean())
         pairs_sum = float(a.get("shares", a["values"])[:, j].sum())  # shares add up; derivatives need not
         decay, path = float(a["decay"][j]), float(a["path"][j])
+        simulated = float(a["simulated"][j]) if "simulated" in a else None
         gap = (pairs_sum + decay - measured) / abs(measured) if measured else float("nan")
         ok = bool(abs(gap) <= COMPLETENESS_MARGIN) if measured else False
         rows.append({"probes": label, "n_probes": int(mask.sum()), "measured_dy": measured,
-                     "attributed_dy": pairs_sum, "decay_dy": decay, "path_dy": path, "relative_gap": gap,
+                     "attributed_dy": pairs_sum, "decay_dy": decay, "path_dy": path, "simulated_dy": simulated,
+                     "relative_gap": gap,
                      "within_margin": ok})
         if not ok:
             warnings.append(f"completeness ({label} probes): the pairs' attributions sum to {pairs_sum + decay:+.4g} "
