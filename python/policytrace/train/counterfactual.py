@@ -7,10 +7,11 @@ retrain is simulated to first order in the weights: every pair's per-example gra
 θ_0 (one backward per pair), and the recipe's own steps (seeded order, batches, loss
 coefficients, schedule, clipping, AdamW with its second moment, weight decay) are run on those
 fixed gradients coordinate by coordinate, which is cheap. The concept moves by ``⟨Ḡ, Δθ(S)⟩``
-with Ḡ the concept gradients averaged along the recorded path. A pair's value is its Banzhaf
-value over Bernoulli(½) subsets, ``mean_{S∋i} φ(S) − mean_{S∌i} φ(S)`` (the maximum-sample-reuse
-estimator of Data Banzhaf): for an additive game it is the pair's own term, and the values add up
-to about the simulated full run's change.
+with Ḡ the concept gradients averaged along the recorded path. A pair's value is its coefficient in
+the least-squares additive fit ``φ(S) ≈ b + Σ_{i∈S} a_i`` over Bernoulli(½) subsets (a datamodel
+of the simulator; :func:`banzhaf` is the noisier maximum-sample-reuse Banzhaf estimate from the
+same subsets): for an additive run the pair's own term, and the values add up to about the
+simulated full run's change.
 
 What it leaves out: the change of per-example gradients along the run (curvature), which grows
 with the learning rate. Memory: the pairs' gradients, P × (trained size) floats.
@@ -120,29 +121,52 @@ class Simulator:
             d.add_(m, alpha=-lr)
 
 
-def banzhaf_values(rec: Records, examples: list[TrainExample], g: torch.Tensor, theta0: torch.Tensor,
-                   Gbar: torch.Tensor, samples: int, seed: int, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(P, C) Banzhaf values of every pair for every concept over ``samples`` Bernoulli(½)
-    subsets (seeded), and (C,) the simulated change of the run on all pairs."""
+def simulated_subsets(rec: Records, examples: list[TrainExample], g: torch.Tensor, theta0: torch.Tensor,
+                      Gbar: torch.Tensor, samples: int, seed: int, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``samples`` seeded Bernoulli(½) subsets as (N, P) masks and their simulated concept changes (N, C)."""
     P = len(examples)
     rng = np.random.default_rng([seed, P])
     Gd = Gbar.to(theta0.dtype)
     sim = Simulator(rec, examples, g, theta0)
-    inside = np.zeros((P, Gd.shape[0]))
-    outside = np.zeros_like(inside)
-    n_in = np.zeros(P)
+    masks = rng.random((samples, P)) < 0.5
+    phi = np.zeros((samples, Gd.shape[0]))
     bar = _progress.bar(samples, "simulated retrain", progress)
-    for _ in range(samples):
-        mask = rng.random(P) < 0.5
-        phi = (Gd @ sim.displacement(np.flatnonzero(mask))).double().cpu().numpy()
-        inside[mask] += phi
-        outside[~mask] += phi
-        n_in += mask
+    for n in range(samples):
+        phi[n] = (Gd @ sim.displacement(np.flatnonzero(masks[n]))).double().cpu().numpy()
         bar.update(1)
     bar.close()
-    n_out = samples - n_in
+    return masks, phi
+
+
+def banzhaf(masks: np.ndarray, phi: np.ndarray) -> np.ndarray:
+    """(P, C) maximum-sample-reuse Banzhaf values: mean φ over the subsets holding each pair
+    minus the mean over the others."""
+    n_in = masks.sum(0)
+    n_out = len(masks) - n_in
     if (n_in == 0).any() or (n_out == 0).any():
-        raise InvalidValueError(f"train.simulations = {samples} left a pair in (or out of) every subset; raise it")
-    values = inside / n_in[:, None] - outside / n_out[:, None]
-    full = (Gd @ sim.displacement(np.arange(P))).double().cpu().numpy()
-    return values, full
+        raise InvalidValueError(f"train.simulations = {len(masks)} left a pair in (or out of) every subset; raise it")
+    m = masks.astype(np.float64)
+    return (m.T @ phi) / n_in[:, None] - ((1 - m).T @ phi) / n_out[:, None]
+
+
+def additive_fit(masks: np.ndarray, phi: np.ndarray) -> np.ndarray:
+    """(P, C): the least-squares additive model φ(S) ≈ b + Σ_{i∈S} a_i of the simulated subsets
+    (a datamodel of the simulator). It accounts for which other pairs each subset held, so its
+    values are far less noisy than :func:`banzhaf`'s for the same subsets."""
+    N, P = masks.shape
+    if N < 2 * (P + 1):
+        raise InvalidValueError(f"train.simulations = {N} is too few for {P} pairs: the additive fit needs at least "
+                                f"{2 * (P + 1)} (4 × pairs recommended)")
+    A = np.concatenate([np.ones((N, 1)), masks.astype(np.float64)], axis=1)
+    coef, *_ = np.linalg.lstsq(A, phi, rcond=None)
+    return coef[1:]
+
+
+def counterfactual_values(rec: Records, examples: list[TrainExample], g: torch.Tensor, theta0: torch.Tensor,
+                          Gbar: torch.Tensor, samples: int, seed: int, progress: bool = False
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """(P, C) every pair's value for every concept (:func:`additive_fit` of ``samples``
+    simulated subsets) and (C,) the simulated change of the run on all pairs."""
+    masks, phi = simulated_subsets(rec, examples, g, theta0, Gbar, samples, seed, progress)
+    full = (Gbar.to(theta0.dtype) @ Simulator(rec, examples, g, theta0).displacement(np.arange(len(examples))))
+    return additive_fit(masks, phi), full.double().cpu().numpy()

@@ -153,7 +153,7 @@ def attribution(state: BaseState, pairs: pl.DataFrame, log: Log, progress: bool)
     shares = att.values if att.shares is None else att.shares
     values, simulated = att.values, None
     if tcfg.pair_value == "counterfactual":
-        values, simulated = counterfactual_values(engine.model, rec, exs, pad, G, tcfg, log, progress)
+        values, simulated = counterfactual(engine.model, rec, exs, pad, G, tcfg, log, progress)
     arrays = {"ids": np.array(rec.ids), "values": values, "decay": att.decay, "path": att.path, "shares": shares,
               **({"simulated": simulated} if simulated is not None else {}),
               "names": np.array([c.name for c in cs]),
@@ -169,17 +169,18 @@ def attribution(state: BaseState, pairs: pl.DataFrame, log: Log, progress: bool)
     return folder, cache, arrays
 
 
-def counterfactual_values(model, rec, exs, pad: int, G: list, tcfg, log: Log, progress: bool):
-    """(P, C) Banzhaf values over simulated subset retrains, and (C,) the simulated full run's change."""
-    from ...train.counterfactual import banzhaf_values, mean_path_gradient, pair_gradients
+def counterfactual(model, rec, exs, pad: int, G: list, tcfg, log: Log, progress: bool):
+    """(P, C) the pairs' values from simulated subset retrains, and (C,) the simulated full run's change."""
+    from ...train.counterfactual import counterfactual_values, mean_path_gradient, pair_gradients
     from ...train.trajectory import Replay, flat
 
     replay = Replay(model, rec, exs, pad)
-    log(f"trajectory: counterfactual pair values ({tcfg.simulations} simulated subset retrains)")
+    n = tcfg.simulations or max(1024, 8 * len(exs))
+    log(f"trajectory: counterfactual pair values ({n} simulated subset retrains)")
     g = pair_gradients(replay, rec, progress)
     theta0 = flat(replay.base, rec.names).to(g.dtype)
     Gbar = mean_path_gradient(rec, G, tcfg.concept_path)
-    return banzhaf_values(rec, exs, g, theta0, Gbar, tcfg.simulations, tcfg.seed, progress)
+    return counterfactual_values(rec, exs, g, theta0, Gbar, n, tcfg.seed, progress)
 
 
 def check_base(folder: Path, rec, engine) -> None:
