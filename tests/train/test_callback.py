@@ -256,6 +256,10 @@ def test_trajectory_mode_attributes_the_trainer_run_as_the_finetune(tmp_path):
         x, y = a[col].to_numpy(), b[col].to_numpy()
         assert np.abs(x).max() > 0
         assert float(np.abs(x - y).max()) <= 1e-5 * float(np.abs(x).max()), (col, x, y)
+    with pytest.raises(Exception, match="pair_value"):  # the simulator would not be this Trainer's run
+        execute(cfgmod.resolve({**user, "train": {**PIPE_TRAIN, "records": str(tmp_path / "cb"),
+                                                  "pair_value": "counterfactual"}}), tmp_path / "cf-run",
+                log=lambda m: None, progress=False)
     other = write_tiny_model(tmp_path / "other", seed=3)
     with pytest.raises(Exception, match="model.name"):
         execute(cfgmod.resolve({**user, "model": {"name": str(other)},

@@ -136,6 +136,11 @@ def attribution(state: BaseState, pairs: pl.DataFrame, log: Log, progress: bool)
             if by_id[pid] != e:
                 raise InvalidValueError(f"pair '{pid}': the fine-tune in {folder} trained on other tokens than this "
                                         "run reads (another chat template, loss mask or max_length)")
+    if state.cfg.train.pair_value == "counterfactual" and "callback" in rec.extra:
+        # the simulator re-forms batches and loss weights from the recipe; a Trainer's collator
+        # and loss may differ, so the simulated retrains would not be that run's
+        raise ConfigError(f"{folder} is a Trainer run recorded by RecordingCallback: train.pair_value = "
+                          "\"counterfactual\" simulates retrains with policytrace's own recipe; use \"share\"")
     if rec.recipe.lora > 0:
         raise ConfigError(f"{folder} is a LoRA fine-tune; trajectory mode attributes full-weight fine-tunes")
     params = dict(engine.model.named_parameters())
