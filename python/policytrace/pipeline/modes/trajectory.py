@@ -116,12 +116,43 @@ def attribution(state: BaseState, pairs: pl.DataFrame, log: Log, progress: bool)
                 return folder, cache, {k: z[k] for k in z.files}
         except (OSError, ValueError):
             pass  # damaged: recomputed
+    exs = recorded_examples(folder)
+    check_finetune(state, pairs, folder, rec, exs, log)
+    engine = state.model.engine
+    fn = grads_fn(state, rec.names, rec.shapes, np.stack([c.cx for c in cs]), np.stack([c.cy for c in cs]), progress)
+    pad = state.model.lm.tokenizer.pad_token_id or 0
+    tcfg = state.cfg.train
+    G = concept_gradients_at_points(Replay(engine.model, rec, exs, pad), rec, fn, log, tcfg.concept_path)
+    att = attribute(engine.model, rec, exs, pad, fn, progress=progress, log=log, G=G, path=tcfg.concept_path,
+                    second_moment=tcfg.second_moment)
+    rows = att.step_rows
+    shares = att.values if att.shares is None else att.shares
+    values, simulated = att.values, None
+    if tcfg.pair_value == "counterfactual":
+        values, simulated = counterfactual(engine.model, rec, exs, pad, G, tcfg, log, progress)
+    arrays = {"ids": np.array(rec.ids), "values": values, "decay": att.decay, "path": att.path, "shares": shares,
+              **({"simulated": simulated} if simulated is not None else {}),
+              "names": np.array([c.name for c in cs]),
+              "step": np.array([r[0] for r in rows], dtype=np.int64), "epoch": np.array([r[1] for r in rows], dtype=np.int64),
+              "example": np.array([r[2] for r in rows], dtype=np.int64),
+              "contrib": np.stack([r[3] for r in rows]) if rows else np.zeros((0, len(cs))),
+              "lr": np.array([rec.steps[r[0] - 1]["lr"] for r in rows]),
+              "seconds": np.array([att.seconds["concept_gradients"], att.seconds["replay"]])}
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(cache, buf.getvalue())
+    return folder, cache, arrays
+
+
+def check_finetune(state: BaseState, pairs: pl.DataFrame, folder: Path, rec, exs: list, log: Log) -> None:
+    """The fine-tune in ``folder`` is one this run can attribute: it trained on these pairs' tokens
+    (or is a Trainer run from this model), full weights of tensors the model has."""
     want = pairs["id"].to_list()
     missing = sorted(set(want) - set(rec.ids))
     if missing:
         raise InvalidValueError(f"{folder} did not train on {len(missing)} of the run's pairs (e.g. '{missing[0]}'); "
                                 "point train.records at the fine-tune of these pairs, or leave it empty")
-    exs = recorded_examples(folder)
     by_id = dict(zip(rec.ids, exs))
     engine = state.model.engine
     if "callback" in rec.extra:
@@ -148,30 +179,6 @@ def attribution(state: BaseState, pairs: pl.DataFrame, log: Log, progress: bool)
     if bad:
         raise InvalidValueError(f"{folder} trained tensors this model does not have (e.g. '{bad[0]}'): a fine-tune "
                                 "of another model")
-    fn = grads_fn(state, rec.names, rec.shapes, np.stack([c.cx for c in cs]), np.stack([c.cy for c in cs]), progress)
-    pad = state.model.lm.tokenizer.pad_token_id or 0
-    tcfg = state.cfg.train
-    G = concept_gradients_at_points(Replay(engine.model, rec, exs, pad), rec, fn, log, tcfg.concept_path)
-    att = attribute(engine.model, rec, exs, pad, fn, progress=progress, log=log, G=G, path=tcfg.concept_path,
-                    second_moment=tcfg.second_moment)
-    rows = att.step_rows
-    shares = att.values if att.shares is None else att.shares
-    values, simulated = att.values, None
-    if tcfg.pair_value == "counterfactual":
-        values, simulated = counterfactual(engine.model, rec, exs, pad, G, tcfg, log, progress)
-    arrays = {"ids": np.array(rec.ids), "values": values, "decay": att.decay, "path": att.path, "shares": shares,
-              **({"simulated": simulated} if simulated is not None else {}),
-              "names": np.array([c.name for c in cs]),
-              "step": np.array([r[0] for r in rows], dtype=np.int64), "epoch": np.array([r[1] for r in rows], dtype=np.int64),
-              "example": np.array([r[2] for r in rows], dtype=np.int64),
-              "contrib": np.stack([r[3] for r in rows]) if rows else np.zeros((0, len(cs))),
-              "lr": np.array([rec.steps[r[0] - 1]["lr"] for r in rows]),
-              "seconds": np.array([att.seconds["concept_gradients"], att.seconds["replay"]])}
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(cache, buf.getvalue())
-    return folder, cache, arrays
 
 
 def counterfactual(model, rec, exs, pad: int, G: list, tcfg, log: Log, progress: bool):
