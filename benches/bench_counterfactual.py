@@ -51,13 +51,13 @@ def main(argv=None) -> int:
     Gbar = cf.mean_path_gradient(rec, G, path)
     print(f"gradients: {time.perf_counter() - t:.0f} s", flush=True)
     t = time.perf_counter()
-    masks, phi = cf.simulated_subsets(rec, exs, g, theta0, Gbar, args.simulations, state.cfg.train.seed)
+    sim = cf.Simulator(rec, exs, g, theta0)
+    masks, phi = cf.simulated_subsets(sim, Gbar, args.simulations, state.cfg.train.seed)
     print(f"{args.simulations} simulations: {time.perf_counter() - t:.0f} s", flush=True)
     ids = state.inputs.pairs["id"].to_list()
     pos = np.array([rec.ids.index(p) for p in ids])
     halves = subset_masks(len(ids), args.subsets, 0.5, 0)
     measured = np.array(json.loads((run / "validation.json").read_text())["measured"]["behaviour"])
-    sim = cf.Simulator(rec, exs, g, theta0)
     direct = [float(Gbar[0].to(theta0.dtype) @ sim.displacement(pos[np.flatnonzero(m)])) for m in halves]
     out = {"direct_spearman": spearman(np.array(direct), measured), "by_simulations": {}}
     for n in (args.simulations // 4, args.simulations // 2, args.simulations):

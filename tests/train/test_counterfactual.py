@@ -97,7 +97,7 @@ def test_values_of_an_additive_run_are_its_terms(tmp_path):
     values, full = cf.counterfactual_values(rec, exs, g, theta0, G, samples=32, seed=0)
     assert np.abs(values[:, 0] - terms).max() <= 1e-9 * np.abs(terms).max(), (values[:, 0], terms)
     assert abs(full[0] - terms.sum()) <= 1e-9 * np.abs(terms).sum()
-    masks, phi = cf.simulated_subsets(rec, exs, g, theta0, G, samples=3000, seed=0)
+    masks, phi = cf.simulated_subsets(cf.Simulator(rec, exs, g, theta0), G, samples=3000, seed=0)
     assert np.abs(cf.banzhaf(masks, phi)[:, 0] - terms).max() <= 0.1 * np.abs(terms).max()
     again, _ = cf.counterfactual_values(rec, exs, g, theta0, G, samples=32, seed=0)
     assert np.array_equal(values, again)  # seeded
@@ -109,7 +109,7 @@ def test_the_fit_beats_banzhaf_on_a_nonadditive_run(tmp_path):
     _, exs, rec = fine_tuned(tmp_path, dataclasses.replace(ADAMW, max_grad_norm=0.0))
     base, _, g, theta0 = gradients(rec, exs)
     G = concept(base.model, rec.names)[1]()
-    masks, phi = cf.simulated_subsets(rec, exs, g, theta0, G, samples=300, seed=0)
+    masks, phi = cf.simulated_subsets(cf.Simulator(rec, exs, g, theta0), G, samples=300, seed=0)
     from policytrace.numeric.metrics import spearman
 
     test_m, test_phi = masks[200:].astype(float), phi[200:, 0]
@@ -128,6 +128,6 @@ def test_bad_settings(tmp_path, monkeypatch):
         gradients(rec, exs)
     monkeypatch.undo()
     _, _, g, theta0 = gradients(rec, exs)
-    masks, phi = cf.simulated_subsets(rec, exs, g, theta0, g[:1], samples=8, seed=0)
+    masks, phi = cf.simulated_subsets(cf.Simulator(rec, exs, g, theta0), g[:1], samples=8, seed=0)
     with pytest.raises(InvalidValueError, match="train.simulations = 8 is too few for 7 pairs"):
         cf.additive_fit(masks, phi)

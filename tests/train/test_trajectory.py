@@ -19,6 +19,7 @@ from policytrace.train.optim import Optimizer  # noqa: E402
 from policytrace.train.trajectory import (  # noqa: E402
     Replay,
     attribute,
+    concept_gradients_at_points,
     attributed_update,
     decay_displacement,
     flat,
@@ -67,6 +68,17 @@ def test_shares_add_up_to_the_update(adamw):
     assert float(dec[rec.names[0]].abs().max()) > 0
 
 
+def retrain_difference(tmp, recipe: TrainCfg, n: int, names, i: int, eps: float) -> float:
+    """The concept's central difference when the fine-tune is rerun with pair i's loss weight at 1 ± eps."""
+    vals = []
+    for sign in (1, -1):
+        w = np.ones(n)
+        w[i] += sign * eps
+        lm2, _, _ = run(tmp, recipe, weights=w, name=f"w{i}{sign}")
+        vals.append(concept(lm2.model, names)[0]())
+    return (vals[0] - vals[1]) / (2 * eps)
+
+
 def linear_replay(rec, exs, net, G, w, bump, frozen=True):
     """The path sum Σ_s ⟨G_s, θ_s − θ_{s−1}⟩ (G_s = Σ_k w[s−1, k] G_k) of the run replayed with every per-example gradient,
     preconditioner and clip factor as recorded, pair i's weight at step t times (1 + ε) for
@@ -107,14 +119,8 @@ def test_per_step_contributions_are_finite_differences_of_the_path(adamw, path):
     base = tiny_lm()
     value, grads = concept(base.model, rec.names)
     att = attribute(base.model, rec, exs, 0, grads, path=path)
-    pts = refresh_points(rec, path)
     w = path_weights(rec, path)
-    replay = Replay(base.model, rec, exs, 0)
-    G = []
-    for r in pts:
-        replay.set(replay.base if r == 0 else replay.at_checkpoint(r))
-        G.append(grads())
-    replay.restore()
+    G = concept_gradients_at_points(Replay(base.model, rec, exs, 0), rec, grads, lambda m: None, path)
     rows = {(t, i): v[0] for t, _, i, v in att.step_rows}
     eps = 1e-3
     for (t, i) in [(1, rec.steps[0]["examples"][0]), (2, rec.steps[1]["examples"][1]), (rec.S, rec.steps[-1]["examples"][-1])]:
@@ -140,14 +146,8 @@ def test_second_moment_contributions_are_finite_differences_of_the_path(adamw):
     att = attribute(base.model, rec, exs, 0, grads, second_moment="differentiated")
     fixed = attribute(base.model, rec, exs, 0, grads)
     assert np.allclose(att.shares, fixed.values, rtol=1e-9, atol=1e-14)
-    pts = refresh_points(rec, "midpoint")
     w = path_weights(rec, "midpoint")
-    replay = Replay(base.model, rec, exs, 0)
-    G = []
-    for r in pts:
-        replay.set(replay.base if r == 0 else replay.at_checkpoint(r))
-        G.append(grads())
-    replay.restore()
+    G = concept_gradients_at_points(Replay(base.model, rec, exs, 0), rec, grads, lambda m: None, "midpoint")
     rows = {(t, i): v[0] for t, _, i, v in att.step_rows}
     shares = {(t, i): v[0] for t, _, i, v in fixed.step_rows}
     # 1e-6: at step 1 v̂ is the step's own x², so u ⊙ m is near sign(x) and the path sum is
@@ -177,13 +177,7 @@ def test_full_retrain_finite_difference_adamw(tmp_path):
     # ones meet the float32 RMSNorm's rounding (the logit moves by ~1e-8)
     eps = 1e-4
     for i in (0, 4):
-        vals = []
-        for sign in (1, -1):
-            wts = np.ones(len(exs))
-            wts[i] += sign * eps
-            lm2, _, _ = run(tmp_path, recipe, weights=wts, name=f"w{i}{sign}")
-            vals.append(concept(lm2.model, rec.names)[0]())
-        fd = (vals[0] - vals[1]) / (2 * eps)
+        fd = retrain_difference(tmp_path, recipe, len(exs), rec.names, i, eps)
         assert abs(fd - att.values[i, 0]) <= 0.2 * abs(fd), (i, fd, att.values[i, 0])
         assert abs(fd - att.shares[i, 0]) > 3 * abs(fd - att.values[i, 0]), (i, fd, att.shares[i, 0])
 
@@ -229,13 +223,7 @@ def test_full_retrain_finite_difference_sgd(tmp_path):
     att = attribute(base.model, rec, exs, 0, grads)
     eps = 0.1
     for i in (0, 4):
-        vals = []
-        for sign in (1, -1):
-            w = np.ones(len(exs))
-            w[i] += sign * eps
-            lm2, _, _ = run(tmp_path, recipe, weights=w, name=f"w{i}{sign}")
-            vals.append(concept(lm2.model, rec.names)[0]())
-        fd = (vals[0] - vals[1]) / (2 * eps)
+        fd = retrain_difference(tmp_path, recipe, len(exs), rec.names, i, eps)
         assert abs(fd - att.values[i, 0]) <= 0.02 * abs(fd), (i, fd, att.values[i, 0])
 
 

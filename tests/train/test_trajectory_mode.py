@@ -109,37 +109,35 @@ def test_validate_retrains_with_the_recipe(tiny):
     assert len(cached) == 4
 
 
-def test_differentiated_second_moment_reuses_the_finetune_and_keeps_completeness(tiny, tmp_path):
-    """train.second_moment = "differentiated": the same cached fine-tune (the field is not part of
-    the recipe), other pair values (the v̂ term), and completeness on the shares, which are the
-    fixed run's own values."""
-    user = {**tiny["user"], "train": {**TRAIN, "second_moment": "differentiated"}}
+def variant(tiny, tmp_path, name: str, train: dict):
+    """The tiny run again with other [train] fields: it reuses the cached fine-tune (they are not
+    part of the recipe), its pair values differ from the shares' and are finite, and its
+    completeness sums the same shares. Returns both completeness frames."""
+    cfg = cfgmod.resolve({**tiny["user"], "train": {**TRAIN, **train}})
     logs = []
-    execute(cfgmod.resolve(user), tmp_path / "diff", log=logs.append, progress=False)
+    execute(cfg, tmp_path / name, log=logs.append, progress=False)
     assert not any("fine-tuning" in m for m in logs)
     fixed = pl.read_parquet(tiny["run"] / "pairs.parquet").sort("pair_id")
-    diff = pl.read_parquet(tmp_path / "diff" / "pairs.parquet").sort("pair_id")
-    assert diff["dy_mean"].is_finite().all()
-    assert not np.allclose(diff["dy_mean"].to_numpy(), fixed["dy_mean"].to_numpy(), rtol=1e-3)
-    a, b = (pl.read_parquet(d / "completeness.parquet") for d in (tiny["run"], tmp_path / "diff"))
+    other = pl.read_parquet(tmp_path / name / "pairs.parquet").sort("pair_id")
+    assert other["dy_mean"].is_finite().all()
+    assert not np.allclose(other["dy_mean"].to_numpy(), fixed["dy_mean"].to_numpy(), rtol=1e-3)
+    a, b = (pl.read_parquet(d / "completeness.parquet") for d in (tiny["run"], tmp_path / name))
     assert np.allclose(a["attributed_dy"].to_numpy(), b["attributed_dy"].to_numpy(), rtol=1e-6, atol=1e-12)
+    return cfg, a, b
+
+
+def test_differentiated_second_moment_reuses_the_finetune_and_keeps_completeness(tiny, tmp_path):
+    """train.second_moment = "differentiated": the same cached fine-tune, other pair values (the
+    v̂ term), and completeness on the shares, which are the fixed run's own values."""
+    variant(tiny, tmp_path, "diff", {"second_moment": "differentiated"})
 
 
 def test_counterfactual_pair_values(tiny, tmp_path):
     """train.pair_value = "counterfactual": the cached fine-tune is reused, the pair values are the
-    simulated retrains' Banzhaf values (other than the shares, finite), completeness still sums
-    the shares and sets the simulated full run's change beside them, and a rerun is byte-identical."""
-    user = {**tiny["user"], "train": {**TRAIN, "pair_value": "counterfactual", "simulations": 64}}
-    cfg = cfgmod.resolve(user)
-    logs = []
-    execute(cfg, tmp_path / "cf", log=logs.append, progress=False)
-    assert not any("fine-tuning" in m for m in logs)
-    fixed = pl.read_parquet(tiny["run"] / "pairs.parquet").sort("pair_id")
-    cf = pl.read_parquet(tmp_path / "cf" / "pairs.parquet").sort("pair_id")
-    assert cf["dy_mean"].is_finite().all()
-    assert not np.allclose(cf["dy_mean"].to_numpy(), fixed["dy_mean"].to_numpy(), rtol=1e-3)
-    a, b = (pl.read_parquet(d / "completeness.parquet") for d in (tiny["run"], tmp_path / "cf"))
-    assert np.allclose(a["attributed_dy"].to_numpy(), b["attributed_dy"].to_numpy(), rtol=1e-6, atol=1e-12)
+    additive fit of the simulated retrains (other than the shares, finite), completeness still
+    sums the shares and sets the simulated full run's change beside them, and a rerun is
+    byte-identical."""
+    cfg, a, b = variant(tiny, tmp_path, "cf", {"pair_value": "counterfactual", "simulations": 64})
     assert b["simulated_dy"].is_finite().all() and a["simulated_dy"].is_null().all()
     execute(cfg, tmp_path / "again", log=quiet, progress=False)
     for name in ("pairs.parquet", "completeness.parquet"):

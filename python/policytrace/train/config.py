@@ -75,8 +75,9 @@ class TrainCfg:
     step held in memory). sgd ignores it. Not part of the recipe."""
     pair_value: Literal["share", "counterfactual"] = "share"
     """Trajectory mode: what a pair's attribution is. share = its share of the updates the run
-    took (they add up to the run's change); counterfactual = its Banzhaf value over retrains of
-    random subsets with this recipe, simulated to first order in the weights (per-example
+    took (they add up to the run's change); counterfactual = its coefficient in the least-squares
+    additive fit of retrains of random subsets with this recipe, simulated to first order in the
+    weights (per-example
     gradients at θ_0, AdamW's renormalisation included): what including the pair changes when
     the run is retrained (memory: pairs × trained size floats). Completeness is checked on the
     shares either way. Not part of the recipe."""

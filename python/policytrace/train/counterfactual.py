@@ -1,5 +1,5 @@
 """Counterfactual pair values of a recorded fine-tune: what including a pair changes when the run
-is retrained with the recipe on random halves of the pairs (docs/design.md, "Trajectory mode").
+is retrained with the recipe on random subsets of the pairs (docs/design.md, "Trajectory mode").
 
 A pair's share of the updates a run took (:mod:`.trajectory`) is not what retraining without it
 changes under AdamW: a subset retrained alone takes other, renormalised steps. Here each such
@@ -121,13 +121,12 @@ class Simulator:
             d.add_(m, alpha=-lr)
 
 
-def simulated_subsets(rec: Records, examples: list[TrainExample], g: torch.Tensor, theta0: torch.Tensor,
-                      Gbar: torch.Tensor, samples: int, seed: int, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def simulated_subsets(sim: Simulator, Gbar: torch.Tensor, samples: int, seed: int,
+                      progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """``samples`` seeded Bernoulli(½) subsets as (N, P) masks and their simulated concept changes (N, C)."""
-    P = len(examples)
+    P = len(sim.examples)
     rng = np.random.default_rng([seed, P])
-    Gd = Gbar.to(theta0.dtype)
-    sim = Simulator(rec, examples, g, theta0)
+    Gd = Gbar.to(sim.theta0.dtype)
     masks = rng.random((samples, P)) < 0.5
     phi = np.zeros((samples, Gd.shape[0]))
     bar = _progress.bar(samples, "simulated retrain", progress)
@@ -167,6 +166,7 @@ def counterfactual_values(rec: Records, examples: list[TrainExample], g: torch.T
                           ) -> tuple[np.ndarray, np.ndarray]:
     """(P, C) every pair's value for every concept (:func:`additive_fit` of ``samples``
     simulated subsets) and (C,) the simulated change of the run on all pairs."""
-    masks, phi = simulated_subsets(rec, examples, g, theta0, Gbar, samples, seed, progress)
-    full = (Gbar.to(theta0.dtype) @ Simulator(rec, examples, g, theta0).displacement(np.arange(len(examples))))
+    sim = Simulator(rec, examples, g, theta0)
+    masks, phi = simulated_subsets(sim, Gbar, samples, seed, progress)
+    full = Gbar.to(theta0.dtype) @ sim.displacement(np.arange(len(examples)))
     return additive_fit(masks, phi), full.double().cpu().numpy()
